@@ -1,0 +1,27 @@
+//! Bifrost's async text-to-speech API as an Envoy proxy-wasm filter.
+//!
+//! Everything but `host` is pure and unit-tested natively; `host` moves bytes
+//! between Envoy and that core.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod ids;
+pub mod job;
+pub mod providers;
+pub mod request;
+pub mod routes;
+pub mod store;
+pub mod time;
+pub mod worker;
+
+#[cfg(target_arch = "wasm32")]
+mod host;
+
+#[cfg(target_arch = "wasm32")]
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
+        Box::new(host::root::Worker::default())
+    });
+}}

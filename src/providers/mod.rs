@@ -1,0 +1,239 @@
+//! Speech providers: one trait, one file per provider type. A provider turns a
+//! validated `SpeechRequest` into an upstream HTTP request and the upstream's
+//! answer into audio or an error; none of it touches the host.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::ProviderConfig;
+use crate::error::ApiError;
+use crate::request::{AudioFormat, SpeechRequest, Voice};
+
+mod openai;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProviderKind {
+    OpenAi,
+    Azure,
+    ElevenLabs,
+    Gemini,
+}
+
+impl ProviderKind {
+    pub fn from_name(name: &str) -> Option<ProviderKind> {
+        match name {
+            "openai" => Some(ProviderKind::OpenAi),
+            "azure" => Some(ProviderKind::Azure),
+            "elevenlabs" => Some(ProviderKind::ElevenLabs),
+            "gemini" => Some(ProviderKind::Gemini),
+            _ => None,
+        }
+    }
+
+    pub fn default_base_path(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "/v1",
+            ProviderKind::Azure | ProviderKind::ElevenLabs | ProviderKind::Gemini => "",
+        }
+    }
+}
+
+/// What the worker sends through the provider's Envoy cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamRequest {
+    /// Includes the pseudo-headers `:method`, `:path` and `:authority`.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl UpstreamRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// The provider's answer to one attempt.
+pub struct UpstreamResponse<'a> {
+    pub status: u16,
+    pub headers: &'a [(String, Vec<u8>)],
+    pub body: &'a [u8],
+}
+
+impl UpstreamResponse<'_> {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// Audio made by a successful attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpeechAudio {
+    pub audio: Vec<u8>,
+    pub format: AudioFormat,
+    pub alignment: Option<Value>,
+    pub normalized_alignment: Option<Value>,
+}
+
+pub trait Provider {
+    /// Submit-time check that this provider can serve the request at all
+    /// (voice shape, audio format); a refusal is a 400 to the client.
+    fn check(&self, request: &SpeechRequest, model: &str) -> Result<(), ApiError>;
+
+    /// The audio format used when the client named none.
+    fn default_format(&self) -> AudioFormat {
+        AudioFormat::Mp3
+    }
+
+    fn build(
+        &self,
+        provider: &ProviderConfig,
+        model: &str,
+        request: &SpeechRequest,
+    ) -> Result<UpstreamRequest, ApiError>;
+
+    /// Maps any answer, 2xx or not, to audio or the job's error.
+    fn parse(&self, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError>;
+}
+
+pub fn for_kind(kind: ProviderKind) -> &'static dyn Provider {
+    match kind {
+        ProviderKind::OpenAi => &openai::OpenAi,
+        // Filled in by their own files; until then they refuse every request at submit.
+        ProviderKind::Azure | ProviderKind::ElevenLabs | ProviderKind::Gemini => &Unsupported,
+    }
+}
+
+struct Unsupported;
+
+impl Provider for Unsupported {
+    fn check(&self, _: &SpeechRequest, _: &str) -> Result<(), ApiError> {
+        Err(ApiError::bad_request("this provider type is not supported yet"))
+    }
+    fn build(&self, _: &ProviderConfig, _: &str, _: &SpeechRequest) -> Result<UpstreamRequest, ApiError> {
+        Err(ApiError::bad_request("this provider type is not supported yet"))
+    }
+    fn parse(&self, _: &SpeechRequest, _: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
+        Err(ApiError::bad_request("this provider type is not supported yet"))
+    }
+}
+
+/// The request's format, or the provider's default.
+pub fn effective_format(provider: &dyn Provider, request: &SpeechRequest) -> AudioFormat {
+    request.response_format.unwrap_or_else(|| provider.default_format())
+}
+
+/// The pseudo-headers and content type every provider call starts with.
+pub fn base_headers(provider: &ProviderConfig, path: String) -> Vec<(String, String)> {
+    vec![
+        (":method".into(), "POST".into()),
+        (":path".into(), path),
+        (":authority".into(), provider.authority.clone()),
+        ("content-type".into(), "application/json".into()),
+    ]
+}
+
+/// The provider's key, or — when the operator meant it to have one — an error that
+/// names where it should come from. A provider with no key configured gets no header.
+pub fn api_key(provider: &ProviderConfig) -> Result<Option<&str>, ApiError> {
+    match (&provider.api_key, &provider.api_key_env) {
+        (Some(key), _) => Ok(Some(key.as_str())),
+        (None, Some(var)) => Err(ApiError::upstream(
+            401,
+            format!(
+                "provider {} has no API key: set {var} in Envoy's environment (vm_config.environment_variables.host_env_keys)",
+                provider.name
+            ),
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+pub fn single_voice<'a>(request: &'a SpeechRequest, provider: &str) -> Result<&'a str, ApiError> {
+    match &request.voice {
+        Voice::Single(v) => Ok(v),
+        Voice::Multi(_) => Err(ApiError::invalid(
+            "voice",
+            format!("a multi-speaker voice is not supported by provider type {provider}"),
+        )),
+    }
+}
+
+/// Maps a provider's error answer into the error shape, keeping the provider's own
+/// type, code and message where its JSON has them (OpenAI `{"error":{…}}`,
+/// ElevenLabs `{"detail":…}`, Google `{"error":{"status":…}}`).
+pub fn provider_error(status: u16, body: &[u8]) -> ApiError {
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    let text = |v: Option<&Value>| -> Option<String> {
+        match v? {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    };
+    if let Some(json) = &json {
+        if let Some(err) = json.get("error") {
+            if let Some(message) = err.as_str() {
+                return ApiError::provider(status, None, None, message.to_string(), None);
+            }
+            if let Some(message) = text(err.get("message")) {
+                return ApiError::provider(
+                    status,
+                    text(err.get("type")).or_else(|| text(err.get("status"))),
+                    text(err.get("code")),
+                    message,
+                    text(err.get("param")),
+                );
+            }
+        }
+        if let Some(detail) = json.get("detail") {
+            if let Some(message) = detail.as_str() {
+                return ApiError::provider(status, None, None, message.to_string(), None);
+            }
+            if let Some(message) = text(detail.get("message")) {
+                return ApiError::provider(status, text(detail.get("type")), text(detail.get("status")).or_else(|| text(detail.get("code"))), message, None);
+            }
+        }
+        if let Some(message) = text(json.get("message")) {
+            return ApiError::provider(status, None, text(json.get("code")), message, None);
+        }
+    }
+    let snippet: String = String::from_utf8_lossy(body).chars().take(300).collect();
+    let message = if snippet.trim().is_empty() {
+        format!("provider answered HTTP {status} with no error message")
+    } else {
+        format!("provider answered HTTP {status}: {}", snippet.trim())
+    };
+    ApiError::provider(status, None, None, message, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_errors_keep_type_code_and_message() {
+        let e = provider_error(
+            429,
+            br#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded","param":null}}"#,
+        );
+        assert_eq!(e.status_code, 429);
+        assert!(!e.is_bifrost_error);
+        assert_eq!(e.error.message, "Rate limit reached");
+        assert_eq!(e.error.kind.as_deref(), Some("requests"));
+        assert_eq!(e.error.code.as_deref(), Some("rate_limit_exceeded"));
+
+        let e = provider_error(401, br#"{"detail":{"status":"invalid_api_key","message":"Invalid API key"}}"#);
+        assert_eq!((e.error.message.as_str(), e.error.code.as_deref()), ("Invalid API key", Some("invalid_api_key")));
+
+        let e = provider_error(400, br#"{"error":{"code":400,"message":"bad voice","status":"INVALID_ARGUMENT"}}"#);
+        assert_eq!(e.error.kind.as_deref(), Some("INVALID_ARGUMENT"));
+        assert_eq!(e.error.code.as_deref(), Some("400"));
+
+        let e = provider_error(500, b"<html>oops</html>");
+        assert_eq!(e.error.message, "provider answered HTTP 500: <html>oops</html>");
+        assert_eq!(provider_error(502, b"").error.message, "provider answered HTTP 502 with no error message");
+    }
+}

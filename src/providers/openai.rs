@@ -1,0 +1,137 @@
+//! OpenAI and every OpenAI-compatible speech server: `POST {base_path}/audio/speech`.
+
+use serde_json::{json, Map, Value};
+
+use super::{api_key, base_headers, effective_format, provider_error, single_voice};
+use super::{Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
+use crate::config::ProviderConfig;
+use crate::error::ApiError;
+use crate::request::SpeechRequest;
+
+pub struct OpenAi;
+
+/// The OpenAI speech body; Azure OpenAI takes the same one.
+pub fn speech_body(model: &str, voice: &str, request: &SpeechRequest, format: &str) -> Vec<u8> {
+    let mut body = Map::new();
+    body.insert("model".into(), json!(model));
+    body.insert("input".into(), json!(request.input));
+    body.insert("voice".into(), json!(voice));
+    body.insert("response_format".into(), json!(format));
+    if let Some(speed) = request.speed {
+        body.insert("speed".into(), json!(speed));
+    }
+    if let Some(instructions) = &request.instructions {
+        body.insert("instructions".into(), json!(instructions));
+    }
+    serde_json::to_vec(&Value::Object(body)).unwrap_or_default()
+}
+
+/// A 2xx answer is the audio itself, in the requested format.
+pub fn binary_audio(
+    provider: &dyn Provider,
+    request: &SpeechRequest,
+    response: &UpstreamResponse,
+) -> Result<SpeechAudio, ApiError> {
+    if !(200..300).contains(&response.status) {
+        return Err(provider_error(response.status, response.body));
+    }
+    if response.body.is_empty() {
+        return Err(ApiError::upstream(502, "provider answered with no audio"));
+    }
+    Ok(SpeechAudio {
+        audio: response.body.to_vec(),
+        format: effective_format(provider, request),
+        alignment: None,
+        normalized_alignment: None,
+    })
+}
+
+impl Provider for OpenAi {
+    fn check(&self, request: &SpeechRequest, _model: &str) -> Result<(), ApiError> {
+        single_voice(request, "openai").map(|_| ())
+    }
+
+    fn build(
+        &self,
+        provider: &ProviderConfig,
+        model: &str,
+        request: &SpeechRequest,
+    ) -> Result<UpstreamRequest, ApiError> {
+        let voice = single_voice(request, "openai")?;
+        let mut headers = base_headers(provider, format!("{}/audio/speech", provider.base_path));
+        if let Some(key) = api_key(provider)? {
+            headers.push(("authorization".into(), format!("Bearer {key}")));
+        }
+        let format = effective_format(self, request).name();
+        Ok(UpstreamRequest {
+            headers,
+            body: speech_body(model, voice, request, format),
+        })
+    }
+
+    fn parse(&self, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
+        binary_audio(self, request, response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::request::{parse_speech_request, AudioFormat};
+
+    fn setup(extra: &str) -> (Config, SpeechRequest) {
+        let c = Config::parse(
+            br#"{"providers":{"openai":{"cluster":"openai","authority":"api.openai.com","api_key":"sk-prov"},
+                 "nokey":{"type":"openai","cluster":"n","api_key_env":"UNSET"}},"allow_unauthenticated":true}"#,
+            &|_| None,
+        )
+        .unwrap();
+        let r = parse_speech_request(
+            format!(r#"{{"model":"openai/gpt-4o-mini-tts","input":"Hi","voice":"alloy"{extra}}}"#).as_bytes(),
+            &c,
+        )
+        .unwrap();
+        (c, r)
+    }
+
+    #[test]
+    fn builds_the_openai_request() {
+        let (c, r) = setup(r#","speed":1.25,"instructions":"calm","response_format":"opus""#);
+        let up = OpenAi.build(&c.providers["openai"], "gpt-4o-mini-tts", &r).unwrap();
+        assert_eq!(up.header(":method"), Some("POST"));
+        assert_eq!(up.header(":path"), Some("/v1/audio/speech"));
+        assert_eq!(up.header(":authority"), Some("api.openai.com"));
+        assert_eq!(up.header("authorization"), Some("Bearer sk-prov"));
+        let body: Value = serde_json::from_slice(&up.body).unwrap();
+        assert_eq!(
+            body,
+            json!({"model":"gpt-4o-mini-tts","input":"Hi","voice":"alloy","response_format":"opus","speed":1.25,"instructions":"calm"})
+        );
+    }
+
+    #[test]
+    fn default_format_is_mp3_and_missing_keys_fail_the_attempt() {
+        let (c, r) = setup("");
+        let up = OpenAi.build(&c.providers["openai"], "m", &r).unwrap();
+        let body: Value = serde_json::from_slice(&up.body).unwrap();
+        assert_eq!(body["response_format"], "mp3");
+        assert!(body.get("speed").is_none());
+        let e = OpenAi.build(&c.providers["nokey"], "m", &r).unwrap_err();
+        assert_eq!(e.status_code, 401);
+        assert!(e.error.message.contains("UNSET"));
+    }
+
+    #[test]
+    fn maps_audio_and_errors() {
+        let (_, r) = setup("");
+        let ok = OpenAi
+            .parse(&r, &UpstreamResponse { status: 200, headers: &[], body: &[0, 255, 1] })
+            .unwrap();
+        assert_eq!((ok.audio, ok.format), (vec![0, 255, 1], AudioFormat::Mp3));
+        let err = OpenAi
+            .parse(&r, &UpstreamResponse { status: 429, headers: &[], body: br#"{"error":{"message":"slow down"}}"# })
+            .unwrap_err();
+        assert_eq!((err.status_code, err.error.message.as_str()), (429, "slow down"));
+    }
+}

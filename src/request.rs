@@ -1,0 +1,455 @@
+//! The submit request: the body and TTL header of SPEC §1, validated into a `SpeechRequest`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::Config;
+use crate::error::ApiError;
+
+pub const TTL_HEADER: &str = "x-bf-async-job-result-ttl";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AudioFormat {
+    Mp3,
+    Opus,
+    Aac,
+    Flac,
+    Wav,
+    Pcm,
+}
+
+impl AudioFormat {
+    pub const ALL: [AudioFormat; 6] = [
+        AudioFormat::Mp3,
+        AudioFormat::Opus,
+        AudioFormat::Aac,
+        AudioFormat::Flac,
+        AudioFormat::Wav,
+        AudioFormat::Pcm,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AudioFormat::Mp3 => "mp3",
+            AudioFormat::Opus => "opus",
+            AudioFormat::Aac => "aac",
+            AudioFormat::Flac => "flac",
+            AudioFormat::Wav => "wav",
+            AudioFormat::Pcm => "pcm",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            AudioFormat::Mp3 => "audio/mpeg",
+            AudioFormat::Opus => "audio/ogg",
+            AudioFormat::Aac => "audio/aac",
+            AudioFormat::Flac => "audio/flac",
+            AudioFormat::Wav => "audio/wav",
+            AudioFormat::Pcm => "audio/pcm",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<AudioFormat> {
+        AudioFormat::ALL.into_iter().find(|f| f.name() == name)
+    }
+}
+
+/// `provider/model`: which configured provider, and the model it is asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub provider: String,
+    pub model: String,
+}
+
+impl ModelRef {
+    pub fn parse(text: &str) -> Option<ModelRef> {
+        let (provider, model) = text.split_once('/')?;
+        if provider.is_empty() || model.is_empty() {
+            return None;
+        }
+        Some(ModelRef {
+            provider: provider.to_string(),
+            model: model.to_string(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpeakerVoice {
+    pub speaker: String,
+    pub voice: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Voice {
+    Single(String),
+    Multi(Vec<SpeakerVoice>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpeechRequest {
+    /// The primary model first, then the fallbacks in order.
+    pub chain: Vec<ModelRef>,
+    pub input: String,
+    pub voice: Voice,
+    /// As the client gave it; each provider picks its default when absent.
+    pub response_format: Option<AudioFormat>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub instructions: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub speed: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub language_code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pronunciation_dictionary_locators: Option<Vec<Value>>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub enable_logging: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub optimize_streaming_latency: Option<bool>,
+    #[serde(default)]
+    pub with_timestamps: bool,
+}
+
+/// Parses the TTL header: absent or 0 means the configured default.
+pub fn parse_ttl(header: Option<&[u8]>, config: &Config) -> Result<u64, ApiError> {
+    let Some(raw) = header else {
+        return Ok(config.default_result_ttl_s);
+    };
+    let text = std::str::from_utf8(raw).unwrap_or("").trim();
+    let ttl: u64 = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        text.parse().map_err(|_| ttl_error(config))?
+    } else {
+        return Err(ttl_error(config));
+    };
+    match ttl {
+        0 => Ok(config.default_result_ttl_s),
+        t if t > config.max_result_ttl_s => Err(ttl_error(config)),
+        t => Ok(t),
+    }
+}
+
+fn ttl_error(config: &Config) -> ApiError {
+    ApiError::invalid(
+        TTL_HEADER,
+        format!(
+            "{TTL_HEADER} must be a whole number of seconds from 0 to {} (0 or absent: {})",
+            config.max_result_ttl_s, config.default_result_ttl_s
+        ),
+    )
+}
+
+/// Does the Content-Type say JSON? Absent is taken as JSON, as curl users forget it.
+pub fn is_json_content_type(value: Option<&[u8]>) -> bool {
+    let Some(v) = value else { return true };
+    let v = String::from_utf8_lossy(v).to_ascii_lowercase();
+    let essence = v.split(';').next().unwrap_or("").trim();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Validates a submit body against SPEC §1 and the configured providers.
+pub fn parse_speech_request(body: &[u8], config: &Config) -> Result<SpeechRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?;
+    let Value::Object(obj) = value else {
+        return Err(ApiError::bad_request("request body must be a JSON object"));
+    };
+
+    if let Some(format) = optional_str(&obj, "stream_format")? {
+        if format == "sse" {
+            return Err(ApiError::invalid(
+                "stream_format",
+                "stream is not supported for async speech",
+            ));
+        }
+    }
+
+    let model_text = optional_str(&obj, "model")?
+        .ok_or_else(|| ApiError::invalid("model", "model is required for speech"))?;
+    let primary = model_ref("model", model_text, config)?;
+
+    let input = optional_str(&obj, "input")?
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::invalid("input", "input is required for speech"))?;
+    let chars = input.chars().count();
+    if chars > config.max_input_chars {
+        return Err(ApiError::invalid(
+            "input",
+            format!("input is {chars} characters; the limit is {}", config.max_input_chars),
+        ));
+    }
+
+    let voice = parse_voice(obj.get("voice"))?;
+
+    let mut chain = vec![primary];
+    match obj.get("fallbacks") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                let param = format!("fallbacks[{i}]");
+                let text = item.as_str().ok_or_else(|| {
+                    ApiError::invalid(&param, format!("{param} must be a string provider/model"))
+                })?;
+                chain.push(model_ref(&param, text, config)?);
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "fallbacks",
+                "fallbacks must be an array of provider/model strings",
+            ))
+        }
+    }
+
+    let response_format = match optional_str(&obj, "response_format")? {
+        None => None,
+        Some(name) => Some(AudioFormat::from_name(name).ok_or_else(|| {
+            ApiError::invalid(
+                "response_format",
+                format!("response_format {name:?} is not one of mp3, opus, aac, flac, wav, pcm"),
+            )
+        })?),
+    };
+
+    let speed = match obj.get("speed") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => {
+            let s = n.as_f64().unwrap_or(f64::NAN);
+            if !(0.25..=4.0).contains(&s) {
+                return Err(ApiError::invalid("speed", "speed must be between 0.25 and 4"));
+            }
+            Some(s)
+        }
+        Some(_) => return Err(ApiError::invalid("speed", "speed must be a number")),
+    };
+
+    let pronunciation_dictionary_locators = match obj.get("pronunciation_dictionary_locators") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) if items.iter().all(Value::is_object) => Some(items.clone()),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "pronunciation_dictionary_locators",
+                "pronunciation_dictionary_locators must be an array of objects",
+            ))
+        }
+    };
+
+    let request = SpeechRequest {
+        chain,
+        input: input.to_string(),
+        voice,
+        response_format,
+        instructions: optional_str(&obj, "instructions")?.map(str::to_string),
+        speed,
+        language_code: optional_str(&obj, "language_code")?.map(str::to_string),
+        pronunciation_dictionary_locators,
+        enable_logging: optional_bool(&obj, "enable_logging")?,
+        optimize_streaming_latency: optional_bool(&obj, "optimize_streaming_latency")?,
+        with_timestamps: optional_bool(&obj, "with_timestamps")?.unwrap_or(false),
+    };
+
+    // Every attempt must be possible: a fallback that could never take this
+    // request is a client error now, not a failed job later.
+    for (i, step) in request.chain.iter().enumerate() {
+        if let Some(provider) = config.providers.get(&step.provider) {
+            let param = if i == 0 { "model".to_string() } else { format!("fallbacks[{}]", i - 1) };
+            crate::providers::for_kind(provider.kind)
+                .check(&request, &step.model)
+                .map_err(|mut e| {
+                    if e.error.param.is_none() {
+                        e.error.param = Some(param);
+                    }
+                    e
+                })?;
+        }
+    }
+    Ok(request)
+}
+
+fn model_ref(param: &str, text: &str, config: &Config) -> Result<ModelRef, ApiError> {
+    let m = ModelRef::parse(text).ok_or_else(|| {
+        ApiError::invalid(
+            param,
+            format!("{param} must be provider/model, e.g. openai/gpt-4o-mini-tts (got {text:?})"),
+        )
+    })?;
+    if !config.providers.contains_key(&m.provider) {
+        let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
+        return Err(ApiError::invalid(
+            param,
+            format!(
+                "provider {:?} is not configured; configured: {}",
+                m.provider,
+                known.join(", ")
+            ),
+        ));
+    }
+    Ok(m)
+}
+
+fn parse_voice(value: Option<&Value>) -> Result<Voice, ApiError> {
+    match value {
+        None | Some(Value::Null) => Err(ApiError::invalid("voice", "voice is required for speech")),
+        Some(Value::String(s)) if s.is_empty() => {
+            Err(ApiError::invalid("voice", "voice is required for speech"))
+        }
+        Some(Value::String(s)) => Ok(Voice::Single(s.clone())),
+        Some(Value::Array(items)) if !items.is_empty() => {
+            let mut voices = Vec::with_capacity(items.len());
+            for item in items {
+                let speaker = item.get("speaker").and_then(Value::as_str).unwrap_or("");
+                let voice = item.get("voice").and_then(Value::as_str).unwrap_or("");
+                if speaker.is_empty() || voice.is_empty() {
+                    return Err(ApiError::invalid(
+                        "voice",
+                        "each multi-speaker voice must be {\"speaker\": string, \"voice\": string}",
+                    ));
+                }
+                voices.push(SpeakerVoice {
+                    speaker: speaker.to_string(),
+                    voice: voice.to_string(),
+                });
+            }
+            Ok(Voice::Multi(voices))
+        }
+        Some(_) => Err(ApiError::invalid(
+            "voice",
+            "voice must be a string or a non-empty array of {speaker, voice}",
+        )),
+    }
+}
+
+fn optional_str<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::invalid(field, format!("{field} must be a string"))),
+    }
+}
+
+fn optional_bool(obj: &Map<String, Value>, field: &str) -> Result<Option<bool>, ApiError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::invalid(field, format!("{field} must be true or false"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse(
+            br#"{"providers":{"openai":{"cluster":"o"},"local":{"type":"openai","cluster":"l"}},
+                 "virtual_keys":[{"name":"a","value":"sk-bf-a"}],"max_input_chars":10,"max_result_ttl_s":100}"#,
+            &|_| None,
+        )
+        .unwrap()
+    }
+
+    fn reject(body: &str) -> ApiError {
+        parse_speech_request(body.as_bytes(), &config()).unwrap_err()
+    }
+
+    #[test]
+    fn a_full_request_parses() {
+        let r = parse_speech_request(
+            br#"{"model":"openai/tts-1","input":"hello","voice":"alloy","fallbacks":["local/x"],
+                 "response_format":"wav","speed":1.5,"instructions":"calm","unknown":1,"stream_format":"audio"}"#,
+            &config(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.chain,
+            vec![
+                ModelRef { provider: "openai".into(), model: "tts-1".into() },
+                ModelRef { provider: "local".into(), model: "x".into() }
+            ]
+        );
+        assert_eq!(r.voice, Voice::Single("alloy".into()));
+        assert_eq!(r.response_format, Some(AudioFormat::Wav));
+        assert_eq!(r.speed, Some(1.5));
+        assert_eq!(r.instructions.as_deref(), Some("calm"));
+    }
+
+    #[test]
+    fn model_with_slashes_keeps_the_rest_as_model() {
+        let r = parse_speech_request(br#"{"model":"local/org/model","input":"a","voice":"v"}"#, &config()).unwrap();
+        assert_eq!(r.chain[0].model, "org/model");
+    }
+
+    #[test]
+    fn every_rule_is_a_400_naming_its_param() {
+        let cases = [
+            (r#"[1]"#, None),
+            (r#"not json"#, None),
+            (r#"{"input":"a","voice":"v"}"#, Some("model")),
+            (r#"{"model":"tts-1","input":"a","voice":"v"}"#, Some("model")),
+            (r#"{"model":"azure/tts","input":"a","voice":"v"}"#, Some("model")),
+            (r#"{"model":7,"input":"a","voice":"v"}"#, Some("model")),
+            (r#"{"model":"openai/t","voice":"v"}"#, Some("input")),
+            (r#"{"model":"openai/t","input":"","voice":"v"}"#, Some("input")),
+            (r#"{"model":"openai/t","input":"01234567890","voice":"v"}"#, Some("input")),
+            (r#"{"model":"openai/t","input":"a"}"#, Some("voice")),
+            (r#"{"model":"openai/t","input":"a","voice":""}"#, Some("voice")),
+            (r#"{"model":"openai/t","input":"a","voice":3}"#, Some("voice")),
+            (r#"{"model":"openai/t","input":"a","voice":[{"speaker":"x"}]}"#, Some("voice")),
+            (r#"{"model":"openai/t","input":"a","voice":[{"speaker":"x","voice":"y"}]}"#, Some("voice")),
+            (r#"{"model":"openai/t","input":"a","voice":"v","fallbacks":"local/x"}"#, Some("fallbacks")),
+            (r#"{"model":"openai/t","input":"a","voice":"v","fallbacks":["nope"]}"#, Some("fallbacks[0]")),
+            (r#"{"model":"openai/t","input":"a","voice":"v","fallbacks":["local/x",1]}"#, Some("fallbacks[1]")),
+            (r#"{"model":"openai/t","input":"a","voice":"v","stream_format":"sse"}"#, Some("stream_format")),
+            (r#"{"model":"openai/t","input":"a","voice":"v","response_format":"ogg"}"#, Some("response_format")),
+            (r#"{"model":"openai/t","input":"a","voice":"v","speed":0.2}"#, Some("speed")),
+            (r#"{"model":"openai/t","input":"a","voice":"v","speed":4.01}"#, Some("speed")),
+            (r#"{"model":"openai/t","input":"a","voice":"v","speed":"1"}"#, Some("speed")),
+            (r#"{"model":"openai/t","input":"a","voice":"v","instructions":1}"#, Some("instructions")),
+            (r#"{"model":"openai/t","input":"a","voice":"v","with_timestamps":"yes"}"#, Some("with_timestamps")),
+            (r#"{"model":"openai/t","input":"a","voice":"v","pronunciation_dictionary_locators":[1]}"#, Some("pronunciation_dictionary_locators")),
+        ];
+        for (body, param) in cases {
+            let e = reject(body);
+            assert_eq!(e.status_code, 400, "{body}");
+            assert_eq!(e.error.param.as_deref(), param, "{body}: {}", e.error.message);
+            assert!(!e.error.message.is_empty());
+        }
+        assert_eq!(
+            reject(r#"{"model":"openai/t","input":"a","voice":"v","stream_format":"sse"}"#).error.message,
+            "stream is not supported for async speech"
+        );
+    }
+
+    #[test]
+    fn input_limit_counts_characters_not_bytes() {
+        assert!(parse_speech_request(
+            r#"{"model":"openai/t","input":"ééééééééé","voice":"v"}"#.as_bytes(),
+            &config()
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn ttl_header_rules() {
+        let c = config();
+        assert_eq!(parse_ttl(None, &c).unwrap(), 100, "the default is capped by the maximum");
+        assert_eq!(parse_ttl(Some(b"0"), &c).unwrap(), c.default_result_ttl_s);
+        assert_eq!(parse_ttl(Some(b"42"), &c).unwrap(), 42);
+        for bad in [&b"-1"[..], b"1.5", b"abc", b"", b"101", b"99999999999999999999999", b"\xff"] {
+            let e = parse_ttl(Some(bad), &c).unwrap_err();
+            assert_eq!(e.error.param.as_deref(), Some(TTL_HEADER));
+            assert!(e.error.message.contains(TTL_HEADER));
+        }
+    }
+
+    #[test]
+    fn content_types() {
+        assert!(is_json_content_type(None));
+        assert!(is_json_content_type(Some(b"application/json; charset=utf-8")));
+        assert!(is_json_content_type(Some(b"Application/JSON")));
+        assert!(!is_json_content_type(Some(b"text/plain")));
+        assert!(!is_json_content_type(Some(b"multipart/form-data; boundary=x")));
+    }
+}
