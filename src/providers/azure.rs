@@ -1,0 +1,93 @@
+//! Azure OpenAI: the model names the deployment.
+//! `POST {base_path}/openai/deployments/{deployment}/audio/speech?api-version=…`,
+//! or with `api_version: "v1"` the newer `POST {base_path}/openai/v1/audio/speech`.
+
+use super::openai::{binary_audio, speech_body};
+use super::{api_key, base_headers, effective_format, encode_component, single_voice};
+use super::{Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
+use crate::config::ProviderConfig;
+use crate::error::ApiError;
+use crate::request::SpeechRequest;
+
+pub struct Azure;
+
+impl Provider for Azure {
+    fn check(&self, request: &SpeechRequest, _model: &str) -> Result<(), ApiError> {
+        single_voice(request, "azure").map(|_| ())
+    }
+
+    fn build(
+        &self,
+        provider: &ProviderConfig,
+        model: &str,
+        request: &SpeechRequest,
+    ) -> Result<UpstreamRequest, ApiError> {
+        let voice = single_voice(request, "azure")?;
+        let path = if provider.api_version == "v1" {
+            format!("{}/openai/v1/audio/speech", provider.base_path)
+        } else {
+            format!(
+                "{}/openai/deployments/{}/audio/speech?api-version={}",
+                provider.base_path,
+                encode_component(model),
+                encode_component(&provider.api_version)
+            )
+        };
+        let mut headers = base_headers(provider, path);
+        if let Some(key) = api_key(provider)? {
+            headers.push(("api-key".into(), key.to_string()));
+        }
+        let format = effective_format(self, request).name();
+        Ok(UpstreamRequest {
+            headers,
+            body: speech_body(model, voice, request, format),
+        })
+    }
+
+    fn parse(&self, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
+        binary_audio(self, request, response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::request::parse_speech_request;
+    use serde_json::{json, Value};
+
+    fn config(version: &str) -> Config {
+        Config::parse(
+            format!(
+                r#"{{"providers":{{"az":{{"type":"azure","cluster":"azure","authority":"res.openai.azure.com",
+                     "api_key":"az-key","api_version":"{version}"}}}},"allow_unauthenticated":true}}"#
+            )
+            .as_bytes(),
+            &|_| None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn deployment_path_api_version_and_key_header() {
+        let c = config("2025-03-01-preview");
+        let r = parse_speech_request(br#"{"model":"az/my tts/1","input":"Hi","voice":"alloy","speed":2}"#, &c).unwrap();
+        let up = Azure.build(&c.providers["az"], "my tts/1", &r).unwrap();
+        assert_eq!(
+            up.header(":path"),
+            Some("/openai/deployments/my%20tts%2F1/audio/speech?api-version=2025-03-01-preview")
+        );
+        assert_eq!(up.header("api-key"), Some("az-key"));
+        assert_eq!(up.header("authorization"), None);
+        let body: Value = serde_json::from_slice(&up.body).unwrap();
+        assert_eq!(body, json!({"model":"my tts/1","input":"Hi","voice":"alloy","response_format":"mp3","speed":2.0}));
+    }
+
+    #[test]
+    fn v1_path() {
+        let c = config("v1");
+        let r = parse_speech_request(br#"{"model":"az/gpt-4o-mini-tts","input":"Hi","voice":"alloy"}"#, &c).unwrap();
+        let up = Azure.build(&c.providers["az"], "gpt-4o-mini-tts", &r).unwrap();
+        assert_eq!(up.header(":path"), Some("/openai/v1/audio/speech"));
+    }
+}

@@ -1,0 +1,183 @@
+//! Google Gemini speech: `POST {base_path}/v1beta/models/{model}:generateContent`
+//! with `x-goog-api-key`. The answer is base64 PCM (24 kHz, 16-bit, mono).
+
+use base64::Engine;
+use serde_json::{json, Value};
+
+use super::{api_key, base_headers, check_format, effective_format, encode_component, provider_error};
+use super::{wav_from_pcm16, Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
+use crate::config::ProviderConfig;
+use crate::error::ApiError;
+use crate::request::{AudioFormat, SpeechRequest, Voice};
+
+pub struct Gemini;
+
+const SUPPORTED: [AudioFormat; 2] = [AudioFormat::Wav, AudioFormat::Pcm];
+const PCM_RATE: u32 = 24_000;
+
+fn voice_config(name: &str) -> Value {
+    json!({ "prebuiltVoiceConfig": { "voiceName": name } })
+}
+
+impl Provider for Gemini {
+    fn check(&self, request: &SpeechRequest, _model: &str) -> Result<(), ApiError> {
+        check_format(self, request, "gemini", &SUPPORTED)
+    }
+
+    fn default_format(&self) -> AudioFormat {
+        AudioFormat::Wav
+    }
+
+    fn build(
+        &self,
+        provider: &ProviderConfig,
+        model: &str,
+        request: &SpeechRequest,
+    ) -> Result<UpstreamRequest, ApiError> {
+        let path = format!(
+            "{}/v1beta/models/{}:generateContent",
+            provider.base_path,
+            encode_component(model)
+        );
+        let mut headers = base_headers(provider, path);
+        if let Some(key) = api_key(provider)? {
+            headers.push(("x-goog-api-key".into(), key.to_string()));
+        }
+        // The style prompt goes before the text, as Gemini's speech guide does it.
+        let text = match &request.instructions {
+            Some(style) if !style.is_empty() => format!("{style}: {}", request.input),
+            _ => request.input.clone(),
+        };
+        let speech_config = match &request.voice {
+            Voice::Single(name) => json!({ "voiceConfig": voice_config(name) }),
+            Voice::Multi(speakers) => json!({
+                "multiSpeakerVoiceConfig": {
+                    "speakerVoiceConfigs": speakers.iter().map(|s| json!({
+                        "speaker": s.speaker,
+                        "voiceConfig": voice_config(&s.voice),
+                    })).collect::<Vec<_>>()
+                }
+            }),
+        };
+        let body = json!({
+            "contents": [{ "parts": [{ "text": text }] }],
+            "generationConfig": {
+                "responseModalities": ["AUDIO"],
+                "speechConfig": speech_config,
+            }
+        });
+        Ok(UpstreamRequest {
+            headers,
+            body: serde_json::to_vec(&body).unwrap_or_default(),
+        })
+    }
+
+    fn parse(&self, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
+        if !(200..300).contains(&response.status) {
+            return Err(provider_error(response.status, response.body));
+        }
+        let json: Value = serde_json::from_slice(response.body)
+            .map_err(|_| ApiError::upstream(502, "Gemini answered without JSON"))?;
+        let parts = json
+            .pointer("/candidates/0/content/parts")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let pcm = parts
+            .iter()
+            .filter_map(|p| p.pointer("/inlineData/data").and_then(Value::as_str))
+            .find_map(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| {
+                let reason = json
+                    .pointer("/candidates/0/finishReason")
+                    .or_else(|| json.pointer("/promptFeedback/blockReason"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("none given");
+                ApiError::upstream(502, format!("Gemini answered without audio (reason: {reason})"))
+            })?;
+        let format = effective_format(self, request);
+        let audio = if format == AudioFormat::Wav { wav_from_pcm16(&pcm, PCM_RATE, 1) } else { pcm };
+        Ok(SpeechAudio { audio, format, alignment: None, normalized_alignment: None })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::request::parse_speech_request;
+
+    fn setup(body: &str) -> (Config, SpeechRequest) {
+        let c = Config::parse(
+            br#"{"providers":{"gemini":{"cluster":"g","authority":"generativelanguage.googleapis.com","api_key":"g-key"},
+                 "openai":{"cluster":"o"}},"allow_unauthenticated":true}"#,
+            &|_| None,
+        )
+        .unwrap();
+        let r = parse_speech_request(body.as_bytes(), &c).unwrap();
+        (c, r)
+    }
+
+    #[test]
+    fn single_voice_with_style_prompt() {
+        let (c, r) = setup(r#"{"model":"gemini/gemini-2.5-flash-preview-tts","input":"Have a wonderful day!","voice":"Kore","instructions":"Say cheerfully"}"#);
+        let up = Gemini.build(&c.providers["gemini"], "gemini-2.5-flash-preview-tts", &r).unwrap();
+        assert_eq!(up.header(":path"), Some("/v1beta/models/gemini-2.5-flash-preview-tts:generateContent"));
+        assert_eq!(up.header("x-goog-api-key"), Some("g-key"));
+        let body: Value = serde_json::from_slice(&up.body).unwrap();
+        assert_eq!(
+            body,
+            json!({"contents":[{"parts":[{"text":"Say cheerfully: Have a wonderful day!"}]}],
+                   "generationConfig":{"responseModalities":["AUDIO"],
+                     "speechConfig":{"voiceConfig":{"prebuiltVoiceConfig":{"voiceName":"Kore"}}}}})
+        );
+    }
+
+    #[test]
+    fn multi_speaker() {
+        let (c, r) = setup(r#"{"model":"gemini/m","input":"Joe: Hi\nJane: Hey","voice":[{"speaker":"Joe","voice":"Kore"},{"speaker":"Jane","voice":"Puck"}]}"#);
+        let up = Gemini.build(&c.providers["gemini"], "m", &r).unwrap();
+        let body: Value = serde_json::from_slice(&up.body).unwrap();
+        assert_eq!(
+            body["generationConfig"]["speechConfig"],
+            json!({"multiSpeakerVoiceConfig":{"speakerVoiceConfigs":[
+                {"speaker":"Joe","voiceConfig":{"prebuiltVoiceConfig":{"voiceName":"Kore"}}},
+                {"speaker":"Jane","voiceConfig":{"prebuiltVoiceConfig":{"voiceName":"Puck"}}}]}})
+        );
+    }
+
+    #[test]
+    fn wav_by_default_pcm_on_request_and_nothing_else() {
+        let answer = br#"{"candidates":[{"content":{"parts":[{"inlineData":{"mimeType":"audio/L16;codec=pcm;rate=24000","data":"AQACAA=="}}]}}]}"#;
+        let (_, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore"}"#);
+        let out = Gemini.parse(&r, &UpstreamResponse { status: 200, headers: &[], body: answer }).unwrap();
+        assert_eq!(out.format, AudioFormat::Wav);
+        assert_eq!(out.audio, wav_from_pcm16(&[1, 0, 2, 0], 24_000, 1));
+        let (c, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore","response_format":"pcm"}"#);
+        let out = Gemini.parse(&r, &UpstreamResponse { status: 200, headers: &[], body: answer }).unwrap();
+        assert_eq!(out.audio, vec![1, 0, 2, 0]);
+        let e = parse_speech_request(br#"{"model":"gemini/m","input":"a","voice":"Kore","response_format":"mp3"}"#, &c).unwrap_err();
+        assert_eq!(e.error.param.as_deref(), Some("response_format"));
+        // A multi-speaker voice is refused where a fallback cannot take it.
+        let e = parse_speech_request(
+            br#"{"model":"gemini/m","input":"a","voice":[{"speaker":"A","voice":"Kore"}],"fallbacks":["openai/tts-1"]}"#,
+            &c,
+        )
+        .unwrap_err();
+        assert_eq!(e.error.param.as_deref(), Some("voice"));
+    }
+
+    #[test]
+    fn google_errors_are_mapped() {
+        let (_, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore"}"#);
+        let e = Gemini
+            .parse(&r, &UpstreamResponse { status: 400, headers: &[], body: br#"{"error":{"code":400,"message":"API key not valid.","status":"INVALID_ARGUMENT"}}"# })
+            .unwrap_err();
+        assert_eq!((e.status_code, e.error.message.as_str(), e.error.kind.as_deref()), (400, "API key not valid.", Some("INVALID_ARGUMENT")));
+        let e = Gemini
+            .parse(&r, &UpstreamResponse { status: 200, headers: &[], body: br#"{"candidates":[{"finishReason":"SAFETY"}]}"# })
+            .unwrap_err();
+        assert!(e.error.message.contains("SAFETY"));
+    }
+}

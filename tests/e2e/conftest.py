@@ -1,0 +1,128 @@
+"""Fixtures: a recording mock provider and one Envoy with the filter in front of it."""
+
+import base64
+import hashlib
+import http.client
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from envoy_harness import Envoy, cluster, free_port  # noqa: E402
+from mock_provider import MockProvider  # noqa: E402
+
+KEY_A = "sk-bf-team-a-secret"
+KEY_B = "sk-bf-team-b-secret"
+PROVIDER_KEY = "sk-provider-secret-123"
+SPEECH = "/v1/async/audio/speech"
+
+
+def plugin_config(mock_cluster="mock", **overrides):
+    config = {
+        "providers": {
+            "openai": {"type": "openai", "cluster": mock_cluster, "authority": "api.openai.test",
+                       "base_path": "/v1", "api_key": PROVIDER_KEY, "timeout_ms": 5000},
+            "backup": {"type": "openai", "cluster": mock_cluster, "authority": "backup.test",
+                       "base_path": "/backup/v1", "timeout_ms": 5000},
+            "slow": {"type": "openai", "cluster": mock_cluster, "base_path": "/slow/v1", "timeout_ms": 700},
+            "down": {"type": "openai", "cluster": "down", "timeout_ms": 2000},
+        },
+        "virtual_keys": [
+            {"name": "team-a", "value": KEY_A},
+            {"name": "team-b", "sha256": hashlib.sha256(KEY_B.encode()).hexdigest()},
+        ],
+        "default_result_ttl_s": 3600,
+        "max_result_ttl_s": 86400,
+        "max_jobs": 10000,
+        "max_input_chars": 1000,
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="session")
+def mock():
+    m = MockProvider()
+    m.start()
+    yield m
+    m.stop()
+
+
+def clusters_for(mock):
+    # "down" points at a port nothing listens on; "app" is the rest of the chain.
+    return [cluster("mock", mock.port), cluster("down", free_port()), cluster("app", mock.port)]
+
+
+@pytest.fixture(scope="session")
+def envoy(mock):
+    e = Envoy(plugin_config(), clusters_for(mock), concurrency=2).start()
+    yield e
+    e.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_mock(mock):
+    mock.clear()
+    yield
+
+
+class Client:
+    def __init__(self, base_url):
+        host, port = base_url.replace("http://", "").split(":")
+        self.host, self.port = host, int(port)
+
+    def call(self, method, path, body=None, headers=None, key=KEY_A):
+        h = {}
+        if key is not None:
+            h["authorization"] = f"Bearer {key}"
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+            h["content-type"] = "application/json"
+        h.update(headers or {})
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=h)
+            r = conn.getresponse()
+            data = r.read()
+            return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, data)
+        finally:
+            conn.close()
+
+    def submit(self, body, **kw):
+        return self.call("POST", SPEECH, body, **kw)
+
+    def poll(self, job_id, **kw):
+        return self.call("GET", f"{SPEECH}/{job_id}", **kw)
+
+    def wait(self, job_id, timeout=15, **kw):
+        """Polls until the job ends; returns the final poll."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.poll(job_id, **kw)
+            if r.status != 202 or time.monotonic() > deadline:
+                return r
+            time.sleep(0.05)
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<{self.status} {self.body[:300]!r}>"
+
+
+@pytest.fixture
+def client(envoy):
+    return Client(envoy.url)
+
+
+def audio_of(job):
+    return base64.b64decode(job["result"]["audio"])

@@ -1,0 +1,34 @@
+"""The shipped Envoy config is valid, and a bad plugin config is refused at load."""
+
+import json
+import os
+import tempfile
+
+import pytest
+
+from conftest import plugin_config
+from envoy_harness import ROOT, bootstrap, cluster, free_port, validate
+
+
+def test_shipped_envoy_config_validates():
+    code, out = validate(ROOT / "envoy" / "envoy.yaml")
+    assert code == 0, out
+    assert "async-speech: configured" in out
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"virtual_keys": []}, "no keys configured"),
+    ({"providers": {}}, "at least one provider"),
+    ({"max_jobs": 0}, "max_jobs must be between"),
+    ({"virtual_keys": [{"name": "x", "value": "no-prefix"}]}, "virtual keys start with sk-bf-"),
+    ({"providers": {"p": {"type": "nope", "cluster": "c"}}}, "unknown provider type"),
+])
+def test_a_bad_plugin_config_is_refused_when_envoy_loads_it(change, message):
+    config = plugin_config(**change)
+    path = os.path.join(tempfile.mkdtemp(), "bad.json")
+    with open(path, "w") as f:
+        json.dump(bootstrap(config, [cluster("mock", 1), cluster("down", 2), cluster("app", 3)],
+                            free_port(), free_port()), f)
+    code, out = validate(path)
+    assert code != 0, out
+    assert "configuration rejected" in out and message in out, out[-2000:]
