@@ -32,13 +32,43 @@ pub enum Outcome<'a> {
     NoAnswer { elapsed_ms: u64 },
 }
 
+/// Why a job failed, for stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    ProviderError,
+    Timeout,
+    Unreachable,
+    Deadline,
+}
+
+impl FailReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            FailReason::ProviderError => "provider_error",
+            FailReason::Timeout => "timeout",
+            FailReason::Unreachable => "unreachable",
+            FailReason::Deadline => "deadline",
+        }
+    }
+
+    /// The gateway's own 504 and 502 are a timeout and an unreachable provider;
+    /// anything else came from the provider.
+    pub fn of(error: &ApiError) -> FailReason {
+        match (error.is_bifrost_error, error.status_code) {
+            (true, 504) => FailReason::Timeout,
+            (true, 502) => FailReason::Unreachable,
+            _ => FailReason::ProviderError,
+        }
+    }
+}
+
 /// What became of the job after an event, for logs and stats.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Progress {
     /// Send this next.
     Next(Attempt),
     Completed { id: String },
-    Failed { id: String, status: u16 },
+    Failed { id: String, status: u16, reason: FailReason },
     /// The job was deleted, expired or is someone else's now: nothing to do.
     Dropped,
 }
@@ -134,7 +164,8 @@ fn fail_attempt(
                 store.drop_request(slot, id);
             }
             let status = record.status_code.unwrap_or(error.status_code);
-            AfterAttempt::Done(Progress::Failed { id: id.to_string(), status })
+            let reason = FailReason::of(&error);
+            AfterAttempt::Done(Progress::Failed { id: id.to_string(), status, reason })
         }
         _ => AfterAttempt::Done(Progress::Dropped),
     }
@@ -157,15 +188,36 @@ pub fn no_answer_error(provider: &str, elapsed_ms: u64, timeout_ms: u64) -> ApiE
     }
 }
 
+/// How one attempt went, for stats: success, error, timeout or unreachable.
+pub fn attempt_outcome(outcome: &Outcome, attempt: &Attempt) -> &'static str {
+    match outcome {
+        Outcome::NoAnswer { elapsed_ms } => {
+            match FailReason::of(&no_answer_error(&attempt.provider, *elapsed_ms, attempt.timeout_ms)) {
+                FailReason::Timeout => "timeout",
+                _ => "unreachable",
+            }
+        }
+        Outcome::Answer(response) => match envoy_local_reply(response, attempt).map(|e| FailReason::of(&e)) {
+            Some(FailReason::Timeout) => "timeout",
+            Some(_) => "unreachable",
+            None if (200..300).contains(&response.status) => "success",
+            None => "error",
+        },
+    }
+}
+
 /// Envoy answers for an upstream it could not reach with its own 503 text.
-fn envoy_local_reply(response: &UpstreamResponse) -> Option<ApiError> {
+fn envoy_local_reply(response: &UpstreamResponse, attempt: &Attempt) -> Option<ApiError> {
     let body = String::from_utf8_lossy(response.body);
     let unreachable = ["upstream connect error", "no healthy upstream", "no cluster match"];
     if response.status == 503 && unreachable.iter().any(|p| body.starts_with(p)) {
-        return Some(ApiError::upstream(502, format!("provider is unreachable: {}", body.trim())));
+        return Some(ApiError::upstream(
+            502,
+            format!("provider {} is unreachable: {}", attempt.provider, body.trim()),
+        ));
     }
     if response.status == 504 && body.starts_with("upstream request timeout") {
-        return Some(ApiError::upstream(504, "provider did not answer in time"));
+        return Some(no_answer_error(&attempt.provider, attempt.timeout_ms, attempt.timeout_ms));
     }
     None
 }
@@ -186,7 +238,7 @@ pub fn finish(
         }
         Outcome::Answer(response) => response,
     };
-    if let Some(error) = envoy_local_reply(&response) {
+    if let Some(error) = envoy_local_reply(&response, attempt) {
         return after_failure(store, config, attempt, error, now_ms);
     }
     let Some(provider) = config.providers.get(&attempt.provider) else {
@@ -241,7 +293,10 @@ pub struct Sweep {
     pub requeue: Vec<String>,
     /// Jobs that ended as failed because an answer never came.
     pub lost_failed: Vec<String>,
+    /// Jobs held after the sweep, and how many of them wait or run.
     pub held: u32,
+    pub pending: u32,
+    pub processing: u32,
 }
 
 /// Frees expired jobs, fails jobs past their deadline, and takes back attempts
@@ -251,6 +306,11 @@ pub fn sweep(store: &Store, config: &Config, now_ms: u64) -> Sweep {
     let jobs: Vec<(u32, JobRecord)> = store.scan().collect();
     for (slot, record) in jobs {
         report.held += 1;
+        match record.status {
+            crate::job::JobStatus::Pending => report.pending += 1,
+            crate::job::JobStatus::Processing => report.processing += 1,
+            _ => {}
+        }
         if record.is_expired(now_ms) {
             if store.remove(slot, &record.id) {
                 report.expired.push(record.id);
@@ -278,6 +338,10 @@ pub fn sweep(store: &Store, config: &Config, now_ms: u64) -> Sweep {
             });
             if let Ok(Some(_)) = changed {
                 store.drop_request(slot, &record.id);
+                match record.status {
+                    crate::job::JobStatus::Pending => report.pending -= 1,
+                    _ => report.processing -= 1,
+                }
                 report.deadline_failed.push(record.id);
             }
             continue;
@@ -301,9 +365,14 @@ pub fn sweep(store: &Store, config: &Config, now_ms: u64) -> Sweep {
             });
             if let Ok(Some(_)) = changed {
                 match after {
-                    AfterFailure::Fallback => report.requeue.push(record.id),
+                    AfterFailure::Fallback => {
+                        report.processing -= 1;
+                        report.pending += 1;
+                        report.requeue.push(record.id);
+                    }
                     AfterFailure::Failed => {
                         store.drop_request(slot, &record.id);
+                        report.processing -= 1;
                         report.lost_failed.push(record.id);
                     }
                 }

@@ -10,6 +10,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 use serde_json::json;
 
+use super::metrics::SharedMetrics;
 use super::shared::EnvoySharedData;
 use super::now_ms;
 use crate::auth::authenticate;
@@ -33,6 +34,7 @@ pub struct SpeechHttp {
     config: Option<Rc<Config>>,
     queue: Rc<Cell<Option<u32>>>,
     cursor: Rc<Cell<u32>>,
+    metrics: SharedMetrics,
     state: State,
 }
 
@@ -65,8 +67,22 @@ fn respond_error(e: &ApiError) {
 }
 
 impl SpeechHttp {
-    pub fn new(config: Option<Rc<Config>>, queue: Rc<Cell<Option<u32>>>, cursor: Rc<Cell<u32>>) -> Self {
-        SpeechHttp { config, queue, cursor, state: State::Idle }
+    pub fn new(
+        config: Option<Rc<Config>>,
+        queue: Rc<Cell<Option<u32>>>,
+        cursor: Rc<Cell<u32>>,
+        metrics: SharedMetrics,
+    ) -> Self {
+        SpeechHttp { config, queue, cursor, metrics, state: State::Idle }
+    }
+
+    /// Answers an error; a refused submit is counted by its reason.
+    fn refuse(&mut self, route: &Route, e: &ApiError) {
+        if *route == Route::Submit {
+            self.metrics.rejected(e.status_code);
+        }
+        self.state = State::Idle;
+        respond_error(e);
     }
 
     fn on_headers(&mut self, config: &Config, route: Route, end_of_stream: bool) -> Result<Action, ApiError> {
@@ -104,16 +120,17 @@ impl SpeechHttp {
             }
             Route::Job(id) if method == "DELETE" => {
                 let store = Store::new(&EnvoySharedData, config.max_jobs);
-                let (slot, _, _) = find_owned(&store, &id, &owner)?;
+                let (slot, _, _) = find_owned(&store, &id, &owner, &self.metrics)?;
                 if store.remove(slot, &id) {
                     info!("job {id} deleted by its owner");
+                    self.metrics.deleted();
                 }
                 respond(204, &[], &[]);
                 Ok(Action::Pause)
             }
             Route::Job(id) => {
                 let store = Store::new(&EnvoySharedData, config.max_jobs);
-                let (slot, record, _) = find_owned(&store, &id, &owner)?;
+                let (slot, record, _) = find_owned(&store, &id, &owner, &self.metrics)?;
                 let audio = if record.status == JobStatus::Completed {
                     store.audio(slot, &id)
                 } else {
@@ -126,7 +143,7 @@ impl SpeechHttp {
             }
             Route::Content(id) => {
                 let store = Store::new(&EnvoySharedData, config.max_jobs);
-                let (slot, record, _) = find_owned(&store, &id, &owner)?;
+                let (slot, record, _) = find_owned(&store, &id, &owner, &self.metrics)?;
                 match (&record.status, &record.result, &record.error) {
                     (JobStatus::Completed, Some(meta), _) => {
                         let audio = store
@@ -188,6 +205,7 @@ impl SpeechHttp {
             return Err(ApiError::internal("the job could not be queued"));
         }
         let first = record.chain.first().map(|m| format!("{}/{}", m.provider, m.model)).unwrap_or_default();
+        self.metrics.submitted();
         info!("job {} submitted: model {first}, {} fallbacks, ttl {ttl_s} s", record.id, record.chain.len().saturating_sub(1));
         let body = json!({"id": record.id, "status": "pending", "created_at": rfc3339(record.created_at_ms)});
         let location = format!("{BASE}/{}", record.id);
@@ -201,7 +219,12 @@ impl SpeechHttp {
 }
 
 /// The job, if it exists, is unexpired and belongs to `owner`; else the one 404.
-fn find_owned(store: &Store, id: &str, owner: &str) -> Result<(u32, JobRecord, u32), ApiError> {
+fn find_owned(
+    store: &Store,
+    id: &str,
+    owner: &str,
+    metrics: &SharedMetrics,
+) -> Result<(u32, JobRecord, u32), ApiError> {
     let (slot, record, cas) = store.find(id).ok_or_else(ApiError::job_not_found)?;
     if record.owner != owner {
         return Err(ApiError::job_not_found());
@@ -209,6 +232,7 @@ fn find_owned(store: &Store, id: &str, owner: &str) -> Result<(u32, JobRecord, u
     if record.is_expired(now_ms()) {
         if store.remove(slot, id) {
             info!("job {id} expired and was freed");
+            metrics.expired(1);
         }
         return Err(ApiError::job_not_found());
     }
@@ -228,11 +252,10 @@ impl HttpContext for SpeechHttp {
             respond_error(&ApiError::internal("the async speech filter has no configuration"));
             return Action::Pause;
         };
-        match self.on_headers(&config, route, end_of_stream) {
+        match self.on_headers(&config, route.clone(), end_of_stream) {
             Ok(action) => action,
             Err(e) => {
-                self.state = State::Idle;
-                respond_error(&e);
+                self.refuse(&route, &e);
                 Action::Pause
             }
         }
@@ -246,8 +269,7 @@ impl HttpContext for SpeechHttp {
             return Action::Continue;
         };
         if body_size > config.max_body_bytes {
-            self.state = State::Idle;
-            respond_error(&ApiError::payload_too_large(config.max_body_bytes));
+            self.refuse(&Route::Submit, &ApiError::payload_too_large(config.max_body_bytes));
             return Action::Pause;
         }
         if !end_of_stream {
@@ -260,7 +282,7 @@ impl HttpContext for SpeechHttp {
             .flatten()
             .unwrap_or_default();
         if let Err(e) = self.submit(&config, &owner, ttl_s, &body) {
-            respond_error(&e);
+            self.refuse(&Route::Submit, &e);
         }
         Action::Pause
     }

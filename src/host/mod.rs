@@ -1,6 +1,7 @@
 //! The thin layer over Envoy: proxy-wasm contexts and host calls.
 
 pub mod http;
+pub mod metrics;
 pub mod root;
 pub mod shared;
 

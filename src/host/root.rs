@@ -13,13 +13,14 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
 
 use super::http::SpeechHttp;
+use super::metrics::SharedMetrics;
 use super::shared::EnvoySharedData;
 use super::{now_ms, QUEUE_NAME};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::providers::UpstreamResponse;
 use crate::store::Store;
-use crate::worker::{self, Attempt, Outcome, Progress};
+use crate::worker::{self, Attempt, FailReason, Outcome, Progress};
 
 const TICK: Duration = Duration::from_millis(200);
 const SWEEP_EVERY_MS: u64 = 1_000;
@@ -30,6 +31,7 @@ pub struct Worker {
     config: Option<Rc<Config>>,
     queue: Rc<Cell<Option<u32>>>,
     cursor: Rc<Cell<u32>>,
+    metrics: SharedMetrics,
     in_flight: HashMap<u32, (Attempt, u64)>,
     registered_on_tick: bool,
     /// The job count's CAS and the held jobs the last sweep saw, to repair a
@@ -98,6 +100,7 @@ impl Worker {
                                 "job {} provider {}: cannot call cluster {}: {e:?}",
                                 attempt.id, attempt.provider, attempt.cluster
                             );
+                            self.metrics.attempt(&attempt.provider, "unreachable", 0);
                             let error = ApiError::upstream(
                                 502,
                                 format!("provider {} is unreachable: Envoy cannot call cluster {}", attempt.provider, attempt.cluster),
@@ -109,15 +112,26 @@ impl Worker {
                 }
                 Progress::Completed { id } => {
                     info!("job {id} completed");
+                    self.metrics.completed();
                     return;
                 }
-                Progress::Failed { id, status } => {
-                    warn!("job {id} failed with status {status}");
+                Progress::Failed { id, status, reason } => {
+                    warn!("job {id} failed with status {status} ({})", reason.name());
+                    self.metrics.failed(reason);
                     return;
                 }
                 Progress::Dropped => return,
             }
         }
+    }
+
+    /// Envoy always ends a callout by its timeout, but should an answer never
+    /// come, its slot must not stay taken: the sweep has ended that attempt.
+    fn forget_overdue_callouts(&mut self) {
+        let now = now_ms();
+        self.in_flight.retain(|_, (attempt, started)| {
+            now.saturating_sub(*started) <= attempt.timeout_ms.saturating_add(worker::LEASE_GRACE_MS)
+        });
     }
 
     /// One worker at a time sweeps, about once a second.
@@ -145,12 +159,16 @@ impl Worker {
         for id in &report.expired {
             info!("job {id} expired and was freed");
         }
+        self.metrics.expired(report.expired.len());
         for id in &report.deadline_failed {
             warn!("job {id} failed: past its deadline of {} s", config.job_deadline_s);
+            self.metrics.failed(FailReason::Deadline);
         }
         for id in &report.lost_failed {
             warn!("job {id} failed: the provider's answer never arrived");
+            self.metrics.failed(FailReason::Timeout);
         }
+        self.metrics.gauges(report.pending, report.processing, report.held);
         if let Some(queue) = self.queue.get() {
             for id in &report.requeue {
                 warn!("job {id}: the provider's answer never arrived; trying its next fallback");
@@ -210,6 +228,8 @@ impl Context for Worker {
                 warn!("job {} provider {} answered {status}", attempt.id, attempt.provider);
             }
         }
+        let latency = now.saturating_sub(started);
+        self.metrics.attempt(&attempt.provider, worker::attempt_outcome(&outcome, &attempt), latency);
         let store = Store::new(&EnvoySharedData, config.max_jobs);
         let progress = worker::finish(&store, &config, &attempt, outcome, started, now);
         self.follow(&config, progress);
@@ -238,6 +258,7 @@ impl RootContext for Worker {
             }
         }
         Store::new(&EnvoySharedData, config.max_jobs).init();
+        self.metrics.define_all();
         self.config = Some(Rc::new(config));
         self.register_queue();
         if let Err(e) = hostcalls::set_tick_period(TICK) {
@@ -254,6 +275,7 @@ impl RootContext for Worker {
             self.register_queue();
             self.registered_on_tick = true;
         }
+        self.forget_overdue_callouts();
         self.drain();
         if let Some(config) = self.config.clone() {
             self.maybe_sweep(&config);
@@ -269,6 +291,7 @@ impl RootContext for Worker {
             self.config.clone(),
             self.queue.clone(),
             self.cursor.clone(),
+            self.metrics.clone(),
         )))
     }
 

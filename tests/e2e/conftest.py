@@ -126,3 +126,28 @@ def client(envoy):
 
 def audio_of(job):
     return base64.b64decode(job["result"]["audio"])
+
+
+@pytest.fixture
+def make_envoy(mock):
+    """Starts an Envoy with plugin_config(**overrides); stopped after the test."""
+    started = []
+
+    def start(**overrides):
+        e = Envoy(plugin_config(**overrides), clusters_for(mock), concurrency=2).start()
+        started.append(e)
+        return e, Client(e.url)
+
+    yield start
+    for e in started:
+        e.stop()
+
+
+def stats(envoy, prefix="wasmcustom.async_speech."):
+    """The filter's counters and gauges from Envoy's admin, as a dict."""
+    out = {}
+    for line in envoy.admin("/stats?filter=async_speech").splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith(prefix) and value.strip().lstrip("-").isdigit():
+            out[name[len(prefix):]] = int(value)
+    return out

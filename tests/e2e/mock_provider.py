@@ -113,7 +113,11 @@ class MockProvider:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
 
-        self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            # Envoy opens many upstream connections at once under load.
+            request_queue_size = 1024
+
+        self._server = Server((host, port), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.url = f"http://{host}:{self.port}"

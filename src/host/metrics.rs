@@ -1,0 +1,105 @@
+//! Envoy stats for operators. Names appear on the admin's /stats as
+//! `wasmcustom.async_speech.…` (and on /stats/prometheus with `_` for `.`).
+//! A name is defined on first use and its id cached per VM; every VM that
+//! defines the same name shares one Envoy stat.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use log::warn;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+use crate::worker::FailReason;
+
+#[derive(Default)]
+pub struct Metrics {
+    ids: RefCell<HashMap<String, u32>>,
+}
+
+pub type SharedMetrics = Rc<Metrics>;
+
+const PREFIX: &str = "async_speech";
+
+impl Metrics {
+    fn id(&self, kind: MetricType, name: &str) -> Option<u32> {
+        if let Some(id) = self.ids.borrow().get(name) {
+            return Some(*id);
+        }
+        match hostcalls::define_metric(kind, name) {
+            Ok(id) => {
+                self.ids.borrow_mut().insert(name.to_string(), id);
+                Some(id)
+            }
+            Err(e) => {
+                warn!("cannot define metric {name}: {e:?}");
+                None
+            }
+        }
+    }
+
+    fn count(&self, name: &str) {
+        if let Some(id) = self.id(MetricType::Counter, &format!("{PREFIX}.{name}")) {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    fn set_gauge(&self, name: &str, value: u64) {
+        if let Some(id) = self.id(MetricType::Gauge, &format!("{PREFIX}.{name}")) {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+
+    /// Defines the fixed set at configure time so that they show as 0 before traffic.
+    pub fn define_all(&self) {
+        for name in [
+            "jobs_submitted", "jobs_completed", "jobs_expired", "jobs_deleted",
+            "jobs_failed.provider_error", "jobs_failed.timeout", "jobs_failed.unreachable", "jobs_failed.deadline",
+            "jobs_rejected.auth", "jobs_rejected.validation", "jobs_rejected.store_full",
+        ] {
+            let _ = self.id(MetricType::Counter, &format!("{PREFIX}.{name}"));
+        }
+        for name in ["jobs_pending", "jobs_in_flight", "jobs_held"] {
+            let _ = self.id(MetricType::Gauge, &format!("{PREFIX}.{name}"));
+        }
+    }
+
+    pub fn submitted(&self) {
+        self.count("jobs_submitted");
+    }
+    pub fn completed(&self) {
+        self.count("jobs_completed");
+    }
+    pub fn expired(&self, n: usize) {
+        for _ in 0..n {
+            self.count("jobs_expired");
+        }
+    }
+    pub fn deleted(&self) {
+        self.count("jobs_deleted");
+    }
+    pub fn failed(&self, reason: FailReason) {
+        self.count(&format!("jobs_failed.{}", reason.name()));
+    }
+    /// A submit refused with this HTTP status.
+    pub fn rejected(&self, status: u16) {
+        let reason = match status {
+            401 => "auth",
+            503 => "store_full",
+            _ => "validation",
+        };
+        self.count(&format!("jobs_rejected.{reason}"));
+    }
+    pub fn attempt(&self, provider: &str, outcome: &str, latency_ms: u64) {
+        self.count(&format!("provider.{provider}.attempts.{outcome}"));
+        if let Some(id) = self.id(MetricType::Histogram, &format!("{PREFIX}.provider.{provider}.latency_ms")) {
+            let _ = hostcalls::record_metric(id, latency_ms);
+        }
+    }
+    pub fn gauges(&self, pending: u32, in_flight: u32, held: u32) {
+        self.set_gauge("jobs_pending", u64::from(pending));
+        self.set_gauge("jobs_in_flight", u64::from(in_flight));
+        self.set_gauge("jobs_held", u64::from(held));
+    }
+}
