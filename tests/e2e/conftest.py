@@ -18,6 +18,9 @@ from mock_provider import MockProvider  # noqa: E402
 KEY_A = "sk-bf-team-a-secret"
 KEY_B = "sk-bf-team-b-secret"
 PROVIDER_KEY = "sk-provider-secret-123"
+AZURE_KEY = "azure-secret-456"
+ELEVEN_KEY = "xi-secret-789"
+GEMINI_KEY = "goog-secret-000"
 SPEECH = "/v1/async/audio/speech"
 
 
@@ -30,6 +33,12 @@ def plugin_config(mock_cluster="mock", **overrides):
                        "base_path": "/backup/v1", "timeout_ms": 5000},
             "slow": {"type": "openai", "cluster": mock_cluster, "base_path": "/slow/v1", "timeout_ms": 700},
             "down": {"type": "openai", "cluster": "down", "timeout_ms": 2000},
+            "azure": {"type": "azure", "cluster": mock_cluster, "authority": "res.openai.azure.com",
+                      "base_path": "/azure", "api_key": AZURE_KEY, "api_version": "2025-03-01-preview"},
+            "elevenlabs": {"cluster": mock_cluster, "authority": "api.elevenlabs.io", "base_path": "/el",
+                           "api_key": ELEVEN_KEY},
+            "gemini": {"cluster": mock_cluster, "authority": "generativelanguage.googleapis.com",
+                       "base_path": "/gem", "api_key": GEMINI_KEY},
         },
         "virtual_keys": [
             {"name": "team-a", "value": KEY_A},
