@@ -33,11 +33,33 @@ pub struct VirtualKey {
     pub sha256: [u8; 32],
 }
 
+/// Where a JWT verified by Envoy's `jwt_authn` filter leaves its payload:
+/// `metadata.filter_metadata[namespace][payload_key][claim]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtOwner {
+    #[serde(default = "default_jwt_namespace")]
+    pub metadata_namespace: String,
+    pub payload_key: String,
+    #[serde(default = "default_jwt_claim")]
+    pub claim: String,
+}
+
+fn default_jwt_namespace() -> String {
+    "envoy.filters.http.jwt_authn".into()
+}
+
+fn default_jwt_claim() -> String {
+    "sub".into()
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     pub virtual_keys: Vec<VirtualKey>,
     pub allow_unauthenticated: bool,
+    /// Take the job owner from a verified JWT instead of (or besides) virtual keys.
+    pub jwt_owner: Option<JwtOwner>,
     pub default_result_ttl_s: u64,
     pub max_result_ttl_s: u64,
     pub max_jobs: u32,
@@ -79,6 +101,7 @@ struct RawConfig {
     virtual_keys: Vec<RawKey>,
     #[serde(default)]
     allow_unauthenticated: bool,
+    jwt_owner: Option<JwtOwner>,
     default_result_ttl_s: Option<u64>,
     max_result_ttl_s: Option<u64>,
     max_jobs: Option<u32>,
@@ -118,10 +141,16 @@ impl Config {
             }
             virtual_keys.push(key);
         }
-        if virtual_keys.is_empty() && !raw.allow_unauthenticated {
+        if virtual_keys.is_empty() && !raw.allow_unauthenticated && raw.jwt_owner.is_none() {
             return Err(
-                "virtual_keys: no keys configured; add keys or set allow_unauthenticated: true".into(),
+                "virtual_keys: no keys configured; add keys, configure jwt_owner, or set allow_unauthenticated: true"
+                    .into(),
             );
+        }
+        if let Some(j) = &raw.jwt_owner {
+            if j.metadata_namespace.is_empty() || j.payload_key.is_empty() || j.claim.is_empty() {
+                return Err("jwt_owner: metadata_namespace, payload_key and claim must not be empty".into());
+            }
         }
 
         let max_result_ttl_s = raw.max_result_ttl_s.unwrap_or(86_400);
@@ -166,6 +195,7 @@ impl Config {
             providers,
             virtual_keys,
             allow_unauthenticated: raw.allow_unauthenticated,
+            jwt_owner: raw.jwt_owner,
             default_result_ttl_s,
             max_result_ttl_s,
             max_jobs,
@@ -324,6 +354,15 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.virtual_keys[0].sha256, sha256_of(b"sk-bf-b"));
+    }
+
+    #[test]
+    fn jwt_owner_stands_in_for_virtual_keys() {
+        let c = parse(r#"{"providers":{"openai":{"cluster":"o"}},"jwt_owner":{"payload_key":"jwt_payload"}}"#).unwrap();
+        let j = c.jwt_owner.unwrap();
+        assert_eq!((j.metadata_namespace.as_str(), j.claim.as_str()), ("envoy.filters.http.jwt_authn", "sub"));
+        let err = parse(r#"{"providers":{"openai":{"cluster":"o"}},"jwt_owner":{"payload_key":""}}"#).unwrap_err();
+        assert!(err.contains("jwt_owner"), "{err}");
     }
 
     #[test]

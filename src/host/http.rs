@@ -98,7 +98,18 @@ impl SpeechHttp {
             respond_json(405, &[("allow", allow.as_str())], &e.to_json());
             return Ok(Action::Pause);
         }
-        let owner = authenticate(config, &header)?;
+        let claim = config.jwt_owner.as_ref().and_then(|j| {
+            hostcalls::get_property(vec![
+                "metadata",
+                "filter_metadata",
+                &j.metadata_namespace,
+                &j.payload_key,
+                &j.claim,
+            ])
+            .ok()
+            .flatten()
+        });
+        let owner = authenticate(config, &header, claim.as_deref())?;
         match route {
             Route::Submit => {
                 let ttl_s = parse_ttl(header(TTL_HEADER).as_deref(), config)?;

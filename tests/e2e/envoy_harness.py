@@ -39,7 +39,7 @@ def cluster(name, port, host="127.0.0.1"):
     }
 
 
-def bootstrap(plugin_config, clusters, listen_port, admin_port, env_keys=()):
+def bootstrap(plugin_config, clusters, listen_port, admin_port, env_keys=(), pre_filters=()):
     wasm_filter = {
         "name": "envoy.filters.http.wasm",
         "typed_config": {
@@ -69,7 +69,7 @@ def bootstrap(plugin_config, clusters, listen_port, admin_port, env_keys=()):
             "name": "all", "domains": ["*"],
             "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}],
         }]},
-        "http_filters": [wasm_filter, {
+        "http_filters": [*pre_filters, wasm_filter, {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
         }],
@@ -89,13 +89,13 @@ def bootstrap(plugin_config, clusters, listen_port, admin_port, env_keys=()):
 
 
 class Envoy:
-    def __init__(self, plugin_config, clusters, concurrency=2, env=None, env_keys=()):
+    def __init__(self, plugin_config, clusters, concurrency=2, env=None, env_keys=(), pre_filters=()):
         self.port = free_port()
         self.admin_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="envoy-e2e-")
         self.config_path = os.path.join(self.dir, "envoy.json")
         with open(self.config_path, "w") as f:
-            json.dump(bootstrap(plugin_config, clusters, self.port, self.admin_port, env_keys), f)
+            json.dump(bootstrap(plugin_config, clusters, self.port, self.admin_port, env_keys, pre_filters), f)
         self.log_path = os.path.join(self.dir, "envoy.log")
         self.concurrency = concurrency
         self.env = dict(os.environ, **(env or {}))
