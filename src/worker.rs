@@ -381,3 +381,112 @@ pub fn sweep(store: &Store, config: &Config, now_ms: u64) -> Sweep {
     }
     report
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::make_id;
+    use crate::job::JobStatus;
+    use crate::request::parse_speech_request;
+    use crate::store::memory::MemoryData;
+
+    fn config() -> Config {
+        Config::parse(
+            br#"{"providers":{"a":{"type":"openai","cluster":"ca","timeout_ms":1000},
+                              "b":{"type":"openai","cluster":"cb","timeout_ms":1000}},
+                 "allow_unauthenticated":true,"max_jobs":4,"job_deadline_s":60}"#,
+            &|_| None,
+        )
+        .unwrap()
+    }
+
+    fn submit(store: &Store, config: &Config, body: &str, now: u64) -> String {
+        let request = parse_speech_request(body.as_bytes(), config).unwrap();
+        let json = serde_json::to_vec(&request).unwrap();
+        let make = |slot| JobRecord::new(make_id([9; 16], slot), String::new(), now, 1, config.job_deadline_s, request.chain.clone());
+        store.insert(&mut 0, &make, &json).unwrap().id
+    }
+
+    fn next(p: Progress) -> Attempt {
+        match p {
+            Progress::Next(a) => a,
+            other => panic!("expected an attempt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_answer_completes_the_job_once() {
+        let (data, config) = (MemoryData::default(), config());
+        let store = Store::new(&data, config.max_jobs);
+        let id = submit(&store, &config, r#"{"model":"a/m","input":"hi","voice":"v"}"#, 0);
+        let attempt = next(start(&store, &config, &id, 10));
+        assert_eq!((attempt.cluster.as_str(), attempt.attempt), ("ca", 0));
+        assert_eq!(start(&store, &config, &id, 10), Progress::Dropped, "a job is claimed once");
+        let ok = UpstreamResponse { status: 200, headers: &[], body: b"AUDIO" };
+        assert_eq!(finish(&store, &config, &attempt, Outcome::Answer(ok), 10, 30), Progress::Completed { id: id.clone() });
+        let (slot, record, _) = store.find(&id).unwrap();
+        assert_eq!(record.status, JobStatus::Completed);
+        assert_eq!(record.result.unwrap().extra_fields.latency, Some(20));
+        assert_eq!(store.audio(slot, &id).unwrap(), b"AUDIO");
+        assert_eq!(store.request(slot, &id), None, "the request is dropped once done");
+        // A second (late, duplicate) answer changes nothing.
+        let again = UpstreamResponse { status: 200, headers: &[], body: b"OTHER" };
+        assert_eq!(finish(&store, &config, &attempt, Outcome::Answer(again), 10, 40), Progress::Dropped);
+        assert_eq!(store.audio(slot, &id).unwrap(), b"AUDIO");
+    }
+
+    #[test]
+    fn failures_move_through_the_fallbacks_then_fail() {
+        let (data, config) = (MemoryData::default(), config());
+        let store = Store::new(&data, config.max_jobs);
+        let id = submit(&store, &config, r#"{"model":"a/m","input":"hi","voice":"v","fallbacks":["b/n"]}"#, 0);
+        let first = next(start(&store, &config, &id, 0));
+        let second = next(finish(&store, &config, &first, Outcome::NoAnswer { elapsed_ms: 5 }, 0, 5));
+        assert_eq!((second.provider.as_str(), second.model.as_str(), second.attempt), ("b", "n", 1));
+        let err = UpstreamResponse { status: 429, headers: &[], body: br#"{"error":{"message":"slow"}}"# };
+        match finish(&store, &config, &second, Outcome::Answer(err), 5, 9) {
+            Progress::Failed { status: 429, reason: FailReason::ProviderError, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        let (_, record, _) = store.find(&id).unwrap();
+        assert_eq!(record.attempts.iter().map(|a| a.status_code).collect::<Vec<_>>(), vec![502, 429]);
+    }
+
+    #[test]
+    fn the_sweep_takes_back_lost_attempts_fails_late_jobs_and_frees_expired_ones() {
+        let (data, config) = (MemoryData::default(), config());
+        let store = Store::new(&data, config.max_jobs);
+        let lost = submit(&store, &config, r#"{"model":"a/m","input":"x","voice":"v","fallbacks":["b/n"]}"#, 0);
+        let late = submit(&store, &config, r#"{"model":"a/m","input":"x","voice":"v"}"#, 0);
+        let done = submit(&store, &config, r#"{"model":"a/m","input":"x","voice":"v"}"#, 0);
+        let _ = next(start(&store, &config, &lost, 0)); // its answer never comes
+        let a = next(start(&store, &config, &done, 0));
+        let ok = UpstreamResponse { status: 200, headers: &[], body: b"x" };
+        finish(&store, &config, &a, Outcome::Answer(ok), 0, 0);
+
+        // After the lease (1000 ms + grace): the lost attempt goes back to the queue
+        // for its fallback; the completed job (ttl 1 s) has expired.
+        let report = sweep(&store, &config, 1000 + LEASE_GRACE_MS);
+        assert_eq!(report.requeue, vec![lost.clone()]);
+        assert_eq!(report.expired, vec![done.clone()]);
+        assert!(store.find(&done).is_none());
+        let (_, record, _) = store.find(&lost).unwrap();
+        assert_eq!((record.status, record.attempt), (JobStatus::Pending, 1));
+        assert_eq!(record.attempts[0].status_code, 504);
+        assert_eq!((report.pending, report.processing, report.held), (2, 0, 2));
+        let retry = next(start(&store, &config, &lost, 6_001));
+        assert_eq!(retry.provider, "b");
+
+        // Past the deadline, whatever has not ended fails with 504.
+        let report = sweep(&store, &config, 60_000);
+        let mut failed = report.deadline_failed.clone();
+        failed.sort();
+        let mut expected = vec![lost.clone(), late.clone()];
+        expected.sort();
+        assert_eq!(failed, expected);
+        let (_, record, _) = store.find(&late).unwrap();
+        assert_eq!(record.status_code, Some(504));
+        assert!(record.error.unwrap().error.message.contains("deadline of 60 s"));
+        assert_eq!(store.count(), 2);
+    }
+}
