@@ -2,8 +2,8 @@
 //! `POST {base_path}/openai/deployments/{deployment}/audio/speech?api-version=…`,
 //! or with `api_version: "v1"` the newer `POST {base_path}/openai/v1/audio/speech`.
 
-use super::openai::{binary_audio, speech_body};
-use super::{api_key, base_headers, effective_format, encode_component, single_voice};
+use super::openai::{binary_audio, speech_request};
+use super::{encode_component, single_voice, Auth};
 use super::{Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
@@ -22,7 +22,6 @@ impl Provider for Azure {
         model: &str,
         request: &SpeechRequest,
     ) -> Result<UpstreamRequest, ApiError> {
-        let voice = single_voice(request, "azure")?;
         let path = if provider.api_version == "v1" {
             format!("{}/openai/v1/audio/speech", provider.base_path)
         } else {
@@ -33,15 +32,7 @@ impl Provider for Azure {
                 encode_component(&provider.api_version)
             )
         };
-        let mut headers = base_headers(provider, path);
-        if let Some(key) = api_key(provider)? {
-            headers.push(("api-key".into(), key.to_string()));
-        }
-        let format = effective_format(self, request).name();
-        Ok(UpstreamRequest {
-            headers,
-            body: speech_body(model, voice, request, format),
-        })
+        speech_request(self, provider, path, Auth::Header("api-key"), model, request, "azure")
     }
 
     fn parse(&self, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {

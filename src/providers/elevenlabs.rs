@@ -4,7 +4,7 @@
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use super::{api_key, base_headers, check_format, effective_format, encode_component, provider_error};
+use super::{check_format, effective_format, encode_component, provider_error, request_headers, Auth};
 use super::{single_voice, wav_from_pcm16, Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
@@ -59,10 +59,7 @@ impl Provider for ElevenLabs {
             // ElevenLabs takes a level 0-4; true asks for the first level of optimisation.
             path.push_str(if optimize { "&optimize_streaming_latency=1" } else { "&optimize_streaming_latency=0" });
         }
-        let mut headers = base_headers(provider, path);
-        if let Some(key) = api_key(provider)? {
-            headers.push(("xi-api-key".into(), key.to_string()));
-        }
+        let headers = request_headers(provider, path, Auth::Header("xi-api-key"))?;
         let mut body = Map::new();
         body.insert("text".into(), json!(request.input));
         body.insert("model_id".into(), json!(model));

@@ -4,7 +4,7 @@
 use base64::Engine;
 use serde_json::{json, Value};
 
-use super::{api_key, base_headers, check_format, effective_format, encode_component, provider_error};
+use super::{check_format, effective_format, encode_component, provider_error, request_headers, Auth};
 use super::{wav_from_pcm16, Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
@@ -39,10 +39,7 @@ impl Provider for Gemini {
             provider.base_path,
             encode_component(model)
         );
-        let mut headers = base_headers(provider, path);
-        if let Some(key) = api_key(provider)? {
-            headers.push(("x-goog-api-key".into(), key.to_string()));
-        }
+        let headers = request_headers(provider, path, Auth::Header("x-goog-api-key"))?;
         // The style prompt goes before the text, as Gemini's speech guide does it.
         let text = match &request.instructions {
             Some(style) if !style.is_empty() => format!("{style}: {}", request.input),

@@ -115,30 +115,47 @@ pub fn effective_format(provider: &dyn Provider, request: &SpeechRequest) -> Aud
     request.response_format.unwrap_or_else(|| provider.default_format())
 }
 
-/// The pseudo-headers and content type every provider call starts with.
-pub fn base_headers(provider: &ProviderConfig, path: String) -> Vec<(String, String)> {
-    vec![
+/// How a provider takes its key.
+pub enum Auth {
+    /// `Authorization: Bearer <key>`
+    Bearer,
+    /// The key as the whole value of this header.
+    Header(&'static str),
+}
+
+/// The pseudo-headers, content type and key header of a provider call.
+/// A provider with no key configured gets no key header; one whose key was
+/// meant to come from a variable that is not set fails the attempt with a 401
+/// that names the variable.
+pub fn request_headers(
+    provider: &ProviderConfig,
+    path: String,
+    auth: Auth,
+) -> Result<Vec<(String, String)>, ApiError> {
+    let mut headers = vec![
         (":method".into(), "POST".into()),
         (":path".into(), path),
         (":authority".into(), provider.authority.clone()),
         ("content-type".into(), "application/json".into()),
-    ]
-}
-
-/// The provider's key, or — when the operator meant it to have one — an error that
-/// names where it should come from. A provider with no key configured gets no header.
-pub fn api_key(provider: &ProviderConfig) -> Result<Option<&str>, ApiError> {
-    match (&provider.api_key, &provider.api_key_env) {
-        (Some(key), _) => Ok(Some(key.as_str())),
-        (None, Some(var)) => Err(ApiError::upstream(
-            401,
-            format!(
-                "provider {} has no API key: set {var} in Envoy's environment (vm_config.environment_variables.host_env_keys)",
-                provider.name
-            ),
-        )),
-        (None, None) => Ok(None),
+    ];
+    let key = match (&provider.api_key, &provider.api_key_env) {
+        (Some(key), _) => key,
+        (None, Some(var)) => {
+            return Err(ApiError::upstream(
+                401,
+                format!(
+                    "provider {} has no API key: set {var} in Envoy's environment (vm_config.environment_variables.host_env_keys)",
+                    provider.name
+                ),
+            ))
+        }
+        (None, None) => return Ok(headers),
+    };
+    match auth {
+        Auth::Bearer => headers.push(("authorization".into(), format!("Bearer {key}"))),
+        Auth::Header(name) => headers.push((name.into(), key.clone())),
     }
+    Ok(headers)
 }
 
 pub fn single_voice<'a>(request: &'a SpeechRequest, provider: &str) -> Result<&'a str, ApiError> {

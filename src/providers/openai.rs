@@ -2,7 +2,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{api_key, base_headers, effective_format, provider_error, single_voice};
+use super::{effective_format, provider_error, request_headers, single_voice, Auth};
 use super::{Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
@@ -24,6 +24,25 @@ pub fn speech_body(model: &str, voice: &str, request: &SpeechRequest, format: &s
         body.insert("instructions".into(), json!(instructions));
     }
     serde_json::to_vec(&Value::Object(body)).unwrap_or_default()
+}
+
+/// An OpenAI-shaped speech request to `path` (Azure OpenAI uses it too).
+pub fn speech_request(
+    this: &dyn Provider,
+    provider: &ProviderConfig,
+    path: String,
+    auth: Auth,
+    model: &str,
+    request: &SpeechRequest,
+    kind: &str,
+) -> Result<UpstreamRequest, ApiError> {
+    let voice = single_voice(request, kind)?;
+    let headers = request_headers(provider, path, auth)?;
+    let format = effective_format(this, request).name();
+    Ok(UpstreamRequest {
+        headers,
+        body: speech_body(model, voice, request, format),
+    })
 }
 
 /// A 2xx answer is the audio itself, in the requested format.
@@ -57,16 +76,8 @@ impl Provider for OpenAi {
         model: &str,
         request: &SpeechRequest,
     ) -> Result<UpstreamRequest, ApiError> {
-        let voice = single_voice(request, "openai")?;
-        let mut headers = base_headers(provider, format!("{}/audio/speech", provider.base_path));
-        if let Some(key) = api_key(provider)? {
-            headers.push(("authorization".into(), format!("Bearer {key}")));
-        }
-        let format = effective_format(self, request).name();
-        Ok(UpstreamRequest {
-            headers,
-            body: speech_body(model, voice, request, format),
-        })
+        let path = format!("{}/audio/speech", provider.base_path);
+        speech_request(self, provider, path, Auth::Bearer, model, request, "openai")
     }
 
     fn parse(&self, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
