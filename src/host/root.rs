@@ -223,13 +223,16 @@ impl Context for Worker {
             Some(status) => Outcome::Answer(UpstreamResponse { status, headers: &headers, body: &body }),
             None => Outcome::NoAnswer { elapsed_ms: now.saturating_sub(started) },
         };
-        if let Some(status) = status {
-            if !(200..300).contains(&status) {
+        let latency = now.saturating_sub(started);
+        let how = worker::attempt_outcome(&outcome, &attempt);
+        match (how, status) {
+            ("success", _) => {}
+            ("error", Some(status)) => {
                 warn!("job {} provider {} answered {status}", attempt.id, attempt.provider);
             }
+            _ => warn!("job {} provider {}: {how} after {latency} ms", attempt.id, attempt.provider),
         }
-        let latency = now.saturating_sub(started);
-        self.metrics.attempt(&attempt.provider, worker::attempt_outcome(&outcome, &attempt), latency);
+        self.metrics.attempt(&attempt.provider, how, latency);
         let store = Store::new(&EnvoySharedData, config.max_jobs);
         let progress = worker::finish(&store, &config, &attempt, outcome, started, now);
         self.follow(&config, progress);
