@@ -1,4 +1,4 @@
-"""The shipped Envoy config is valid, and a bad plugin config is refused at load."""
+"""A bad plugin config is refused when Envoy loads it (the shipped configs: test_deploy_configs)."""
 
 import json
 import os
@@ -7,13 +7,7 @@ import tempfile
 import pytest
 
 from conftest import plugin_config
-from envoy_harness import ROOT, bootstrap, cluster, free_port, validate
-
-
-def test_shipped_envoy_config_validates():
-    code, out = validate(ROOT / "envoy" / "envoy.yaml")
-    assert code == 0, out
-    assert "async-speech: configured" in out
+from envoy_harness import bootstrap, cluster, free_port, validate
 
 
 @pytest.mark.parametrize("change,message", [
