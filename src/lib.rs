@@ -3,6 +3,7 @@
 //! Everything but `host` is pure and unit-tested natively; `host` moves bytes
 //! between Envoy and that core.
 
+pub mod audio;
 pub mod auth;
 pub mod config;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod request;
 pub mod routes;
 pub mod store;
 pub mod time;
+pub mod webhooks;
 pub mod worker;
 
 #[cfg(target_arch = "wasm32")]

@@ -1,0 +1,1 @@
+//! Long input (SPEC §6): splitting text into chunks and joining audio parts into one file.

@@ -1,0 +1,2 @@
+//! Webhooks (SPEC §5): endpoint configuration, Standard Webhooks signatures, the Bifrost envelope
+//! and the retry schedule.
