@@ -69,6 +69,7 @@ pub struct Config {
     pub max_in_flight: usize,
     /// Every job ends (completed or failed) within this many seconds of its submit.
     pub job_deadline_s: u64,
+    pub max_audio_bytes: usize,
 }
 
 #[derive(Deserialize)]
@@ -203,6 +204,7 @@ impl Config {
             max_body_bytes,
             max_in_flight,
             job_deadline_s,
+            max_audio_bytes: 26_214_400,
         })
     }
 }

@@ -148,6 +148,13 @@ impl ApiError {
         e
     }
 
+    /// 503 for a store or queue that cannot take work now (not a full store).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        let mut e = Self::gateway(503, "service_unavailable", message);
+        e.retry_after_s = Some(1);
+        e
+    }
+
     /// The gateway's own failure of a speech call (502 unreachable, 504 timeout, ...).
     pub fn upstream(status_code: u16, message: impl Into<String>) -> Self {
         Self::gateway(status_code, "api_error", message)

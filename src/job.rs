@@ -1,12 +1,13 @@
 //! A job and its life: pending → processing → completed | failed, as pure
-//! transitions on the record kept in the store, and the JSON a poll shows.
+//! transitions on the record kept in the store, and the answer a poll gets,
+//! rendered once per change of state (never per poll).
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 use crate::error::{ApiError, AttemptSummary, ExtraFields};
-use crate::request::{AudioFormat, ModelRef};
+use crate::request::{AudioFormat, ModelRef, SpeechRequest};
 use crate::time::rfc3339;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,20 +32,54 @@ impl JobStatus {
     pub fn is_finished(self) -> bool {
         matches!(self, JobStatus::Completed | JobStatus::Failed)
     }
+
+    /// The HTTP status of a poll: 202 until the job ends, then 200.
+    pub fn poll_status(self) -> u16 {
+        if self.is_finished() {
+            200
+        } else {
+            202
+        }
+    }
+
+    pub fn code(self) -> u8 {
+        match self {
+            JobStatus::Pending => 0,
+            JobStatus::Processing => 1,
+            JobStatus::Completed => 2,
+            JobStatus::Failed => 3,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<JobStatus> {
+        match code {
+            0 => Some(JobStatus::Pending),
+            1 => Some(JobStatus::Processing),
+            2 => Some(JobStatus::Completed),
+            3 => Some(JobStatus::Failed),
+            _ => None,
+        }
+    }
 }
 
-/// What a completed job shows besides its audio (the audio has its own key).
+/// What a completed job says about its audio besides the bytes themselves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultMeta {
     pub response_format: AudioFormat,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub alignment: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub normalized_alignment: Option<Value>,
     pub extra_fields: ExtraFields,
 }
 
-/// The job as the store keeps it (small: no request text, no audio).
+/// What a successful attempt hands to the job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub meta: ResultMeta,
+    pub audio: Vec<u8>,
+    pub alignment: Option<Value>,
+    pub normalized_alignment: Option<Value>,
+}
+
+/// The job as the store keeps it. The request stays only while the job runs;
+/// audio lives only in the rendered answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: String,
@@ -57,7 +92,7 @@ pub struct JobRecord {
     pub deadline_ms: u64,
     /// Primary model first, then the fallbacks.
     pub chain: Vec<ModelRef>,
-    /// Index in `chain` of the attempt under way (or the last one).
+    /// Index in `chain` of the attempt under way (or the last one made).
     pub attempt: usize,
     /// While processing: when the attempt's answer is overdue.
     #[serde(default)]
@@ -70,26 +105,21 @@ pub struct JobRecord {
     pub result: Option<ResultMeta>,
     #[serde(default)]
     pub error: Option<ApiError>,
+    #[serde(default)]
+    pub request: Option<SpeechRequest>,
 }
 
-/// What to do after an attempt failed.
+/// Where a job goes after one of its attempts failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AfterFailure {
+pub enum NextStep {
     /// Try `chain[attempt]` next.
-    Fallback,
-    /// No attempts left: the job is failed.
+    TryNext,
+    /// No attempts left: the job has failed.
     Failed,
 }
 
 impl JobRecord {
-    pub fn new(
-        id: String,
-        owner: String,
-        now_ms: u64,
-        ttl_s: u64,
-        deadline_s: u64,
-        chain: Vec<ModelRef>,
-    ) -> JobRecord {
+    pub fn new(id: String, owner: String, now_ms: u64, ttl_s: u64, deadline_s: u64, request: SpeechRequest) -> JobRecord {
         JobRecord {
             id,
             owner,
@@ -98,13 +128,14 @@ impl JobRecord {
             completed_at_ms: None,
             ttl_s,
             deadline_ms: now_ms.saturating_add(deadline_s.saturating_mul(1000)),
-            chain,
+            chain: request.chain.clone(),
             attempt: 0,
             lease_until_ms: None,
             attempts: Vec::new(),
             status_code: None,
             result: None,
             error: None,
+            request: Some(request),
         }
     }
 
@@ -127,18 +158,19 @@ impl JobRecord {
         self.status == JobStatus::Processing && self.attempt == attempt
     }
 
-    pub fn complete(&mut self, now_ms: u64, result: ResultMeta) {
+    pub fn complete(&mut self, now_ms: u64, meta: ResultMeta) {
         self.status = JobStatus::Completed;
         self.completed_at_ms = Some(now_ms);
         self.lease_until_ms = None;
         self.status_code = Some(200);
-        self.result = Some(result);
+        self.result = Some(meta);
         self.error = None;
+        self.request = None;
     }
 
     /// Records the failure of the current attempt and moves on to the next
     /// fallback, or fails the job when none is left.
-    pub fn fail_attempt(&mut self, now_ms: u64, error: ApiError) -> AfterFailure {
+    pub fn record_failure(&mut self, now_ms: u64, error: ApiError) -> NextStep {
         if let Some(step) = self.current() {
             self.attempts.push(AttemptSummary {
                 provider: step.provider.clone(),
@@ -149,16 +181,21 @@ impl JobRecord {
         if self.attempt + 1 < self.chain.len() {
             self.attempt += 1;
             self.lease_until_ms = None;
-            return AfterFailure::Fallback;
+            return NextStep::TryNext;
         }
         self.fail(now_ms, error);
-        AfterFailure::Failed
+        NextStep::Failed
     }
 
-    /// Ends the job as failed with `error`, naming the last attempt.
+    /// Ends the job as failed with `error`, naming the last attempt made (not
+    /// an untried fallback).
     pub fn fail(&mut self, now_ms: u64, mut error: ApiError) {
-        let mut extra = match self.current() {
-            Some(step) => ExtraFields::speech(&step.provider, &step.model),
+        let last = match self.attempts.last() {
+            Some(a) => Some((a.provider.clone(), a.model.clone())),
+            None => self.chain.first().map(|m| (m.provider.clone(), m.model.clone())),
+        };
+        let mut extra = match last {
+            Some((provider, model)) => ExtraFields::speech(&provider, &model),
             None => ExtraFields::default(),
         };
         extra.attempts = Some(self.attempts.clone());
@@ -169,6 +206,23 @@ impl JobRecord {
         self.status_code = Some(error.status_code);
         self.result = None;
         self.error = Some(error);
+        self.request = None;
+    }
+
+    /// Fails an unfinished job that ran out of time: the attempt under way
+    /// (if any) is recorded first, so the error names the last attempt made.
+    pub fn fail_past_deadline(&mut self, now_ms: u64, deadline_s: u64) {
+        let error = ApiError::upstream(504, format!("the job did not finish within its deadline of {deadline_s} s"));
+        if self.status == JobStatus::Processing {
+            if let Some(step) = self.current() {
+                self.attempts.push(AttemptSummary {
+                    provider: step.provider.clone(),
+                    model: step.model.clone(),
+                    status_code: 504,
+                });
+            }
+        }
+        self.fail(now_ms, error);
     }
 
     pub fn expires_at_ms(&self) -> Option<u64> {
@@ -188,96 +242,170 @@ impl JobRecord {
         self.status == JobStatus::Processing && self.lease_until_ms.is_some_and(|at| now_ms >= at)
     }
 
-    /// The HTTP status of a poll: 202 until the job ends, then 200.
-    pub fn poll_status(&self) -> u16 {
-        if self.status.is_finished() {
-            200
-        } else {
-            202
+    /// When this job next needs a look from the timer wheel: its expiry once
+    /// finished, else the earlier of its lease and its deadline.
+    pub fn next_timer_ms(&self) -> u64 {
+        match self.expires_at_ms() {
+            Some(at) => at,
+            None => self.lease_until_ms.map_or(self.deadline_ms, |l| l.min(self.deadline_ms)),
         }
     }
+}
 
-    /// The job as a poll shows it; `audio` is the completed job's audio.
-    pub fn to_json(&self, audio: Option<&[u8]>) -> Value {
-        let mut job = Map::new();
-        job.insert("id".into(), json!(self.id));
-        job.insert("status".into(), json!(self.status.name()));
-        job.insert("created_at".into(), json!(rfc3339(self.created_at_ms)));
-        if !self.status.is_finished() {
-            return Value::Object(job);
-        }
-        if let Some(done) = self.completed_at_ms {
-            job.insert("completed_at".into(), json!(rfc3339(done)));
-        }
-        if let Some(at) = self.expires_at_ms() {
-            job.insert("expires_at".into(), json!(rfc3339(at)));
-        }
-        if let Some(code) = self.status_code {
-            job.insert("status_code".into(), json!(code));
-        }
-        let result = match &self.result {
-            Some(meta) => {
-                let mut r = Map::new();
-                let encoded = base64::engine::general_purpose::STANDARD.encode(audio.unwrap_or_default());
-                r.insert("audio".into(), json!(encoded));
-                r.insert("response_format".into(), json!(meta.response_format.name()));
-                r.insert("content_type".into(), json!(meta.response_format.content_type()));
-                if let Some(a) = &meta.alignment {
-                    r.insert("alignment".into(), a.clone());
-                }
-                if let Some(a) = &meta.normalized_alignment {
-                    r.insert("normalized_alignment".into(), a.clone());
-                }
-                r.insert("extra_fields".into(), json!(meta.extra_fields));
-                Value::Object(r)
+/// A poll's answer body, with where the base64 audio sits in it (so that
+/// `/content` can decode it without parsing the JSON).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Rendered {
+    pub body: Vec<u8>,
+    pub audio_at: Option<(u32, u32)>,
+}
+
+fn push_json(out: &mut Vec<u8>, value: &impl Serialize) {
+    // Serializing plain data into a Vec cannot fail; "null" keeps the JSON valid if it ever did.
+    if serde_json::to_writer(&mut *out, value).is_err() {
+        out.extend_from_slice(b"null");
+    }
+}
+
+fn push_field(out: &mut Vec<u8>, name: &str, value: &impl Serialize) {
+    out.push(b',');
+    push_json(out, &name);
+    out.push(b':');
+    push_json(out, value);
+}
+
+/// The job as a poll shows it. A finished job's body carries everything,
+/// audio included, so a poll serves it as stored.
+pub fn render(record: &JobRecord, completion: Option<&Completion>) -> Rendered {
+    let mut out = Vec::with_capacity(256 + completion.map_or(0, |c| c.audio.len() / 3 * 4 + 4));
+    out.extend_from_slice(b"{\"id\":");
+    push_json(&mut out, &record.id);
+    push_field(&mut out, "status", &record.status.name());
+    push_field(&mut out, "created_at", &rfc3339(record.created_at_ms));
+    if !record.status.is_finished() {
+        out.push(b'}');
+        return Rendered { body: out, audio_at: None };
+    }
+    if let Some(done) = record.completed_at_ms {
+        push_field(&mut out, "completed_at", &rfc3339(done));
+    }
+    if let Some(at) = record.expires_at_ms() {
+        push_field(&mut out, "expires_at", &rfc3339(at));
+    }
+    if let Some(code) = record.status_code {
+        push_field(&mut out, "status_code", &code);
+    }
+    let mut audio_at = None;
+    match (&record.result, completion) {
+        (Some(meta), Some(c)) => {
+            out.extend_from_slice(b",\"result\":{\"audio\":\"");
+            let start = out.len();
+            let len = append_base64(&mut out, &c.audio);
+            audio_at = Some((u32::try_from(start).unwrap_or(u32::MAX), u32::try_from(len).unwrap_or(u32::MAX)));
+            out.push(b'"');
+            push_field(&mut out, "response_format", &meta.response_format.name());
+            push_field(&mut out, "content_type", &meta.response_format.content_type());
+            if let Some(a) = &c.alignment {
+                push_field(&mut out, "alignment", a);
             }
-            None => Value::Null,
-        };
-        job.insert("result".into(), result);
-        job.insert(
-            "error".into(),
-            self.error.as_ref().map_or(Value::Null, |e| json!(e)),
-        );
-        Value::Object(job)
+            if let Some(a) = &c.normalized_alignment {
+                push_field(&mut out, "normalized_alignment", a);
+            }
+            push_field(&mut out, "extra_fields", &meta.extra_fields);
+            out.push(b'}');
+        }
+        _ => out.extend_from_slice(b",\"result\":null"),
+    }
+    match &record.error {
+        Some(e) => push_field(&mut out, "error", e),
+        None => out.extend_from_slice(b",\"error\":null"),
+    }
+    out.push(b'}');
+    Rendered { body: out, audio_at }
+}
+
+/// Appends the standard base64 of `bytes`; returns how many bytes it wrote.
+fn append_base64(out: &mut Vec<u8>, bytes: &[u8]) -> usize {
+    let engine = &base64::engine::general_purpose::STANDARD;
+    let len = base64::encoded_len(bytes.len(), true).unwrap_or(0);
+    let start = out.len();
+    out.resize(start + len, 0);
+    match out.get_mut(start..).map(|tail| engine.encode_slice(bytes, tail)) {
+        Some(Ok(written)) => {
+            out.truncate(start + written);
+            written
+        }
+        _ => {
+            out.truncate(start);
+            0
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::Voice;
 
-    fn chain(n: usize) -> Vec<ModelRef> {
-        (0..n)
-            .map(|i| ModelRef { provider: format!("p{i}"), model: format!("m{i}") })
-            .collect()
+    fn request(n: usize) -> SpeechRequest {
+        SpeechRequest {
+            chain: (0..n).map(|i| ModelRef { provider: format!("p{i}"), model: format!("m{i}") }).collect(),
+            input: "hi".into(),
+            voice: Voice::Single("v".into()),
+            response_format: None,
+            instructions: None,
+            speed: None,
+            language_code: None,
+            pronunciation_dictionary_locators: None,
+            enable_logging: None,
+            optimize_streaming_latency: None,
+            with_timestamps: false,
+        }
     }
 
     fn job(n: usize) -> JobRecord {
-        JobRecord::new("id-1".into(), "team".into(), 1_000, 60, 300, chain(n))
+        JobRecord::new("id-1".into(), "team".into(), 1_000, 60, 300, request(n))
+    }
+
+    fn json(r: &Rendered) -> Value {
+        serde_json::from_slice(&r.body).unwrap()
     }
 
     #[test]
-    fn happy_path() {
+    fn happy_path_renders_once_with_the_audio_in_place() {
         let mut j = job(1);
-        assert_eq!(j.to_json(None), json!({"id":"id-1","status":"pending","created_at":"1970-01-01T00:00:01.000Z"}));
+        assert_eq!(
+            json(&render(&j, None)),
+            serde_json::json!({"id":"id-1","status":"pending","created_at":"1970-01-01T00:00:01.000Z"})
+        );
         assert!(j.claim(2_000, 5_000));
         assert!(!j.claim(2_000, 5_000), "a job is claimed once");
         assert!(j.is_running(0));
         assert!(!j.is_lease_expired(6_999));
         assert!(j.is_lease_expired(7_000));
+        assert_eq!(j.next_timer_ms(), 7_000);
         let mut extra = ExtraFields::speech("p0", "m0");
         extra.latency = Some(12);
-        j.complete(3_000, ResultMeta { response_format: AudioFormat::Wav, alignment: None, normalized_alignment: None, extra_fields: extra });
-        assert_eq!(j.poll_status(), 200);
-        let v = j.to_json(Some(&[0xff, 0, 1]));
+        let meta = ResultMeta { response_format: AudioFormat::Wav, extra_fields: extra };
+        j.complete(3_000, meta.clone());
+        assert!(j.request.is_none(), "the request is dropped once done");
+        let done = Completion { meta, audio: vec![0xff, 0, 1], alignment: None, normalized_alignment: None };
+        let r = render(&j, Some(&done));
+        let (at, len) = r.audio_at.unwrap();
+        assert_eq!(&r.body[at as usize..(at + len) as usize], b"/wAB");
+        let v = json(&r);
         assert_eq!(v["status"], "completed");
         assert_eq!(v["status_code"], 200);
         assert_eq!(v["completed_at"], "1970-01-01T00:00:03.000Z");
         assert_eq!(v["expires_at"], "1970-01-01T00:01:03.000Z");
         assert_eq!(v["result"]["audio"], "/wAB");
         assert_eq!(v["result"]["content_type"], "audio/wav");
-        assert_eq!(v["result"]["extra_fields"], json!({"provider":"p0","model_requested":"m0","request_type":"speech","latency":12}));
+        assert_eq!(
+            v["result"]["extra_fields"],
+            serde_json::json!({"provider":"p0","model_requested":"m0","request_type":"speech","latency":12})
+        );
         assert_eq!(v["error"], Value::Null);
+        assert_eq!(j.next_timer_ms(), 63_000);
         assert!(!j.is_expired(62_999));
         assert!(j.is_expired(63_000));
     }
@@ -286,13 +414,12 @@ mod tests {
     fn fallbacks_then_failure_lists_every_attempt() {
         let mut j = job(2);
         j.claim(1_000, 10);
-        assert_eq!(j.fail_attempt(1_500, ApiError::upstream(504, "timed out")), AfterFailure::Fallback);
+        assert_eq!(j.record_failure(1_500, ApiError::upstream(504, "timed out")), NextStep::TryNext);
         assert!(j.is_running(1));
         assert!(!j.is_running(0), "a late answer to the first attempt is stale");
-        assert_eq!(j.current().unwrap().provider, "p1");
         let last = ApiError::provider(429, None, None, "slow down".into(), None);
-        assert_eq!(j.fail_attempt(2_000, last), AfterFailure::Failed);
-        let v = j.to_json(None);
+        assert_eq!(j.record_failure(2_000, last), NextStep::Failed);
+        let v = json(&render(&j, None));
         assert_eq!(v["status"], "failed");
         assert_eq!(v["status_code"], 429);
         assert_eq!(v["result"], Value::Null);
@@ -301,8 +428,24 @@ mod tests {
         assert_eq!(v["error"]["extra_fields"]["model_requested"], "m1");
         assert_eq!(
             v["error"]["extra_fields"]["attempts"],
-            json!([{"provider":"p0","model":"m0","status_code":504},{"provider":"p1","model":"m1","status_code":429}])
+            serde_json::json!([{"provider":"p0","model":"m0","status_code":504},{"provider":"p1","model":"m1","status_code":429}])
         );
+    }
+
+    #[test]
+    fn a_deadline_failure_names_the_last_attempt_not_an_untried_fallback() {
+        let mut j = job(3);
+        j.claim(1_000, 10);
+        j.fail_past_deadline(301_000, 300);
+        let e = j.error.clone().unwrap();
+        assert_eq!(e.status_code, 504);
+        assert!(e.error.message.contains("deadline of 300 s"));
+        let extra = e.extra_fields.unwrap();
+        assert_eq!(extra.provider.as_deref(), Some("p0"), "p1 and p2 were never tried");
+        // A pending job that never got an attempt names its primary.
+        let mut k = job(3);
+        k.fail_past_deadline(301_000, 300);
+        assert_eq!(k.error.unwrap().extra_fields.unwrap().provider.as_deref(), Some("p0"));
     }
 
     #[test]
@@ -318,7 +461,7 @@ mod tests {
     fn records_round_trip_through_json() {
         let mut j = job(2);
         j.claim(1, 1);
-        j.fail_attempt(2, ApiError::upstream(502, "down"));
+        j.record_failure(2, ApiError::upstream(502, "down"));
         let back: JobRecord = serde_json::from_slice(&serde_json::to_vec(&j).unwrap()).unwrap();
         assert_eq!(back, j);
     }

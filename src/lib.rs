@@ -4,18 +4,23 @@
 //! between Envoy and that core.
 
 pub mod audio;
+pub mod api;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod error;
+pub mod dispatch;
 pub mod ids;
 pub mod job;
+pub mod log_text;
 pub mod providers;
 pub mod request;
-pub mod routes;
+pub mod platform;
 pub mod store;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod sim;
 pub mod time;
 pub mod webhooks;
-pub mod worker;
 
 #[cfg(target_arch = "wasm32")]
 mod host;
@@ -24,6 +29,6 @@ mod host;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
-        Box::new(host::root::Worker::default())
+        Box::new(host::root::Root::default())
     });
 }}

@@ -11,7 +11,7 @@ use log::warn;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
-use crate::worker::FailReason;
+use crate::dispatch::FailReason;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -45,9 +45,9 @@ impl Metrics {
         }
     }
 
-    fn set_gauge(&self, name: &str, value: u64) {
+    fn add_gauge(&self, name: &str, delta: i64) {
         if let Some(id) = self.id(MetricType::Gauge, &format!("{PREFIX}.{name}")) {
-            let _ = hostcalls::record_metric(id, value);
+            let _ = hostcalls::increment_metric(id, delta);
         }
     }
 
@@ -71,10 +71,8 @@ impl Metrics {
     pub fn completed(&self) {
         self.count("jobs_completed");
     }
-    pub fn expired(&self, n: usize) {
-        for _ in 0..n {
-            self.count("jobs_expired");
-        }
+    pub fn expired(&self) {
+        self.count("jobs_expired");
     }
     pub fn deleted(&self) {
         self.count("jobs_deleted");
@@ -97,9 +95,14 @@ impl Metrics {
             let _ = hostcalls::record_metric(id, latency_ms);
         }
     }
-    pub fn gauges(&self, pending: u32, in_flight: u32, held: u32) {
-        self.set_gauge("jobs_pending", u64::from(pending));
-        self.set_gauge("jobs_in_flight", u64::from(in_flight));
-        self.set_gauge("jobs_held", u64::from(held));
+    /// Jobs held (pending, processing, finished and unexpired), up or down.
+    pub fn held(&self, delta: i64) {
+        self.add_gauge("jobs_held", delta);
+    }
+    pub fn pending(&self, delta: i64) {
+        self.add_gauge("jobs_pending", delta);
+    }
+    pub fn in_flight(&self, delta: i64) {
+        self.add_gauge("jobs_in_flight", delta);
     }
 }

@@ -1,6 +1,7 @@
-//! The root context: loads the configuration and is the worker that sends
-//! provider calls. Callouts go out from here, never from a request's context,
-//! so that a client hanging up after its 202 does not lose its job.
+//! The root context: loads the configuration and runs jobs. Provider callouts
+//! go out from here, never from a request's context, so that a client hanging
+//! up after its 202 does not lose its job. Each tick it also drains the timer
+//! wheel and walks a few slots of the audit.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -12,195 +13,180 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
 
+use super::envoy::{EnvoyHost, QueueIds};
 use super::http::SpeechHttp;
 use super::metrics::SharedMetrics;
-use super::shared::EnvoySharedData;
-use super::{now_ms, QUEUE_NAME};
+use crate::clock::Clock;
 use crate::config::Config;
+use crate::dispatch::{self, Attempt, FailReason, Outcome, Step};
 use crate::error::ApiError;
+use crate::log_text::escape;
+use crate::platform::{Host, Queue};
 use crate::providers::UpstreamResponse;
-use crate::store::Store;
-use crate::worker::{self, Attempt, FailReason, Outcome, Progress};
+use crate::store::{wheel, Keys, Store};
 
 const TICK: Duration = Duration::from_millis(200);
-const SWEEP_EVERY_MS: u64 = 1_000;
-const SWEEP_KEY: &str = "async-speech/sweep-due";
+/// Due timers one tick handles at most; the rest wait for the next tick.
+const TIMERS_PER_TICK: usize = 2_000;
+/// Slots the audit looks at per tick.
+const AUDIT_PER_TICK: u32 = 64;
 
-#[derive(Default)]
-pub struct Worker {
-    config: Option<Rc<Config>>,
-    queue: Rc<Cell<Option<u32>>>,
-    cursor: Rc<Cell<u32>>,
-    metrics: SharedMetrics,
-    in_flight: HashMap<u32, (Attempt, u64)>,
-    registered_on_tick: bool,
-    /// The job count's CAS and the held jobs the last sweep saw, to repair a
-    /// count left wrong by a worker that died between its two writes.
-    last_count_check: Option<(u32, u32)>,
+/// What the root shares with the HTTP contexts it creates.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: Rc<Config>,
+    pub keys: Rc<Keys>,
+    pub host: Rc<EnvoyHost>,
+    pub clock: Rc<Clock>,
+    pub generation: u32,
+    pub metrics: SharedMetrics,
 }
 
-impl Worker {
-    fn register_queue(&self) {
-        match hostcalls::register_shared_queue(QUEUE_NAME) {
-            Ok(id) => self.queue.set(Some(id)),
-            Err(e) => error!("cannot register the job queue: {e:?}"),
+#[derive(Default)]
+pub struct Root {
+    shared: Option<Shared>,
+    queues: QueueIds,
+    metrics: SharedMetrics,
+    in_flight: HashMap<u32, (Attempt, u64)>,
+    registered_on_tick: Cell<bool>,
+}
+
+/// The filter's namespace in shared data: its root id, so that two filters
+/// sharing a `vm_id` with different configurations keep apart.
+fn namespace() -> String {
+    hostcalls::get_property(vec!["plugin_root_id"])
+        .ok()
+        .flatten()
+        .and_then(|v| String::from_utf8(v).ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_string())
+}
+
+impl Root {
+    fn register_queues(&self, host: &EnvoyHost) {
+        let all = [Queue::Free].into_iter().chain(wheel::all_buckets()).chain([Queue::Jobs]);
+        if let Err(e) = host.register(all) {
+            error!("{e}");
         }
+    }
+
+    fn store<'a>(shared: &'a Shared) -> Store<'a> {
+        Store::new(shared.host.as_ref(), &shared.keys, shared.config.max_jobs, shared.generation)
     }
 
     /// Takes queued jobs while there is room for more callouts.
     fn drain(&mut self) {
-        let (Some(config), Some(queue)) = (self.config.clone(), self.queue.get()) else {
-            return;
-        };
-        while self.in_flight.len() < config.max_in_flight {
-            let id = match hostcalls::dequeue_shared_queue(queue) {
+        let Some(shared) = self.shared.clone() else { return };
+        while self.in_flight.len() < shared.config.max_in_flight {
+            let id = match shared.host.dequeue(Queue::Jobs) {
                 Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
                 Ok(None) => break,
                 Err(e) => {
-                    warn!("cannot read the job queue: {e:?}");
+                    warn!("cannot read the job queue: {e}");
                     break;
                 }
             };
-            let store = Store::new(&EnvoySharedData, config.max_jobs);
-            let progress = worker::start(&store, &config, &id, now_ms());
-            self.follow(&config, progress);
+            let now = shared.clock.now_ms(shared.host.as_ref());
+            let step = dispatch::start(&Self::store(&shared), &shared.config, &id, now);
+            if step != Step::Nothing {
+                self.metrics.pending(-1);
+            }
+            self.follow(&shared, step);
         }
     }
 
-    /// Sends the next attempt, or logs how the job ended.
-    fn follow(&mut self, config: &Config, mut progress: Progress) {
-        // Each round either sends a callout or fails an attempt, so the chain bounds it.
+    /// Sends the next attempt, or logs and counts how the job ended.
+    fn follow(&mut self, shared: &Shared, mut step: Step) {
+        // Each round sends a callout or fails an attempt, so the chain bounds it.
         for _ in 0..64 {
-            match progress {
-                Progress::Next(attempt) => {
-                    let headers: Vec<(&str, &str)> = attempt
-                        .request
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
-                        .collect();
-                    let sent = hostcalls::dispatch_http_call(
-                        &attempt.cluster,
-                        headers,
-                        Some(&attempt.request.body),
-                        vec![],
-                        Duration::from_millis(attempt.timeout_ms),
-                    );
-                    match sent {
+            match step {
+                Step::Send(attempt) => {
+                    let now = shared.clock.now_ms(shared.host.as_ref());
+                    match shared.host.dispatch(&attempt.callout) {
                         Ok(token) => {
                             info!(
                                 "job {} attempt {} sent to provider {} (model {})",
-                                attempt.id, attempt.attempt, attempt.provider, attempt.model
+                                attempt.id, attempt.attempt, attempt.provider, escape(&attempt.model)
                             );
-                            self.in_flight.insert(token, (attempt, now_ms()));
+                            self.in_flight.insert(token, (*attempt, now));
+                            self.metrics.in_flight(1);
                             return;
                         }
                         Err(e) => {
-                            warn!(
-                                "job {} provider {}: cannot call cluster {}: {e:?}",
-                                attempt.id, attempt.provider, attempt.cluster
-                            );
+                            warn!("job {} provider {}: cannot call cluster {}: {e}", attempt.id, attempt.provider, attempt.callout.cluster);
                             self.metrics.attempt(&attempt.provider, "unreachable", 0);
                             let error = ApiError::upstream(
                                 502,
-                                format!("provider {} is unreachable: Envoy cannot call cluster {}", attempt.provider, attempt.cluster),
+                                format!("provider {} is unreachable: Envoy cannot call cluster {}", attempt.provider, attempt.callout.cluster),
                             );
-                            let store = Store::new(&EnvoySharedData, config.max_jobs);
-                            progress = worker::after_failure(&store, config, &attempt, error, now_ms());
+                            step = dispatch::attempt_failed(&Self::store(shared), &shared.config, &attempt, error, now);
                         }
                     }
                 }
-                Progress::Completed { id } => {
-                    info!("job {id} completed");
-                    self.metrics.completed();
-                    return;
-                }
-                Progress::Failed { id, status, reason } => {
-                    warn!("job {id} failed with status {status} ({})", reason.name());
-                    self.metrics.failed(reason);
-                    return;
-                }
-                Progress::Dropped => return,
+                other => return self.report(shared, other),
             }
         }
     }
 
-    /// Envoy always ends a callout by its timeout, but should an answer never
-    /// come, its slot must not stay taken: the sweep has ended that attempt.
-    fn forget_overdue_callouts(&mut self) {
-        let now = now_ms();
+    fn report(&self, shared: &Shared, step: Step) {
+        match step {
+            Step::Completed { id } => {
+                info!("job {id} completed");
+                self.metrics.completed();
+            }
+            Step::Failed { id, status, reason } => {
+                match reason {
+                    FailReason::Deadline => warn!("job {id} failed: past its deadline of {} s", shared.config.job_deadline_s),
+                    _ => warn!("job {id} failed with status {status} ({})", reason.name()),
+                }
+                self.metrics.failed(reason);
+            }
+            Step::Requeued { id } => {
+                self.metrics.pending(1);
+                warn!("job {id}: queued again (its answer never arrived, or its queue entry was lost)");
+            }
+            Step::Expired { id } => {
+                info!("job {id} expired and was freed");
+                self.metrics.expired();
+                self.metrics.held(-1);
+            }
+            Step::Send(_) | Step::Nothing => {}
+        }
+    }
+
+    /// Timers that are due, then a few slots of the audit walk.
+    fn run_timers(&mut self, shared: &Shared) {
+        let store = Self::store(shared);
+        let now = shared.clock.now_ms(shared.host.as_ref());
+        let mut timers = store.due_timers(now, TIMERS_PER_TICK);
+        timers.extend(store.audit_step(AUDIT_PER_TICK));
+        for timer in timers {
+            let step = dispatch::on_timer(shared.host.as_ref(), &store, &shared.config, timer, now);
+            self.report(shared, step);
+        }
+    }
+
+    /// Envoy ends every callout by its timeout; should an answer still never
+    /// come, the lease timer has ended that attempt and its room is freed here.
+    fn forget_overdue_callouts(&mut self, now: u64) {
+        let before = self.in_flight.len();
         self.in_flight.retain(|_, (attempt, started)| {
-            now.saturating_sub(*started) <= attempt.timeout_ms.saturating_add(worker::LEASE_GRACE_MS)
+            now.saturating_sub(*started) <= attempt.callout.timeout_ms.saturating_add(dispatch::LEASE_GRACE_MS)
         });
-    }
-
-    /// One worker at a time sweeps, about once a second.
-    fn maybe_sweep(&mut self, config: &Config) {
-        let now = now_ms();
-        let data = EnvoySharedData;
-        let due = match hostcalls::get_shared_data(SWEEP_KEY) {
-            Ok((value, cas)) => {
-                let due: u64 = value
-                    .and_then(|v| String::from_utf8(v).ok())
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                (now >= due).then_some(cas)
-            }
-            Err(_) => Some(None),
-        };
-        let Some(cas) = due else { return };
-        let next = (now + SWEEP_EVERY_MS).to_string();
-        if hostcalls::set_shared_data(SWEEP_KEY, Some(next.as_bytes()), cas).is_err() {
-            return; // another worker took this sweep
-        }
-        let store = Store::new(&data, config.max_jobs);
-        let before = store.count_with_cas();
-        let report = worker::sweep(&store, config, now);
-        for id in &report.expired {
-            info!("job {id} expired and was freed");
-        }
-        self.metrics.expired(report.expired.len());
-        for id in &report.deadline_failed {
-            warn!("job {id} failed: past its deadline of {} s", config.job_deadline_s);
-            self.metrics.failed(FailReason::Deadline);
-        }
-        for id in &report.lost_failed {
-            warn!("job {id} failed: the provider's answer never arrived");
-            self.metrics.failed(FailReason::Timeout);
-        }
-        self.metrics.gauges(report.pending, report.processing, report.held);
-        if let Some(queue) = self.queue.get() {
-            for id in &report.requeue {
-                warn!("job {id}: the provider's answer never arrived; trying its next fallback");
-                if let Err(e) = hostcalls::enqueue_shared_queue(queue, Some(id.as_bytes())) {
-                    error!("job {id}: cannot queue it again: {e:?}");
-                }
-            }
-        }
-        // Repair the count only when nothing moved for two sweeps in a row.
-        let after = store.count_with_cas();
-        if let (Some((_, cas_before)), Some((count, cas_after))) = (before, after) {
-            if cas_before == cas_after {
-                if self.last_count_check == Some((cas_after, report.held)) && count != report.held {
-                    warn!("job count was {count} but {} jobs are held; repaired", report.held);
-                    store.correct_count(report.held, cas_after);
-                }
-                self.last_count_check = Some((cas_after, report.held));
-            } else {
-                self.last_count_check = None;
-            }
+        let forgotten = before - self.in_flight.len();
+        if forgotten > 0 {
+            self.metrics.in_flight(-(forgotten as i64));
         }
     }
 }
 
-impl Context for Worker {
+impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _: usize) {
-        let Some(config) = self.config.clone() else { return };
-        let Some((attempt, started)) = self.in_flight.remove(&token_id) else {
-            return;
-        };
-        let now = now_ms();
-        // A failed callout has no headers, and asking for ":status" then would panic in the SDK.
+        let Some(shared) = self.shared.clone() else { return };
+        let Some((attempt, started)) = self.in_flight.remove(&token_id) else { return };
+        self.metrics.in_flight(-1);
+        let now = shared.clock.now_ms(shared.host.as_ref());
+        // A failed callout has no headers; asking for ":status" then would panic in the SDK.
         let headers = if num_headers > 0 {
             hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default()
         } else {
@@ -211,36 +197,33 @@ impl Context for Worker {
             .find(|(k, _)| k == ":status")
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
             .and_then(|s| s.parse::<u16>().ok());
-        let body = if body_size > 0 {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default()
+        // Bounded before it is read: base64 in JSON answers takes 4/3 of the audio.
+        let limit = shared.config.max_audio_bytes.saturating_mul(4) / 3 + 64 * 1024;
+        let body = if body_size > 0 && body_size <= limit {
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default()
         } else {
             Vec::new()
         };
         let outcome = match status {
+            Some(_) if body_size > limit => Outcome::TooLarge { bytes: body_size },
             Some(status) => Outcome::Answer(UpstreamResponse { status, headers: &headers, body: &body }),
             None => Outcome::NoAnswer { elapsed_ms: now.saturating_sub(started) },
         };
         let latency = now.saturating_sub(started);
-        let how = worker::attempt_outcome(&outcome, &attempt);
+        let how = dispatch::attempt_outcome(&outcome, &attempt);
         match (how, status) {
             ("success", _) => {}
-            ("error", Some(status)) => {
-                warn!("job {} provider {} answered {status}", attempt.id, attempt.provider);
-            }
+            ("error", Some(status)) => warn!("job {} provider {} answered {status}", attempt.id, attempt.provider),
             _ => warn!("job {} provider {}: {how} after {latency} ms", attempt.id, attempt.provider),
         }
         self.metrics.attempt(&attempt.provider, how, latency);
-        let store = Store::new(&EnvoySharedData, config.max_jobs);
-        let progress = worker::finish(&store, &config, &attempt, outcome, started, now);
-        self.follow(&config, progress);
+        let step = dispatch::finish(&Self::store(&shared), &shared.config, &attempt, outcome, started, now);
+        self.follow(&shared, step);
         self.drain();
     }
 }
 
-impl RootContext for Worker {
+impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
             .ok()
@@ -249,53 +232,53 @@ impl RootContext for Worker {
         let config = match Config::parse(&bytes, &|name| std::env::var(name).ok()) {
             Ok(c) => c,
             Err(e) => {
-                error!("async-speech: configuration rejected: {e}");
+                error!("async-speech: configuration rejected: {}", escape(&e));
                 return false;
             }
         };
         for p in config.providers.values() {
-            if p.api_key.is_none() {
-                if let Some(var) = &p.api_key_env {
-                    warn!("provider {}: {var} is not set; its attempts will fail until it is", p.name);
-                }
+            if let (None, Some(var)) = (&p.api_key, &p.api_key_env) {
+                warn!("provider {}: {var} is not set; its attempts will fail until it is", p.name);
             }
         }
-        Store::new(&EnvoySharedData, config.max_jobs).init();
+        let namespace = namespace();
+        let host = Rc::new(EnvoyHost { queues: self.queues.clone(), namespace: namespace.clone().into() });
+        let keys = Rc::new(Keys::new(&namespace));
+        let generation = Store::start_generation(host.as_ref(), &keys);
         self.metrics.define_all();
-        self.config = Some(Rc::new(config));
-        self.register_queue();
+        self.register_queues(&host);
+        let clock = Rc::new(Clock::default());
+        clock.sync(host.as_ref(), &keys.clock());
+        self.shared = Some(Shared { config: Rc::new(config), keys, host, clock, generation, metrics: self.metrics.clone() });
         if let Err(e) = hostcalls::set_tick_period(TICK) {
             error!("cannot set the tick period: {e:?}");
         }
-        info!("async-speech: configured");
+        info!("async-speech: configured (namespace {}, generation {generation})", escape(&namespace));
         true
     }
 
     fn on_tick(&mut self) {
+        let Some(shared) = self.shared.clone() else { return };
         // Register again from a live worker: the VM that registered during
         // configuration may have been the throw-away canary.
-        if !self.registered_on_tick {
-            self.register_queue();
-            self.registered_on_tick = true;
+        if !self.registered_on_tick.replace(true) {
+            self.register_queues(&shared.host);
         }
-        self.forget_overdue_callouts();
+        shared.clock.sync(shared.host.as_ref(), &shared.keys.clock());
+        let now = shared.clock.now_ms(shared.host.as_ref());
+        self.forget_overdue_callouts(now);
         self.drain();
-        if let Some(config) = self.config.clone() {
-            self.maybe_sweep(&config);
-        }
+        self.run_timers(&shared);
     }
 
-    fn on_queue_ready(&mut self, _queue_id: u32) {
-        self.drain();
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if self.queues.borrow().get(&Queue::Jobs) == Some(&queue_id) {
+            self.drain();
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(SpeechHttp::new(
-            self.config.clone(),
-            self.queue.clone(),
-            self.cursor.clone(),
-            self.metrics.clone(),
-        )))
+        Some(Box::new(SpeechHttp::new(self.shared.clone())))
     }
 
     fn get_type(&self) -> Option<ContextType> {

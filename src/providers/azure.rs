@@ -35,7 +35,7 @@ impl Provider for Azure {
         speech_request(self, provider, path, Auth::Header("api-key"), model, request, "azure")
     }
 
-    fn parse(&self, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
+    fn parse(&self, _provider: &ProviderConfig, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
         binary_audio(self, request, response)
     }
 }

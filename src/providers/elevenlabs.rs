@@ -78,7 +78,7 @@ impl Provider for ElevenLabs {
         })
     }
 
-    fn parse(&self, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
+    fn parse(&self, _provider: &ProviderConfig, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
         if !(200..300).contains(&response.status) {
             return Err(provider_error(response.status, response.body));
         }
@@ -168,7 +168,7 @@ mod tests {
             assert_eq!(e.error.param.as_deref(), Some("response_format"));
         }
         let (_, r) = setup(r#"{"model":"elevenlabs/m","input":"a","voice":"v","response_format":"wav"}"#);
-        let out = ElevenLabs.parse(&r, &UpstreamResponse { status: 200, headers: &[], body: &[1, 0] }).unwrap();
+        let out = ElevenLabs.parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 200, headers: &[], body: &[1, 0] }).unwrap();
         assert_eq!(&out.audio[..4], b"RIFF");
         assert_eq!(&out.audio[44..], &[1, 0]);
     }
@@ -184,7 +184,7 @@ mod tests {
             "normalized_alignment": {"characters":["H","i"],"character_start_times_seconds":[0.0,0.1],"character_end_times_seconds":[0.1,0.2]}
         });
         let body = serde_json::to_vec(&answer).unwrap();
-        let out = ElevenLabs.parse(&r, &UpstreamResponse { status: 200, headers: &[], body: &body }).unwrap();
+        let out = ElevenLabs.parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 200, headers: &[], body: &body }).unwrap();
         assert_eq!(out.audio, vec![0, 1, 2]);
         assert_eq!(out.alignment, Some(answer["alignment"].clone()));
         assert_eq!(out.normalized_alignment, Some(answer["normalized_alignment"].clone()));
@@ -194,7 +194,7 @@ mod tests {
     fn errors_keep_the_providers_detail() {
         let (_, r) = setup(r#"{"model":"elevenlabs/m","input":"Hi","voice":"v"}"#);
         let e = ElevenLabs
-            .parse(&r, &UpstreamResponse { status: 401, headers: &[], body: br#"{"detail":{"status":"invalid_api_key","message":"Invalid API key"}}"# })
+            .parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 401, headers: &[], body: br#"{"detail":{"status":"invalid_api_key","message":"Invalid API key"}}"# })
             .unwrap_err();
         assert_eq!((e.status_code, e.error.message.as_str(), e.error.code.as_deref()), (401, "Invalid API key", Some("invalid_api_key")));
     }

@@ -69,7 +69,7 @@ impl Provider for Gemini {
         })
     }
 
-    fn parse(&self, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
+    fn parse(&self, _provider: &ProviderConfig, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
         if !(200..300).contains(&response.status) {
             return Err(provider_error(response.status, response.body));
         }
@@ -148,11 +148,11 @@ mod tests {
     fn wav_by_default_pcm_on_request_and_nothing_else() {
         let answer = br#"{"candidates":[{"content":{"parts":[{"inlineData":{"mimeType":"audio/L16;codec=pcm;rate=24000","data":"AQACAA=="}}]}}]}"#;
         let (_, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore"}"#);
-        let out = Gemini.parse(&r, &UpstreamResponse { status: 200, headers: &[], body: answer }).unwrap();
+        let out = Gemini.parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 200, headers: &[], body: answer }).unwrap();
         assert_eq!(out.format, AudioFormat::Wav);
         assert_eq!(out.audio, wav_from_pcm16(&[1, 0, 2, 0], 24_000, 1));
         let (c, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore","response_format":"pcm"}"#);
-        let out = Gemini.parse(&r, &UpstreamResponse { status: 200, headers: &[], body: answer }).unwrap();
+        let out = Gemini.parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 200, headers: &[], body: answer }).unwrap();
         assert_eq!(out.audio, vec![1, 0, 2, 0]);
         let e = parse_speech_request(br#"{"model":"gemini/m","input":"a","voice":"Kore","response_format":"mp3"}"#, &c).unwrap_err();
         assert_eq!(e.error.param.as_deref(), Some("response_format"));
@@ -169,11 +169,11 @@ mod tests {
     fn google_errors_are_mapped() {
         let (_, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore"}"#);
         let e = Gemini
-            .parse(&r, &UpstreamResponse { status: 400, headers: &[], body: br#"{"error":{"code":400,"message":"API key not valid.","status":"INVALID_ARGUMENT"}}"# })
+            .parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 400, headers: &[], body: br#"{"error":{"code":400,"message":"API key not valid.","status":"INVALID_ARGUMENT"}}"# })
             .unwrap_err();
         assert_eq!((e.status_code, e.error.message.as_str(), e.error.kind.as_deref()), (400, "API key not valid.", Some("INVALID_ARGUMENT")));
         let e = Gemini
-            .parse(&r, &UpstreamResponse { status: 200, headers: &[], body: br#"{"candidates":[{"finishReason":"SAFETY"}]}"# })
+            .parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 200, headers: &[], body: br#"{"candidates":[{"finishReason":"SAFETY"}]}"# })
             .unwrap_err();
         assert!(e.error.message.contains("SAFETY"));
     }

@@ -98,7 +98,7 @@ pub trait Provider {
     ) -> Result<UpstreamRequest, ApiError>;
 
     /// Maps any answer, 2xx or not, to audio or the job's error.
-    fn parse(&self, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError>;
+    fn parse(&self, provider: &ProviderConfig, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError>;
 }
 
 pub fn for_kind(kind: ProviderKind) -> &'static dyn Provider {
@@ -272,6 +272,14 @@ pub fn provider_error(status: u16, body: &[u8]) -> ApiError {
         format!("provider answered HTTP {status}: {}", snippet.trim())
     };
     ApiError::provider(status, None, None, message, None)
+}
+
+/// A provider config for tests that do not care which.
+#[cfg(test)]
+pub fn test_provider() -> ProviderConfig {
+    let c = crate::config::Config::parse(br#"{"providers":{"openai":{"cluster":"o"}},"allow_unauthenticated":true}"#, &|_| None)
+        .expect("config");
+    c.providers.get("openai").cloned().expect("provider")
 }
 
 #[cfg(test)]

@@ -80,7 +80,7 @@ impl Provider for OpenAi {
         speech_request(self, provider, path, Auth::Bearer, model, request, "openai")
     }
 
-    fn parse(&self, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
+    fn parse(&self, _provider: &ProviderConfig, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
         binary_audio(self, request, response)
     }
 }
@@ -137,11 +137,11 @@ mod tests {
     fn maps_audio_and_errors() {
         let (_, r) = setup("");
         let ok = OpenAi
-            .parse(&r, &UpstreamResponse { status: 200, headers: &[], body: &[0, 255, 1] })
+            .parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 200, headers: &[], body: &[0, 255, 1] })
             .unwrap();
         assert_eq!((ok.audio, ok.format), (vec![0, 255, 1], AudioFormat::Mp3));
         let err = OpenAi
-            .parse(&r, &UpstreamResponse { status: 429, headers: &[], body: br#"{"error":{"message":"slow down"}}"# })
+            .parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 429, headers: &[], body: br#"{"error":{"message":"slow down"}}"# })
             .unwrap_err();
         assert_eq!((err.status_code, err.error.message.as_str()), (429, "slow down"));
     }

@@ -1,0 +1,277 @@
+//! The HTTP API of SPEC §1: which route a request is for, who sends it, and
+//! the answer. Pure over `Host`: the host's HTTP context hands it headers and
+//! the body and sends back what it decides.
+
+pub mod routes;
+
+use serde_json::json;
+
+use crate::auth::authenticate;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::ids::make_id;
+use crate::job::{JobRecord, JobStatus};
+use crate::platform::{Host, Queue};
+use crate::request::{is_json_content_type, parse_speech_request, parse_ttl, TTL_HEADER};
+use crate::store::{Keys, Store, StoreError};
+use crate::time::rfc3339;
+use routes::{route, Route, BASE};
+
+/// An answer to send to the client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+    /// What happened, for stats and logs.
+    pub event: Event,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    None,
+    Submitted { id: String, model: String, fallbacks: usize, ttl_s: u64 },
+    /// A submit refused with this status.
+    Rejected { status: u16, message: String },
+    Deleted { id: String },
+}
+
+impl Answer {
+    fn json(status: u16, body: Vec<u8>) -> Answer {
+        Answer { status, headers: vec![("content-type", "application/json".into())], body, event: Event::None }
+    }
+
+    fn with(mut self, name: &'static str, value: impl Into<String>) -> Answer {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn error(e: &ApiError) -> Answer {
+        let answer = Answer::json(e.status_code, e.to_json());
+        match e.retry_after_s {
+            Some(s) => answer.with("retry-after", s.to_string()),
+            None => answer,
+        }
+    }
+}
+
+/// A submit whose body is still to come.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingSubmit {
+    pub owner: String,
+    pub ttl_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Not ours: the rest of the filter chain handles it.
+    PassThrough,
+    Respond(Answer),
+    /// A submit: buffer the body, then call `on_submit_body`.
+    ReadBody(PendingSubmit),
+}
+
+/// What a request shows the API: its headers by lower-case name (raw bytes,
+/// as a client may send any), and the claim of a verified JWT if configured.
+pub struct RequestHead<'a> {
+    pub header: &'a dyn Fn(&str) -> Option<Vec<u8>>,
+    pub jwt_claim: Option<Vec<u8>>,
+}
+
+/// Everything the API needs for one request.
+pub struct Api<'a> {
+    pub host: &'a dyn Host,
+    pub config: &'a Config,
+    pub keys: &'a Keys,
+    pub generation: u32,
+    pub now_ms: u64,
+}
+
+impl Api<'_> {
+    fn store(&self) -> Store<'_> {
+        Store::new(self.host, self.keys, self.config.max_jobs, self.generation)
+    }
+
+    /// Decides on a request from its headers alone (all but submit bodies).
+    pub fn on_headers(&self, head: &RequestHead, end_of_stream: bool) -> Decision {
+        let path = (head.header)(":path").unwrap_or_default();
+        let route = route(&path);
+        if route == Route::PassThrough {
+            return Decision::PassThrough;
+        }
+        match self.route(&route, head, end_of_stream) {
+            Ok(decision) => decision,
+            Err(e) => Decision::Respond(refused(&route, &e)),
+        }
+    }
+
+    fn route(&self, route: &Route, head: &RequestHead, end_of_stream: bool) -> Result<Decision, ApiError> {
+        let method = (head.header)(":method").unwrap_or_default();
+        let method = String::from_utf8_lossy(&method);
+        check_method(route, &method)?;
+        let owner = authenticate(self.config, head.header, head.jwt_claim.as_deref())?;
+        let answer = match route {
+            Route::Submit => {
+                let pending = self.submit_headers(head, owner)?;
+                if !end_of_stream {
+                    return Ok(Decision::ReadBody(pending));
+                }
+                self.on_submit_body(&pending, &[])
+            }
+            Route::Job(id) if method == "DELETE" => self.delete(id, &owner)?,
+            Route::Job(id) => self.poll(id, &owner)?,
+            Route::Content(id) => self.content(id, &owner)?,
+            Route::PassThrough | Route::Unknown => return Err(ApiError::job_not_found()),
+        };
+        Ok(Decision::Respond(answer))
+    }
+
+    fn submit_headers(&self, head: &RequestHead, owner: String) -> Result<PendingSubmit, ApiError> {
+        let ttl_s = parse_ttl((head.header)(TTL_HEADER).as_deref(), self.config)?;
+        if !is_json_content_type((head.header)("content-type").as_deref()) {
+            return Err(ApiError::unsupported_media_type());
+        }
+        let declared: Option<usize> = (head.header)("content-length")
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|s| s.trim().parse().ok());
+        if declared.is_some_and(|n| n > self.config.max_body_bytes) {
+            return Err(ApiError::payload_too_large(self.config.max_body_bytes));
+        }
+        Ok(PendingSubmit { owner, ttl_s })
+    }
+
+    /// The submit's body has arrived: one parse, one write of the job, one enqueue.
+    pub fn on_submit_body(&self, pending: &PendingSubmit, body: &[u8]) -> Answer {
+        match self.submit(pending, body) {
+            Ok(answer) => answer,
+            Err(e) => refused(&Route::Submit, &e),
+        }
+    }
+
+    fn submit(&self, pending: &PendingSubmit, body: &[u8]) -> Result<Answer, ApiError> {
+        if body.len() > self.config.max_body_bytes {
+            return Err(ApiError::payload_too_large(self.config.max_body_bytes));
+        }
+        let request = parse_speech_request(body, self.config)?;
+        let mut random = [0u8; 16];
+        self.host
+            .random(&mut random)
+            .map_err(|e| ApiError::internal(format!("no secure random source: {e}")))?;
+        let (model, fallbacks) = (
+            request.chain.first().map(|m| format!("{}/{}", m.provider, m.model)).unwrap_or_default(),
+            request.chain.len().saturating_sub(1),
+        );
+        let make = |slot: u32| {
+            JobRecord::new(
+                make_id(random, slot),
+                pending.owner.clone(),
+                self.now_ms,
+                pending.ttl_s,
+                self.config.job_deadline_s,
+                request.clone(),
+            )
+        };
+        let store = self.store();
+        let record = store.insert(&make).map_err(|e| match e {
+            StoreError::Full => ApiError::store_full(self.config.max_jobs),
+            StoreError::Busy(why) => ApiError::unavailable(format!("the job store is busy ({why}); retry later")),
+        })?;
+        if self.host.enqueue(Queue::Jobs, record.id.as_bytes()).is_err() {
+            // Give the slot back; the job never existed for the client.
+            if let Ok(Some(loaded)) = store.load(&record.id) {
+                let _ = store.free(loaded, &|_| true);
+            }
+            return Err(ApiError::unavailable("the job queue is full; retry later"));
+        }
+        let body = json!({"id": record.id, "status": "pending", "created_at": rfc3339(record.created_at_ms)});
+        let mut answer = Answer::json(202, serde_json::to_vec(&body).unwrap_or_default())
+            .with("location", format!("{BASE}/{}", record.id))
+            .with("retry-after", "1");
+        answer.event = Event::Submitted { id: record.id, model, fallbacks, ttl_s: pending.ttl_s };
+        Ok(answer)
+    }
+
+    /// The job if it exists, is unexpired and belongs to `owner`; else the one 404.
+    fn owned(&self, id: &str, owner: &str) -> Result<crate::store::Loaded, ApiError> {
+        let loaded = self.store().load(id).map_err(store_unavailable)?.ok_or_else(ApiError::job_not_found)?;
+        let view = loaded.view().ok_or_else(ApiError::job_not_found)?;
+        if view.owner != owner.as_bytes() || view.is_expired(self.now_ms) {
+            return Err(ApiError::job_not_found());
+        }
+        Ok(loaded)
+    }
+
+    /// The fast path: the answer was rendered when the job last changed.
+    fn poll(&self, id: &str, owner: &str) -> Result<Answer, ApiError> {
+        let loaded = self.owned(id, owner)?;
+        let view = loaded.view().ok_or_else(ApiError::job_not_found)?;
+        let answer = Answer::json(view.status.poll_status(), view.body.to_vec());
+        Ok(if view.status.is_finished() { answer } else { answer.with("retry-after", "1") })
+    }
+
+    fn content(&self, id: &str, owner: &str) -> Result<Answer, ApiError> {
+        use base64::Engine;
+        let loaded = self.owned(id, owner)?;
+        let view = loaded.view().ok_or_else(ApiError::job_not_found)?;
+        match view.status {
+            JobStatus::Pending | JobStatus::Processing => {
+                Ok(Answer::json(202, view.body.to_vec()).with("retry-after", "1"))
+            }
+            JobStatus::Failed => {
+                let record = view.record().ok_or_else(|| ApiError::internal("the job record is unreadable"))?;
+                let error = record.error.unwrap_or_else(|| ApiError::internal("the job failed without an error"));
+                Ok(Answer::error(&error))
+            }
+            JobStatus::Completed => {
+                let record = view.record().ok_or_else(|| ApiError::internal("the job record is unreadable"))?;
+                let format = record.result.map(|m| m.response_format).ok_or_else(|| ApiError::internal("the job has no result"))?;
+                let audio = view
+                    .audio_base64()
+                    .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+                    .ok_or_else(|| ApiError::internal("the job's audio is missing from the store"))?;
+                Ok(Answer { status: 200, headers: vec![("content-type", format.content_type().into())], body: audio, event: Event::None })
+            }
+        }
+    }
+
+    fn delete(&self, id: &str, owner: &str) -> Result<Answer, ApiError> {
+        let loaded = self.owned(id, owner)?;
+        let id_bytes = id.as_bytes().to_vec();
+        match self.store().free(loaded, &|v| v.id == id_bytes.as_slice()) {
+            Ok(true) => Ok(Answer { status: 204, headers: vec![], body: vec![], event: Event::Deleted { id: id.to_string() } }),
+            // Freed by someone else between our read and our write (it expired).
+            Ok(false) => Err(ApiError::job_not_found()),
+            Err(e) => Err(store_unavailable(e)),
+        }
+    }
+}
+
+fn store_unavailable(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Full => ApiError::unavailable("job store unavailable"),
+        StoreError::Busy(why) => ApiError::unavailable(format!("job store unavailable: {why}")),
+    }
+}
+
+fn check_method(route: &Route, method: &str) -> Result<(), ApiError> {
+    let allowed = route.allowed();
+    if allowed.contains(&method) {
+        return Ok(());
+    }
+    if *route == Route::Unknown {
+        return Err(ApiError::job_not_found());
+    }
+    Err(ApiError::method_not_allowed(method, &allowed.join(", ")))
+}
+
+/// The error answer; a refused submit carries its status for stats.
+fn refused(route: &Route, e: &ApiError) -> Answer {
+    let mut answer = Answer::error(e);
+    if e.status_code == 405 {
+        answer = answer.with("allow", route.allowed().join(", "));
+    }
+    if *route == Route::Submit {
+        answer.event = Event::Rejected { status: e.status_code, message: e.error.message.clone() };
+    }
+    answer
+}

@@ -1,0 +1,96 @@
+//! `Host` over proxy-wasm's host calls, without the SDK's panicking wrappers.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::Status;
+
+use crate::platform::{Callout, Host, Queue, SetError};
+
+/// Queue ids by queue, registered by the root context and shared with its
+/// HTTP contexts.
+pub type QueueIds = Rc<RefCell<HashMap<Queue, u32>>>;
+
+pub struct EnvoyHost {
+    pub queues: QueueIds,
+    /// The filter's namespace, prefixed to queue names.
+    pub namespace: Rc<str>,
+}
+
+pub fn queue_name(namespace: &str, queue: Queue) -> String {
+    match queue {
+        Queue::Jobs => format!("async-speech/{namespace}/jobs"),
+        Queue::Free => format!("async-speech/{namespace}/free"),
+        Queue::Wheel(level, index) => format!("async-speech/{namespace}/wheel/{level}/{index}"),
+    }
+}
+
+impl EnvoyHost {
+    /// Registers `queues` from this root context; the last registrant of a
+    /// queue is the one Envoy notifies.
+    pub fn register(&self, queues: impl Iterator<Item = Queue>) -> Result<(), String> {
+        let mut ids = self.queues.borrow_mut();
+        for q in queues {
+            let id = hostcalls::register_shared_queue(&queue_name(&self.namespace, q))
+                .map_err(|e| format!("cannot register queue {q:?}: {e:?}"))?;
+            ids.insert(q, id);
+        }
+        Ok(())
+    }
+
+    fn queue_id(&self, queue: Queue) -> Result<u32, String> {
+        self.queues.borrow().get(&queue).copied().ok_or_else(|| format!("queue {queue:?} is not registered"))
+    }
+}
+
+impl Host for EnvoyHost {
+    fn wall_ms(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn random(&self, buf: &mut [u8]) -> Result<(), String> {
+        getrandom::fill(buf).map_err(|e| e.to_string())
+    }
+
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(value), cas)) => Ok(Some((value, cas.unwrap_or(0)))),
+            Ok((None, _)) | Err(Status::NotFound) => Ok(None),
+            Err(e) => Err(format!("get_shared_data: {e:?}")),
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(SetError::CasMismatch),
+            Err(e) => Err(SetError::Host(format!("set_shared_data: {e:?}"))),
+        }
+    }
+
+    fn enqueue(&self, queue: Queue, item: &[u8]) -> Result<(), String> {
+        hostcalls::enqueue_shared_queue(self.queue_id(queue)?, Some(item)).map_err(|e| format!("enqueue: {e:?}"))
+    }
+
+    fn dequeue(&self, queue: Queue) -> Result<Option<Vec<u8>>, String> {
+        hostcalls::dequeue_shared_queue(self.queue_id(queue)?).map_err(|e| format!("dequeue: {e:?}"))
+    }
+
+    fn dispatch(&self, call: &Callout) -> Result<u32, String> {
+        let headers: Vec<(&str, &str)> = call.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        hostcalls::dispatch_http_call(
+            &call.cluster,
+            headers,
+            Some(&call.body),
+            vec![],
+            Duration::from_millis(call.timeout_ms.max(1)),
+        )
+        .map_err(|e| format!("{e:?}"))
+    }
+}

@@ -1,0 +1,51 @@
+//! What the core needs from Envoy, as one small trait. The wasm build implements
+//! it over proxy-wasm (`host::envoy`); native tests implement it in memory
+//! (`sim`), where several "workers" can share one shared-data map and one set of
+//! queues, with their steps interleaved at will.
+
+/// Why a compare-and-swap write did not happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetError {
+    /// Someone changed the value since it was read.
+    CasMismatch,
+    /// The host refused for another reason.
+    Host(String),
+}
+
+/// The shared queues the filter uses; the host maps each to its own queue id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Queue {
+    /// Ids of jobs waiting for a worker.
+    Jobs,
+    /// Free job slots (the store's free list).
+    Free,
+    /// One bucket of the timer wheel: level and index (`store::wheel`).
+    Wheel(u8, u8),
+}
+
+/// One provider (or other) HTTP call to send through an Envoy cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Callout {
+    pub cluster: String,
+    /// Includes the pseudo-headers `:method`, `:path` and `:authority`.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Always at least 1: Envoy reads 0 as "no timeout".
+    pub timeout_ms: u64,
+}
+
+pub trait Host {
+    /// Wall-clock milliseconds since the Unix epoch (may step backwards).
+    fn wall_ms(&self) -> u64;
+    /// Fills `buf` from the host's secure random source.
+    fn random(&self, buf: &mut [u8]) -> Result<(), String>;
+    /// A shared-data value and its CAS version; `None` when the key is missing.
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, String>;
+    /// Writes a value; with `cas`, only if the version is still that one.
+    /// (Envoy has no create-if-absent: a CAS write to a missing key succeeds.)
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError>;
+    fn enqueue(&self, queue: Queue, item: &[u8]) -> Result<(), String>;
+    fn dequeue(&self, queue: Queue) -> Result<Option<Vec<u8>>, String>;
+    /// Sends a callout; the answer comes back to the root context by token.
+    fn dispatch(&self, call: &Callout) -> Result<u32, String>;
+}
