@@ -360,3 +360,6 @@ fn decode_free_entry(bytes: &[u8]) -> Option<(u32, u32)> {
         u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?),
     ))
 }
+
+#[cfg(test)]
+mod tests;
