@@ -1,2 +1,4 @@
 //! Webhooks (SPEC §5): endpoint configuration, Standard Webhooks signatures, the Bifrost envelope
 //! and the retry schedule.
+
+pub mod sign;
