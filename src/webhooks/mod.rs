@@ -1,4 +1,5 @@
 //! Webhooks (SPEC §5): endpoint configuration, Standard Webhooks signatures, the Bifrost envelope
 //! and the retry schedule.
 
+pub mod config;
 pub mod sign;
