@@ -2,4 +2,5 @@
 //! and the retry schedule.
 
 pub mod config;
+pub mod envelope;
 pub mod sign;
