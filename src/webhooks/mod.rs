@@ -2,5 +2,6 @@
 //! and the retry schedule.
 
 pub mod config;
+pub mod delivery;
 pub mod envelope;
 pub mod sign;
