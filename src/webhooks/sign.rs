@@ -145,11 +145,21 @@ mod tests {
                 println!(
                     "VECTOR {}",
                     serde_json::json!({
-                        "secret": secret, "msg_id": id, "timestamp": ts,
+                        "secrets": [secret], "msg_id": id, "timestamp": ts,
                         "body": String::from_utf8(body.to_vec()).unwrap(), "signature": sig,
                     })
                 );
             }
         }
+        // Rotation: every secret signs; each must verify on its own.
+        let keys: Vec<Vec<u8>> = secrets.iter().map(|s| decode_secret(s).unwrap()).collect();
+        let sig = sign(&keys, "msg_rotation", TIMESTAMP, bodies[1]);
+        println!(
+            "VECTOR {}",
+            serde_json::json!({
+                "secrets": secrets, "msg_id": "msg_rotation", "timestamp": TIMESTAMP,
+                "body": String::from_utf8(bodies[1].to_vec()).unwrap(), "signature": sig,
+            })
+        );
     }
 }
