@@ -305,6 +305,24 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_input_gives_valid_json(
+            id in ".{0,40}",
+            at in ".{0,40}",
+            raw in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            max in 0usize..300,
+            failed in proptest::bool::ANY,
+        ) {
+            let event = if failed { Event::Failed } else { Event::Completed };
+            let j = JobEnd { job_id: &id, created_at: &at, result: Some(&raw), error: Some(&raw), ..job() };
+            let v = parsed(&envelope(event, &at, &j, true, max));
+            proptest::prop_assert_eq!(&v["data"]["job_id"], &Value::from(id.clone()));
+            let v = parsed(&expired_envelope(event, &at, &id));
+            proptest::prop_assert_eq!(&v["created_at"], &Value::from(at));
+        }
+    }
+
     #[test]
     fn statuses_map_to_events() {
         assert_eq!(event_for_status("completed"), Some(Event::Completed));
