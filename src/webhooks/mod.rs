@@ -1,2 +1,22 @@
 //! Webhooks (SPEC §5): endpoint configuration, Standard Webhooks signatures, the Bifrost envelope
 //! and the retry schedule.
+//!
+//! All of it is pure (no host calls): [`config`] validates the `webhooks` object and picks the
+//! endpoint a submit names; [`envelope`] builds the body once, when the job ends; [`sign`] makes
+//! the `webhook-signature` of each attempt; [`delivery`] is the per-event state kept in the
+//! store, deciding when to retry and when to give up.
+
+pub mod config;
+pub mod delivery;
+pub mod envelope;
+pub mod sign;
+
+pub use config::{
+    check_virtual_keys, endpoint_for_submit, parse_webhooks, Event, WebhookEndpoint, WEBHOOK_HEADER,
+};
+pub use delivery::{
+    retry_wait_ms, webhook_id, AttemptOutcome, Delivery, DeliveryStatus, Next,
+    ATTEMPT_LEASE_GRACE_MS,
+};
+pub use envelope::{envelope, event_for_status, expired_envelope, JobEnd, RESULT_PATH_PREFIX};
+pub use sign::{decode_secret, sign, signature, SECRET_PREFIX};

@@ -1,0 +1,165 @@
+//! Standard Webhooks signatures (SPEC §5): `webhook-signature: v1,<base64> v1,<base64> …`, one
+//! HMAC-SHA256 over `{webhook-id}.{webhook-timestamp}.{body}` per secret.
+
+use base64::alphabet;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
+use base64::engine::DecodePaddingMode;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// Every secret starts with this; the rest is the base64 of the key.
+pub const SECRET_PREFIX: &str = "whsec_";
+
+/// Longest key accepted, in bytes. Standard Webhooks secrets are 24 to 64 bytes; shorter keys
+/// (down to 1 byte) are accepted so that test setups work, longer ones are refused.
+pub const MAX_SECRET_BYTES: usize = 64;
+
+/// Standard base64 alphabet, with or without the trailing `=` padding.
+const LENIENT_STANDARD: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Decodes a `whsec_<base64>` secret into its key (1 to [`MAX_SECRET_BYTES`] bytes).
+///
+/// The error never shows the secret.
+pub fn decode_secret(secret: &str) -> Result<Vec<u8>, String> {
+    let Some(b64) = secret.strip_prefix(SECRET_PREFIX) else {
+        return Err(format!("a secret must start with {SECRET_PREFIX}"));
+    };
+    let key = LENIENT_STANDARD
+        .decode(b64.trim_end())
+        .map_err(|_| format!("the part after {SECRET_PREFIX} must be standard base64"))?;
+    if key.is_empty() || key.len() > MAX_SECRET_BYTES {
+        return Err(format!(
+            "a secret must decode to 1 to {MAX_SECRET_BYTES} bytes (got {})",
+            key.len()
+        ));
+    }
+    Ok(key)
+}
+
+/// HMAC-SHA256 of `{msg_id}.{timestamp_s}.{body}` under `key`.
+///
+/// `None` only if the MAC refused the key, which HMAC never does (any key length is valid).
+pub fn signature(key: &[u8], msg_id: &str, timestamp_s: u64, body: &[u8]) -> Option<[u8; 32]> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).ok()?;
+    mac.update(msg_id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp_s.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    Some(mac.finalize().into_bytes().into())
+}
+
+/// The `webhook-signature` header value: `v1,<base64>` for every key, separated by spaces
+/// (several keys while a secret is being rotated).
+pub fn sign(secrets: &[Vec<u8>], msg_id: &str, timestamp_s: u64, body: &[u8]) -> String {
+    secrets
+        .iter()
+        .filter_map(|key| signature(key, msg_id, timestamp_s, body))
+        .map(|sig| format!("v1,{}", STANDARD.encode(sig)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    const MSG_ID: &str = "msg_p5jXN8AQM9LWM0D4loKWxJek";
+    const TIMESTAMP: u64 = 1_614_265_330;
+    const PAYLOAD: &[u8] = br#"{"test": 2432232314}"#;
+    const EXPECTED: &str = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
+
+    #[test]
+    fn standard_webhooks_reference_vector() {
+        let key = decode_secret(SECRET).unwrap();
+        assert_eq!(key.len(), 24);
+        assert_eq!(sign(&[key], MSG_ID, TIMESTAMP, PAYLOAD), EXPECTED);
+    }
+
+    #[test]
+    fn every_secret_signs_separated_by_spaces() {
+        let old = decode_secret(SECRET).unwrap();
+        let new = decode_secret("whsec_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+        let header = sign(&[old, new.clone()], MSG_ID, TIMESTAMP, PAYLOAD);
+        let parts: Vec<&str> = header.split(' ').collect();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0], EXPECTED);
+        assert_eq!(parts[1], sign(&[new], MSG_ID, TIMESTAMP, PAYLOAD));
+        assert_ne!(parts[0], parts[1]);
+        assert_eq!(sign(&[], MSG_ID, TIMESTAMP, PAYLOAD), "");
+    }
+
+    #[test]
+    fn signature_covers_id_timestamp_and_body() {
+        let key = decode_secret(SECRET).unwrap();
+        let base = sign(std::slice::from_ref(&key), MSG_ID, TIMESTAMP, PAYLOAD);
+        assert_ne!(sign(std::slice::from_ref(&key), "msg_other", TIMESTAMP, PAYLOAD), base);
+        assert_ne!(sign(std::slice::from_ref(&key), MSG_ID, TIMESTAMP + 1, PAYLOAD), base);
+        assert_ne!(sign(&[key], MSG_ID, TIMESTAMP, b"{}"), base);
+    }
+
+    #[test]
+    fn secrets_are_checked_without_showing_them() {
+        assert!(decode_secret("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
+        assert!(decode_secret("whsec_").is_err());
+        assert!(decode_secret("whsec_not base64!").is_err());
+        let too_long = format!("whsec_{}", STANDARD.encode([7u8; 65]));
+        let err = decode_secret(&too_long).unwrap_err();
+        assert!(err.contains("65"), "{err}");
+        assert!(!err.contains(&too_long[6..]));
+        assert_eq!(
+            decode_secret(&format!("whsec_{}", STANDARD.encode([7u8; 64])))
+                .unwrap()
+                .len(),
+            64
+        );
+        assert_eq!(decode_secret("whsec_AQ==").unwrap(), vec![1]);
+        // Padding may be left off.
+        assert_eq!(decode_secret("whsec_AQ").unwrap(), vec![1]);
+    }
+
+    /// Prints signatures for tests/webhooks/verify_vectors.py to check with the
+    /// `standardwebhooks` Python package: `cargo test -p async-speech webhooks::sign::tests::print_vectors -- --nocapture`.
+    #[test]
+    fn print_vectors() {
+        let secrets = [
+            SECRET.to_string(),
+            format!("whsec_{}", STANDARD.encode([0x5au8; 32])),
+            format!("whsec_{}", STANDARD.encode((0u8..64).collect::<Vec<u8>>())),
+        ];
+        let bodies: [&[u8]; 3] = [
+            PAYLOAD,
+            br#"{"event":"async_job.completed","created_at":"2026-11-23T21:00:02.410Z","data":{"job_id":"x"}}"#,
+            "{\"unicode\":\"h\u{e9}llo \u{1f50a}\"}".as_bytes(),
+        ];
+        for (i, secret) in secrets.iter().enumerate() {
+            for (j, body) in bodies.iter().enumerate() {
+                let id = format!("msg_vector{i}{j}");
+                let ts = TIMESTAMP + (i * 10 + j) as u64;
+                let sig = sign(&[decode_secret(secret).unwrap()], &id, ts, body);
+                println!(
+                    "VECTOR {}",
+                    serde_json::json!({
+                        "secrets": [secret], "msg_id": id, "timestamp": ts,
+                        "body": String::from_utf8(body.to_vec()).unwrap(), "signature": sig,
+                    })
+                );
+            }
+        }
+        // Rotation: every secret signs; each must verify on its own.
+        let keys: Vec<Vec<u8>> = secrets.iter().map(|s| decode_secret(s).unwrap()).collect();
+        let sig = sign(&keys, "msg_rotation", TIMESTAMP, bodies[1]);
+        println!(
+            "VECTOR {}",
+            serde_json::json!({
+                "secrets": secrets, "msg_id": "msg_rotation", "timestamp": TIMESTAMP,
+                "body": String::from_utf8(bodies[1].to_vec()).unwrap(), "signature": sig,
+            })
+        );
+    }
+}
