@@ -397,3 +397,207 @@ fn take_back_lost_attempt(host: &dyn Host, store: &Store, config: &Config, id: &
         _ => Step::Nothing,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::make_id;
+    use crate::request::parse_speech_request;
+    use crate::sim::{SimHost, SimShared};
+    use crate::store::Keys;
+    use std::rc::Rc;
+
+    fn config() -> Config {
+        Config::parse(
+            br#"{"providers":{"a":{"type":"openai","cluster":"ca","timeout_ms":1000},
+                              "b":{"type":"openai","cluster":"cb","timeout_ms":1000}},
+                 "allow_unauthenticated":true,"max_jobs":4,"job_deadline_s":60}"#,
+            &|_| None,
+        )
+        .unwrap()
+    }
+
+    const START: u64 = 1_800_000_000_000;
+
+    struct World {
+        shared: Rc<SimShared>,
+        host: SimHost,
+        keys: Keys,
+        config: Config,
+    }
+
+    impl World {
+        fn new() -> World {
+            let shared = SimShared::new(START);
+            let host = SimHost::new(&shared, 7);
+            World { shared, host, keys: Keys::new("t"), config: config() }
+        }
+        fn store(&self) -> Store<'_> {
+            Store::new(&self.host, &self.keys, self.config.max_jobs, 1)
+        }
+        fn now(&self) -> u64 {
+            self.shared.clock.get()
+        }
+        fn submit(&self, body: &str, ttl_s: u64) -> String {
+            let request = parse_speech_request(body.as_bytes(), &self.config).unwrap();
+            let now = self.now();
+            let record = self
+                .store()
+                .insert(&|slot| JobRecord::new(make_id([9; 16], slot), String::new(), now, ttl_s, 60, request.clone()))
+                .unwrap();
+            record.id
+        }
+        fn record(&self, id: &str) -> Option<JobRecord> {
+            self.store().load(id).unwrap().and_then(|l| l.view().and_then(|v| v.record()))
+        }
+        /// One tick: due timers (and the audit), as the root runs them.
+        fn tick(&self) -> Vec<Step> {
+            let store = self.store();
+            let now = self.now();
+            let mut timers = store.due_timers(now, 100);
+            timers.extend(store.audit_step(64));
+            timers.into_iter().map(|t| on_timer(&self.host, &store, &self.config, t, now)).filter(|s| *s != Step::Nothing).collect()
+        }
+    }
+
+    fn send(step: Step) -> Attempt {
+        match step {
+            Step::Send(a) => *a,
+            other => panic!("expected an attempt, got {other:?}"),
+        }
+    }
+
+    fn ok(body: &[u8]) -> Outcome<'_> {
+        Outcome::Answer(UpstreamResponse { status: 200, headers: &[], body })
+    }
+
+    #[test]
+    fn an_answer_completes_the_job_once_and_the_poll_answer_is_rendered() {
+        let w = World::new();
+        let id = w.submit(r#"{"model":"a/m","input":"hi","voice":"v"}"#, 60);
+        let attempt = send(start(&w.store(), &w.config, &id, w.now()));
+        assert_eq!((attempt.callout.cluster.as_str(), attempt.attempt), ("ca", 0));
+        assert_eq!(start(&w.store(), &w.config, &id, w.now()), Step::Nothing, "a job is claimed once");
+        let now = w.now() + 20;
+        assert_eq!(finish(&w.store(), &w.config, &attempt, ok(b"AUDIO"), w.now(), now), Step::Completed { id: id.clone() });
+        let loaded = w.store().load(&id).unwrap().unwrap();
+        let view = loaded.view().unwrap();
+        let body: serde_json::Value = serde_json::from_slice(view.body).unwrap();
+        assert_eq!(body["result"]["audio"], "QVVESU8=");
+        assert_eq!(body["result"]["extra_fields"]["latency"], 20);
+        assert!(view.record().unwrap().request.is_none(), "the request is dropped once done");
+        // A late duplicate answer changes nothing.
+        assert_eq!(finish(&w.store(), &w.config, &attempt, ok(b"OTHER"), w.now(), now), Step::Nothing);
+    }
+
+    #[test]
+    fn failures_move_through_the_fallbacks_then_fail() {
+        let w = World::new();
+        let id = w.submit(r#"{"model":"a/m","input":"hi","voice":"v","fallbacks":["b/n"]}"#, 60);
+        let first = send(start(&w.store(), &w.config, &id, w.now()));
+        let second = send(finish(&w.store(), &w.config, &first, Outcome::NoAnswer { elapsed_ms: 5 }, 0, w.now()));
+        assert_eq!((second.provider.as_str(), second.model.as_str(), second.attempt), ("b", "n", 1));
+        let err = Outcome::Answer(UpstreamResponse { status: 429, headers: &[], body: br#"{"error":{"message":"slow"}}"# });
+        match finish(&w.store(), &w.config, &second, err, 0, w.now()) {
+            Step::Failed { status: 429, reason: FailReason::ProviderError, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        let record = w.record(&id).unwrap();
+        assert_eq!(record.attempts.iter().map(|a| a.status_code).collect::<Vec<_>>(), vec![502, 429]);
+    }
+
+    #[test]
+    fn an_answer_over_max_audio_bytes_fails_the_attempt_naming_the_limit() {
+        let w = World::new();
+        let id = w.submit(r#"{"model":"a/m","input":"hi","voice":"v"}"#, 60);
+        let a = send(start(&w.store(), &w.config, &id, w.now()));
+        match finish(&w.store(), &w.config, &a, Outcome::TooLarge { bytes: 99_999_999 }, 0, w.now()) {
+            Step::Failed { status: 502, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        let e = w.record(&id).unwrap().error.unwrap();
+        assert!(e.error.message.contains("max_audio_bytes"), "{}", e.error.message);
+    }
+
+    #[test]
+    fn finished_jobs_expire_on_time_by_timer_with_nobody_polling() {
+        let w = World::new();
+        let id = w.submit(r#"{"model":"a/m","input":"hi","voice":"v"}"#, 3);
+        let a = send(start(&w.store(), &w.config, &id, w.now()));
+        let done_at = w.now() + 250;
+        finish(&w.store(), &w.config, &a, ok(b"x"), w.now(), done_at);
+        let mut expired_at = None;
+        for _ in 0..50 {
+            w.shared.advance(200);
+            if w.tick().contains(&Step::Expired { id: id.clone() }) {
+                expired_at = Some(w.now());
+                break;
+            }
+        }
+        let at = expired_at.expect("never expired");
+        assert!(at >= done_at + 3_000 && at <= done_at + 3_000 + 1_200, "expired {} ms after completion", at - done_at);
+        assert!(w.store().load(&id).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_lost_answer_goes_to_the_next_fallback_then_the_deadline_fails_the_job() {
+        let w = World::new();
+        let id = w.submit(r#"{"model":"a/m","input":"hi","voice":"v","fallbacks":["b/n","a/z"]}"#, 60);
+        let _lost = send(start(&w.store(), &w.config, &id, w.now())); // its VM dies
+        let mut steps = Vec::new();
+        while steps.is_empty() {
+            w.shared.advance(200);
+            steps = w.tick();
+        }
+        assert_eq!(steps, vec![Step::Requeued { id: id.clone() }]);
+        let lease_end = w.now();
+        assert!(lease_end - START >= 1_000 + LEASE_GRACE_MS && lease_end - START <= 1_000 + LEASE_GRACE_MS + 1_200);
+        assert_eq!(w.host.dequeue(Queue::Jobs).unwrap().unwrap(), id.as_bytes());
+        let retry = send(start(&w.store(), &w.config, &id, w.now()));
+        assert_eq!(retry.provider, "b");
+        // That one never answers either, and the third is never sent: the deadline ends it.
+        let mut failed = None;
+        for _ in 0..400 {
+            w.shared.advance(200);
+            for s in w.tick() {
+                if let Step::Failed { status, reason, .. } = s {
+                    failed = Some((status, reason, w.now()));
+                }
+                if let Step::Requeued { .. } = s {
+                    // Requeued for the last fallback: nobody takes it.
+                    let _ = w.host.dequeue(Queue::Jobs);
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        let (status, reason, at) = failed.expect("the deadline never failed the job");
+        assert_eq!((status, reason), (504, FailReason::Deadline));
+        assert!(at - START <= 61_200, "failed {} ms after submit", at - START);
+        let e = w.record(&id).unwrap().error.unwrap();
+        assert_eq!(e.extra_fields.unwrap().provider.as_deref(), Some("b"), "names the last attempt made");
+    }
+
+    #[test]
+    fn expiry_keeps_working_when_the_host_clock_steps_back() {
+        let w = World::new();
+        let clock = crate::clock::Clock::default();
+        clock.sync(&w.host, &w.keys.clock());
+        let id = w.submit(r#"{"model":"a/m","input":"hi","voice":"v"}"#, 2);
+        let a = send(start(&w.store(), &w.config, &id, clock.now_ms(&w.host)));
+        finish(&w.store(), &w.config, &a, ok(b"x"), 0, clock.now_ms(&w.host));
+        w.shared.clock.set(w.now() - 3_600_000); // an hour back
+        let mut gone = false;
+        for _ in 0..20 {
+            w.shared.advance(200);
+            clock.sync(&w.host, &w.keys.clock());
+            let now = clock.now_ms(&w.host);
+            let store = w.store();
+            for t in store.due_timers(now, 100) {
+                gone |= matches!(on_timer(&w.host, &store, &w.config, t, now), Step::Expired { .. });
+            }
+        }
+        assert!(gone, "the job expired within 4 s of store time despite the clock going back an hour");
+    }
+}
