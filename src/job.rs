@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::error::{ApiError, AttemptSummary, ExtraFields};
 use crate::request::{AudioFormat, ModelRef, SpeechRequest};
 use crate::time::rfc3339;
+use crate::webhooks::{Delivery, DeliveryStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -107,6 +108,34 @@ pub struct JobRecord {
     pub error: Option<ApiError>,
     #[serde(default)]
     pub request: Option<SpeechRequest>,
+    /// The webhook the client asked for, and its delivery once the job ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookJob>,
+    /// Expired, but kept (without its audio) until its webhook delivery ends.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub result_dropped: bool,
+}
+
+/// A job's webhook (SPEC §5): which endpoint, and once the job ended, the
+/// delivery's state and the body made for it (made once, sent on every
+/// attempt before the job expires).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookJob {
+    pub endpoint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+impl JobRecord {
+    /// The delivery still to be made, if any.
+    pub fn pending_delivery(&self) -> Option<&Delivery> {
+        self.webhook
+            .as_ref()
+            .and_then(|w| w.delivery.as_ref())
+            .filter(|d| d.status == DeliveryStatus::Pending)
+    }
 }
 
 /// Where a job goes after one of its attempts failed.
@@ -136,6 +165,8 @@ impl JobRecord {
             result: None,
             error: None,
             request: Some(request),
+            webhook: None,
+            result_dropped: false,
         }
     }
 
@@ -245,8 +276,9 @@ impl JobRecord {
     /// When this job next needs a look from the timer wheel: its expiry once
     /// finished, else the earlier of its lease and its deadline.
     pub fn next_timer_ms(&self) -> u64 {
+        let delivery = self.pending_delivery().map_or(u64::MAX, |d| d.next_attempt_at_ms);
         match self.expires_at_ms() {
-            Some(at) => at,
+            Some(at) => at.min(delivery),
             None => self.lease_until_ms.map_or(self.deadline_ms, |l| l.min(self.deadline_ms)),
         }
     }
@@ -258,6 +290,30 @@ impl JobRecord {
 pub struct Rendered {
     pub body: Vec<u8>,
     pub audio_at: Option<(u32, u32)>,
+    /// Where the part that changes after the job ended (`webhook`) begins.
+    pub tail_at: u32,
+}
+
+fn offset(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// The end of a poll answer: the webhook's state, if any, and the closing brace.
+fn push_tail(out: &mut Vec<u8>, record: &JobRecord) {
+    if let Some(delivery) = record.webhook.as_ref().and_then(|w| w.delivery.as_ref()) {
+        push_field(out, "webhook", &delivery.view());
+    }
+    out.push(b'}');
+}
+
+/// A finished job's answer with a new tail, the rest (audio included) kept as it is.
+pub fn retail(body: &[u8], audio_at: Option<(u32, u32)>, tail_at: u32, record: &JobRecord) -> Rendered {
+    let keep = body.get(..tail_at as usize).unwrap_or(body);
+    let mut out = Vec::with_capacity(keep.len() + 128);
+    out.extend_from_slice(keep);
+    let tail_at = offset(out.len());
+    push_tail(&mut out, record);
+    Rendered { body: out, audio_at, tail_at }
 }
 
 fn push_json(out: &mut Vec<u8>, value: &impl Serialize) {
@@ -283,8 +339,9 @@ pub fn render(record: &JobRecord, completion: Option<&Completion>) -> Rendered {
     push_field(&mut out, "status", &record.status.name());
     push_field(&mut out, "created_at", &rfc3339(record.created_at_ms));
     if !record.status.is_finished() {
+        let tail_at = offset(out.len());
         out.push(b'}');
-        return Rendered { body: out, audio_at: None };
+        return Rendered { body: out, audio_at: None, tail_at };
     }
     if let Some(done) = record.completed_at_ms {
         push_field(&mut out, "completed_at", &rfc3339(done));
@@ -298,21 +355,9 @@ pub fn render(record: &JobRecord, completion: Option<&Completion>) -> Rendered {
     let mut audio_at = None;
     match (&record.result, completion) {
         (Some(meta), Some(c)) => {
-            out.extend_from_slice(b",\"result\":{\"audio\":\"");
-            let start = out.len();
-            let len = append_base64(&mut out, &c.audio);
-            audio_at = Some((u32::try_from(start).unwrap_or(u32::MAX), u32::try_from(len).unwrap_or(u32::MAX)));
-            out.push(b'"');
-            push_field(&mut out, "response_format", &meta.response_format.name());
-            push_field(&mut out, "content_type", &meta.response_format.content_type());
-            if let Some(a) = &c.alignment {
-                push_field(&mut out, "alignment", a);
-            }
-            if let Some(a) = &c.normalized_alignment {
-                push_field(&mut out, "normalized_alignment", a);
-            }
-            push_field(&mut out, "extra_fields", &meta.extra_fields);
-            out.push(b'}');
+            out.extend_from_slice(b",\"result\":");
+            let (at, len) = push_result(&mut out, meta, c);
+            audio_at = Some((offset(at), offset(len)));
         }
         _ => out.extend_from_slice(b",\"result\":null"),
     }
@@ -320,8 +365,28 @@ pub fn render(record: &JobRecord, completion: Option<&Completion>) -> Rendered {
         Some(e) => push_field(&mut out, "error", e),
         None => out.extend_from_slice(b",\"error\":null"),
     }
+    let tail_at = offset(out.len());
+    push_tail(&mut out, record);
+    Rendered { body: out, audio_at, tail_at }
+}
+
+/// A completed job's `result` object; returns where its base64 audio sits in `out`.
+pub fn push_result(out: &mut Vec<u8>, meta: &ResultMeta, c: &Completion) -> (usize, usize) {
+    out.extend_from_slice(b"{\"audio\":\"");
+    let start = out.len();
+    let len = append_base64(out, &c.audio);
+    out.push(b'"');
+    push_field(out, "response_format", &meta.response_format.name());
+    push_field(out, "content_type", &meta.response_format.content_type());
+    if let Some(a) = &c.alignment {
+        push_field(out, "alignment", a);
+    }
+    if let Some(a) = &c.normalized_alignment {
+        push_field(out, "normalized_alignment", a);
+    }
+    push_field(out, "extra_fields", &meta.extra_fields);
     out.push(b'}');
-    Rendered { body: out, audio_at }
+    (start, len)
 }
 
 /// Appends the standard base64 of `bytes`; returns how many bytes it wrote.

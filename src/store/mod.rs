@@ -247,7 +247,11 @@ impl<'h> Store<'h> {
                 return Ok(Updated::Unchanged(record));
             }
             let value = if was_finished {
-                let kept = crate::job::Rendered { body: view.body.to_vec(), audio_at: view.audio_at };
+                let kept = if record.result_dropped {
+                    crate::job::Rendered { body: b"{}".to_vec(), audio_at: None, tail_at: 1 }
+                } else {
+                    crate::job::retail(view.body, view.audio_at, view.tail_at, &record)
+                };
                 slot::encode_held(view.epoch, &record, &kept)
             } else {
                 let done = completion.filter(|_| record.status == JobStatus::Completed);

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! 'H' | epoch u32 | status u8 | expires_at_ms u64 | owner_len u16 | id [36]
-//!     | record_len u32 | audio_at u32 | audio_len u32 | owner | record | body
+//!     | record_len u32 | audio_at u32 | audio_len u32 | tail_at u32 | owner | record | body
 //! ```
 //! All integers little-endian. `epoch` counts how often the slot was freed, so
 //! a free-list entry or timer that names an older epoch is recognised as stale.
@@ -14,7 +14,7 @@
 use crate::job::{JobRecord, JobStatus, Rendered};
 
 pub const ID_LEN: usize = 36;
-const HEADER: usize = 1 + 4 + 1 + 8 + 2 + ID_LEN + 4 + 4 + 4;
+const HEADER: usize = 1 + 4 + 1 + 8 + 2 + ID_LEN + 4 + 4 + 4 + 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Free {
@@ -45,6 +45,7 @@ pub struct HeldView<'a> {
     pub record: &'a [u8],
     pub body: &'a [u8],
     pub audio_at: Option<(u32, u32)>,
+    pub tail_at: u32,
 }
 
 impl<'a> HeldView<'a> {
@@ -97,6 +98,7 @@ fn decode_held(v: &[u8]) -> Option<HeldView<'_>> {
     let record_len = usize::try_from(u32_at(v, 16 + ID_LEN)?).ok()?;
     let audio_at = u32_at(v, 20 + ID_LEN)?;
     let audio_len = u32_at(v, 24 + ID_LEN)?;
+    let tail_at = u32_at(v, 28 + ID_LEN)?;
     let rest = v.get(HEADER..)?;
     let (owner, rest) = rest.split_at_checked(owner_len)?;
     let (record, body) = rest.split_at_checked(record_len)?;
@@ -109,6 +111,7 @@ fn decode_held(v: &[u8]) -> Option<HeldView<'_>> {
         record,
         body,
         audio_at: (audio_len > 0).then_some((audio_at, audio_len)),
+        tail_at,
     })
 }
 
@@ -135,6 +138,7 @@ pub fn encode_held(epoch: u32, record: &JobRecord, rendered: &Rendered) -> Optio
     out.extend_from_slice(&record_len.to_le_bytes());
     out.extend_from_slice(&audio_at.to_le_bytes());
     out.extend_from_slice(&audio_len.to_le_bytes());
+    out.extend_from_slice(&rendered.tail_at.to_le_bytes());
     out.extend_from_slice(owner);
     out.extend_from_slice(&record_json);
     out.extend_from_slice(&rendered.body);
