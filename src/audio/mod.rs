@@ -3,6 +3,8 @@
 //! Everything here is pure (no proxy-wasm calls): bytes in, `Result` out, never a panic on
 //! malformed input.
 
+pub mod aac;
+pub mod mp3;
 pub mod pcm;
 pub mod split;
 pub mod wav;
@@ -141,6 +143,12 @@ impl fmt::Display for JoinError {
 }
 
 impl std::error::Error for JoinError {}
+
+/// Reads a big-endian u32 at `at`.
+pub(crate) fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+    Some(u32::from_be_bytes(b))
+}
 
 /// Reads a little-endian u32 at `at`.
 pub(crate) fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {

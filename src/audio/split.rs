@@ -65,7 +65,9 @@ fn split_once(rest: &str, limit: usize, next: char) -> (&str, &str) {
     }
     let at = sentence_end.or(whitespace).unwrap_or(limit);
     match rest.split_at_checked(at) {
-        Some((chunk, remainder)) if at != limit || sentence_end.is_some() || whitespace.is_some() => {
+        Some((chunk, remainder))
+            if at != limit || sentence_end.is_some() || whitespace.is_some() =>
+        {
             (chunk.trim_end(), remainder)
         }
         Some((chunk, remainder)) => (chunk, remainder),
@@ -84,12 +86,18 @@ mod tests {
         let mut pos = input;
         for (i, chunk) in chunks.iter().enumerate() {
             assert!(!chunk.trim().is_empty(), "blank chunk {i} in {chunks:?}");
-            assert!(chunk.chars().count() <= max_chars.max(1), "chunk {i} too long: {chunk:?}");
+            assert!(
+                chunk.chars().count() <= max_chars.max(1),
+                "chunk {i} too long: {chunk:?}"
+            );
             // Whitespace may only be dropped at split points (or as a blank first window).
             if !pos.starts_with(chunk) {
                 pos = pos.trim_start();
             }
-            assert!(pos.starts_with(chunk), "chunk {i} {chunk:?} not found at {pos:?}");
+            assert!(
+                pos.starts_with(chunk),
+                "chunk {i} {chunk:?} not found at {pos:?}"
+            );
             pos = &pos[chunk.len()..];
         }
         assert!(pos.trim().is_empty(), "left over: {pos:?}");
@@ -117,14 +125,23 @@ mod tests {
     #[test]
     fn splits_after_the_last_sentence_end() {
         let text = "One two. Three four! Five six? Seven eight";
-        assert_eq!(split_checked(text, 25), vec!["One two. Three four!", "Five six? Seven eight"]);
-        assert_eq!(split_checked("Wait… what now", 10), vec!["Wait…", "what now"]);
+        assert_eq!(
+            split_checked(text, 25),
+            vec!["One two. Three four!", "Five six? Seven eight"]
+        );
+        assert_eq!(
+            split_checked("Wait… what now", 10),
+            vec!["Wait…", "what now"]
+        );
     }
 
     #[test]
     fn a_dot_without_whitespace_is_not_a_sentence_end() {
         // "3.14" must not split after the dot; the last whitespace wins.
-        assert_eq!(split_checked("pi is 3.14159 ok", 12), vec!["pi is", "3.14159 ok"]);
+        assert_eq!(
+            split_checked("pi is 3.14159 ok", 12),
+            vec!["pi is", "3.14159 ok"]
+        );
     }
 
     #[test]
@@ -135,16 +152,25 @@ mod tests {
 
     #[test]
     fn falls_back_to_whitespace_then_to_the_limit() {
-        assert_eq!(split_checked("alpha beta gamma", 12), vec!["alpha beta", "gamma"]);
+        assert_eq!(
+            split_checked("alpha beta gamma", 12),
+            vec!["alpha beta", "gamma"]
+        );
         assert_eq!(split_checked("abcdefghij", 4), vec!["abcd", "efgh", "ij"]);
     }
 
     #[test]
     fn cjk_sentence_ends_split_anywhere() {
         let text = "今日は晴れです。明日は雨でしょう！本当？はい";
-        assert_eq!(split_checked(text, 12), vec!["今日は晴れです。", "明日は雨でしょう！本当？", "はい"]);
+        assert_eq!(
+            split_checked(text, 12),
+            vec!["今日は晴れです。", "明日は雨でしょう！本当？", "はい"]
+        );
         // No punctuation, no spaces: at the limit, in scalars, not bytes.
-        assert_eq!(split_checked("一二三四五六七", 3), vec!["一二三", "四五六", "七"]);
+        assert_eq!(
+            split_checked("一二三四五六七", 3),
+            vec!["一二三", "四五六", "七"]
+        );
     }
 
     #[test]
@@ -166,7 +192,10 @@ mod tests {
     #[test]
     fn runs_of_whitespace_at_a_split_are_dropped() {
         assert_eq!(split_checked("aaa    bbb", 6), vec!["aaa", "bbb"]);
-        assert_eq!(split_checked("First.\n\n  Second.", 9), vec!["First.", "Second."]);
+        assert_eq!(
+            split_checked("First.\n\n  Second.", 9),
+            vec!["First.", "Second."]
+        );
     }
 
     #[test]
