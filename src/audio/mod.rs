@@ -5,6 +5,7 @@
 
 pub mod aac;
 pub mod mp3;
+pub mod ogg;
 pub mod pcm;
 pub mod split;
 pub mod wav;
