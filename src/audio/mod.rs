@@ -4,6 +4,7 @@
 //! malformed input.
 
 pub mod aac;
+pub mod alignment;
 pub mod mp3;
 pub mod ogg;
 pub mod pcm;
