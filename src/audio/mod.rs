@@ -146,6 +146,44 @@ impl fmt::Display for JoinError {
 
 impl std::error::Error for JoinError {}
 
+/// Joins the parts (in order) into one file of `format`, refusing a result over `max_bytes`
+/// (the plugin's `max_audio_bytes`). One part is validated and normalized like many.
+pub fn join(format: JoinFormat, parts: &[Vec<u8>], max_bytes: usize) -> Result<Vec<u8>, JoinError> {
+    if parts.is_empty() {
+        return Err(JoinError::NoParts);
+    }
+    let joined = match format {
+        JoinFormat::Mp3 => mp3::join(parts)?,
+        JoinFormat::Opus => ogg::join(parts)?,
+        JoinFormat::Aac => aac::join(parts)?,
+        JoinFormat::Wav => wav::join(parts)?,
+        JoinFormat::Pcm => pcm::join(parts, PCM_BLOCK_BYTES)?,
+    };
+    if joined.len() > max_bytes {
+        return Err(JoinError::TooLarge {
+            size: joined.len(),
+            max: max_bytes,
+        });
+    }
+    Ok(joined)
+}
+
+/// The decoded duration of one file, for offsetting alignments; `None` if it can't be parsed.
+///
+/// Assumptions: `pcm` is 16-bit mono at `pcm_sample_rate` Hz (the rate the provider was asked
+/// for; OpenAI answers 24 kHz); `wav` reads its own header; `mp3` counts samples per frame
+/// (encoder delay and padding included, so a few ms more than the gapless length); `aac`
+/// counts 1024 samples per raw data block; `opus` is last granule minus pre-skip at 48 kHz.
+pub fn duration_seconds(format: JoinFormat, bytes: &[u8], pcm_sample_rate: u32) -> Option<f64> {
+    match format {
+        JoinFormat::Mp3 => mp3::duration_seconds(bytes).ok(),
+        JoinFormat::Opus => ogg::duration_seconds(bytes).ok(),
+        JoinFormat::Aac => aac::duration_seconds(bytes).ok(),
+        JoinFormat::Wav => wav::duration_seconds(bytes).ok(),
+        JoinFormat::Pcm => pcm::duration_seconds(bytes, PCM_BLOCK_BYTES, pcm_sample_rate).ok(),
+    }
+}
+
 /// Reads a big-endian u32 at `at`.
 pub(crate) fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
     let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
@@ -257,6 +295,49 @@ pub(crate) mod testutil {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    const FIXTURES: [(JoinFormat, &[u8]); 4] = [
+        (
+            JoinFormat::Mp3,
+            include_bytes!("../../tests/fixtures/audio/part1.mp3"),
+        ),
+        (
+            JoinFormat::Opus,
+            include_bytes!("../../tests/fixtures/audio/part1.opus"),
+        ),
+        (
+            JoinFormat::Aac,
+            include_bytes!("../../tests/fixtures/audio/part1.aac"),
+        ),
+        (
+            JoinFormat::Wav,
+            include_bytes!("../../tests/fixtures/audio/part1.wav"),
+        ),
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Real files with bytes overwritten or cut short: an error or a file, never a panic.
+        #[test]
+        fn corrupted_real_files_never_panic(
+            which in 0usize..4,
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let (format, bytes) = FIXTURES[which];
+            let mut corrupted = bytes.to_vec();
+            for (at, value) in edits {
+                let i = at.index(corrupted.len());
+                corrupted[i] = value;
+            }
+            let _ = duration_seconds(format, &corrupted, 24_000);
+            let _ = join(format, &[bytes.to_vec(), corrupted.clone()], 1 << 20);
+            corrupted.truncate(cut.index(corrupted.len() + 1));
+            let _ = duration_seconds(format, &corrupted, 24_000);
+            let _ = join(format, &[corrupted, bytes.to_vec()], 1 << 20);
+        }
+    }
 
     #[test]
     fn formats_by_name() {
@@ -273,6 +354,104 @@ mod tests {
             JoinFormat::Pcm,
         ] {
             assert_eq!(JoinFormat::from_response_format(f.name()), Some(f));
+        }
+    }
+
+    #[test]
+    fn joined_durations_add_up_for_every_format() {
+        macro_rules! parts {
+            ($ext:literal) => {
+                vec![
+                    include_bytes!(concat!("../../tests/fixtures/audio/part1.", $ext)).to_vec(),
+                    include_bytes!(concat!("../../tests/fixtures/audio/part2.", $ext)).to_vec(),
+                    include_bytes!(concat!("../../tests/fixtures/audio/part3.", $ext)).to_vec(),
+                ]
+            };
+        }
+        let wavs = parts!("wav");
+        let pcms: Vec<Vec<u8>> = wavs
+            .iter()
+            .map(|w| wav::parse(w).unwrap().data.to_vec())
+            .collect();
+        let cases = [
+            (JoinFormat::Mp3, parts!("mp3")),
+            (JoinFormat::Opus, parts!("opus")),
+            (JoinFormat::Aac, parts!("aac")),
+            (JoinFormat::Wav, wavs),
+            (JoinFormat::Pcm, pcms),
+        ];
+        for (format, parts) in cases {
+            let joined = join(format, &parts, 1 << 20).unwrap();
+            let sum: f64 = parts
+                .iter()
+                .map(|p| duration_seconds(format, p, 8000).unwrap())
+                .sum();
+            let total = duration_seconds(format, &joined, 8000).unwrap();
+            testutil::assert_close(total, sum, format.name());
+            let limit = joined.len() - 1;
+            assert!(matches!(
+                join(format, &parts, limit),
+                Err(JoinError::TooLarge { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn no_parts_is_an_error() {
+        assert_eq!(join(JoinFormat::Pcm, &[], 100), Err(JoinError::NoParts));
+    }
+
+    #[test]
+    fn too_large_names_max_audio_bytes() {
+        let err = join(JoinFormat::Pcm, &[vec![0; 100], vec![0; 100]], 150).unwrap_err();
+        assert_eq!(
+            err,
+            JoinError::TooLarge {
+                size: 200,
+                max: 150
+            }
+        );
+        assert!(err.to_string().contains("max_audio_bytes"));
+        let big = vec![0u8; 10_000];
+        assert!(matches!(
+            join(JoinFormat::Pcm, &[big], 100),
+            Err(JoinError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn errors_name_the_part() {
+        let err = join(JoinFormat::Pcm, &[vec![0; 4], vec![0; 3]], 100).unwrap_err();
+        assert!(
+            matches!(err, JoinError::Malformed { part: 1, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("part 2"), "{err}");
+    }
+
+    #[test]
+    fn every_format_survives_garbage() {
+        let garbage: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0xff],
+            vec![0xff, 0xfb, 0x90],
+            vec![0xff; 64],
+            b"OggS\0\x02".to_vec(),
+            b"RIFF\x04\0\0\0WAVE".to_vec(),
+            b"ID3\x04\0\0\x7f\x7f\x7f\x7f".to_vec(),
+            (0..=255u8).cycle().take(3000).collect(),
+        ];
+        for format in [
+            JoinFormat::Mp3,
+            JoinFormat::Opus,
+            JoinFormat::Aac,
+            JoinFormat::Wav,
+            JoinFormat::Pcm,
+        ] {
+            for g in &garbage {
+                let _ = join(format, &[g.clone(), g.clone()], 1 << 20);
+                let _ = duration_seconds(format, g, 24_000);
+            }
         }
     }
 }
