@@ -5,7 +5,8 @@
 //! ffmpeg when it is installed (else a 400 naming what it can make; ffmpeg is
 //! looked for once, at start). `GET /health` answers `ok`. HTTP/1.1 with
 //! keep-alive comes from `tiny_http`; every request is answered on its own
-//! thread, so a long synthesis does not hold up the others.
+//! thread, so a long synthesis does not hold up the others. It prints the
+//! address it listens on (`--listen 127.0.0.1:0` picks a free port).
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -327,8 +328,13 @@ fn main() {
         require_key,
         ffmpeg: has_ffmpeg(),
     });
+    // The address bound, so that `--listen 127.0.0.1:0` says which port it got.
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .map_or(listen, |addr| addr.to_string());
     eprintln!(
-        "local-tts: listening on {listen} (ffmpeg: {})",
+        "local-tts: listening on {bound} (ffmpeg: {})",
         if settings.ffmpeg { "yes" } else { "no" }
     );
     serve(&server, &settings);
