@@ -1,14 +1,19 @@
-# make run   — install what is missing, build, start Envoy + the local speech server
-# make test  — the same set-up, then unit tests, lints and end-to-end tests on real Envoy
-# make bench — the soak benchmark (see README)
+# make run       — install what is missing, build, start Envoy + the local speech server
+# make test      — the same set-up and build, then unit tests, lints and end-to-end tests on real Envoy
+# make lint      — rustfmt --check, and clippy (-D warnings) natively and for wasm32-wasip1
+# make e2e       — build what the end-to-end tests run (filter and local-tts), then run them
+# make bench     — the soak benchmark (see README)
+# make clean     — remove build output; the installed Envoy in .venv stays
+# make distclean — clean, and remove .venv too
 WASM := target/wasm32-wasip1/release/async_speech.wasm
 VENV := .venv
 
-.PHONY: setup build run test unit lint e2e bench clean
+.PHONY: setup build run test unit lint fmt-check clippy e2e bench clean distclean
 
 setup:
 	@scripts/setup.sh
 
+# Cargo rebuilds only what changed, so depending on this is cheap once built.
 build: setup
 	cargo build --release --target wasm32-wasip1 -p async-speech
 	cargo build --release -p local-tts
@@ -19,11 +24,16 @@ run: build
 unit:
 	cargo test --workspace
 
-lint:
-	cargo clippy -p async-speech --all-targets -- -D warnings
+lint: fmt-check clippy
+
+fmt-check:
+	cargo fmt --all -- --check
+
+clippy:
+	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy -p async-speech --target wasm32-wasip1 -- -D warnings
 
-e2e:
+e2e: build
 	$(VENV)/bin/python -m pytest -q tests/e2e
 
 test: build unit lint e2e
@@ -33,4 +43,7 @@ bench: build
 
 clean:
 	cargo clean
+	rm -rf .pytest_cache tests/e2e/__pycache__ bench/__pycache__
+
+distclean: clean
 	rm -rf $(VENV)

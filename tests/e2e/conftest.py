@@ -1,19 +1,24 @@
-"""Fixtures: a recording mock provider and one Envoy with the filter in front of it."""
+"""Fixtures: a recording mock provider and one Envoy with the filter in front of it.
+
+When a test fails, the logs of the Envoys running at that moment are added to
+its report and their directories are kept (their paths are in the report).
+"""
 
 import base64
 import hashlib
 import http.client
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from envoy_harness import Envoy, cluster, free_port  # noqa: E402
+import envoy_harness  # noqa: E402
+from envoy_harness import Envoy, RefusedPort, cluster  # noqa: E402
 from mock_provider import MockProvider  # noqa: E402
+from waiting import eventually, stays  # noqa: E402,F401  (the tests import them from here)
 
 KEY_A = "sk-bf-team-a-secret"
 KEY_B = "sk-bf-team-b-secret"
@@ -61,9 +66,33 @@ def mock():
     m.stop()
 
 
+_refused = None
+
+
+def refused_port():
+    """A port held open for the whole session and never listened on."""
+    global _refused
+    if _refused is None:
+        _refused = RefusedPort()
+    return _refused.port
+
+
 def clusters_for(mock):
-    # "down" points at a port nothing listens on; "app" is the rest of the chain.
-    return [cluster("mock", mock.port), cluster("down", free_port()), cluster("app", mock.port)]
+    # "down" points at a port that refuses connections; "app" is the rest of the chain.
+    return [cluster("mock", mock.port), cluster("down", refused_port()), cluster("app", mock.port)]
+
+
+LOG_TAIL = 20_000
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for e in list(envoy_harness.RUNNING):
+            e.keep = True
+            report.sections.append((f"envoy log (kept in {e.dir})", e.log()[-LOG_TAIL:]))
 
 
 @pytest.fixture(scope="session")
@@ -108,13 +137,16 @@ class Client:
         return self.call("GET", f"{SPEECH}/{job_id}", **kw)
 
     def wait(self, job_id, timeout=15, **kw):
-        """Polls until the job ends; returns the final poll."""
-        deadline = time.monotonic() + timeout
-        while True:
-            r = self.poll(job_id, **kw)
-            if r.status != 202 or time.monotonic() > deadline:
-                return r
-            time.sleep(0.05)
+        """Polls until the job ends and returns the final poll; fails with the
+        last answer if it is still 202 after `timeout` seconds."""
+        last = None
+
+        def ended():
+            nonlocal last
+            last = self.poll(job_id, **kw)
+            return last.status != 202 and last
+
+        return eventually(ended, timeout, what=lambda: f"job {job_id} to end; last poll: {last!r}")
 
 
 class Response:

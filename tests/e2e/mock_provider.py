@@ -3,6 +3,10 @@
 Rules are matched in the order added (first match wins) on method, path prefix
 and an optional body predicate. A rule answers with fixed bytes / JSON, or with
 a callable; it may wait (`delay`) or never answer (`hang`) until `stop()`.
+Each record notes when the request came (`time`) and when the answer began
+(`answered_at`, None until then), both `time.monotonic()`.
+
+It binds port 0 (unless told otherwise), so its port is never raced for.
 """
 
 import argparse
@@ -12,6 +16,8 @@ import random
 import threading
 import time
 import urllib.parse
+
+from waiting import eventually
 
 
 def fake_audio(n=2048, seed=1):
@@ -89,6 +95,7 @@ class MockProvider:
                     "method": self.command, "path": self.path, "path_only": parsed.path,
                     "query": urllib.parse.parse_qs(parsed.query, keep_blank_values=True),
                     "headers": headers, "body": body, "json": parsed_json, "time": time.monotonic(),
+                    "answered_at": None,
                 }
                 rule = mock._take_rule(record)
                 if rule is None:
@@ -101,6 +108,8 @@ class MockProvider:
                     if rule.delay:
                         mock._stopping.wait(rule.delay)
                     status, out_headers, out = rule.answer(record)
+                with mock._lock:
+                    record["answered_at"] = time.monotonic()
                 try:
                     self.send_response(status)
                     for k, v in out_headers.items():
@@ -144,6 +153,8 @@ class MockProvider:
         self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
+        if self._thread:
+            self._thread.join(timeout=10)
 
     def add_rule(self, path_prefix="/", status=200, body=b"", headers=None, delay=0.0, times=None,
                  method=None, match_body=None, hang=False):
@@ -159,13 +170,11 @@ class MockProvider:
         return self.recorded()
 
     def wait_for_requests(self, n, timeout=10):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            seen = self.recorded()
-            if len(seen) >= n:
-                return seen
-            time.sleep(0.02)
-        raise AssertionError(f"expected {n} requests, saw {[r['path'] for r in self.recorded()]}")
+        """Waits until at least `n` requests came; returns them all."""
+        if n <= 0:
+            return self.recorded()
+        return eventually(lambda: len(seen := self.recorded()) >= n and seen, timeout, interval=0.02,
+                          what=lambda: f"{n} requests; saw {[r['path'] for r in self.recorded()]}")
 
     def clear(self):
         with self._lock:

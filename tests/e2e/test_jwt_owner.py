@@ -5,7 +5,6 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -24,10 +23,9 @@ def b64url(data):
 class KeyPair:
     """An RSA key made locally with openssl, its JWKS, and RS256 tokens signed by it."""
 
-    def __init__(self, kid):
+    def __init__(self, kid, directory):
         self.kid = kid
-        self.dir = tempfile.mkdtemp(prefix="jwt-")
-        self.key = os.path.join(self.dir, "key.pem")
+        self.key = os.path.join(directory, "key.pem")
         subprocess.run(["openssl", "genrsa", "-out", self.key, "2048"], check=True, capture_output=True)
         text = subprocess.run(["openssl", "rsa", "-in", self.key, "-noout", "-modulus"],
                               check=True, capture_output=True, text=True).stdout
@@ -45,9 +43,9 @@ class KeyPair:
 
 
 @pytest.fixture(scope="module")
-def keys():
+def keys(tmp_path_factory):
     # The forger uses the same kid: only the signature can give it away.
-    return KeyPair("good"), KeyPair("good")
+    return KeyPair("good", tmp_path_factory.mktemp("jwt")), KeyPair("good", tmp_path_factory.mktemp("jwt"))
 
 
 @pytest.fixture

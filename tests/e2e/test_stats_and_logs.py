@@ -1,9 +1,8 @@
 """Envoy stats after known traffic, and the log story of a job."""
 
 import re
-import time
 
-from conftest import KEY_A, PROVIDER_KEY, stats
+from conftest import KEY_A, PROVIDER_KEY, eventually, stats
 from test_speech_api import speech
 
 SECRET_TEXT = "The secret launch code is 4242"
@@ -31,7 +30,11 @@ def test_stats_count_known_traffic(make_envoy, mock):
     assert client.submit(speech(speed=9)).status == 400
     assert client.call("DELETE", f"/v1/async/audio/speech/{done[0]}").status == 204
 
-    time.sleep(1.5)  # one sweep sets the gauges
+    # The sweep (about once a second) sets the gauges: wait for one to show
+    # what is held now, after the DELETE (5 were held before it).
+    gauges = ("jobs_held", "jobs_pending", "jobs_in_flight")
+    eventually(lambda: [stats(envoy).get(g) for g in gauges] == [4, 0, 0], timeout=10, interval=0.1,
+               what=lambda: f"a sweep to set {gauges} to 4, 0, 0; they are {[stats(envoy).get(g) for g in gauges]}")
     s = stats(envoy)
     assert s["jobs_submitted"] == 5
     assert s["jobs_completed"] == 2
@@ -62,7 +65,8 @@ def test_a_jobs_story_is_in_the_log_without_its_text_or_keys(make_envoy, mock):
     mock.add_rule(path_prefix="/backup/v1/audio/speech", body=b"ok")
     job_id = client.submit(speech(input=SECRET_TEXT, fallbacks=["backup/tts-1"])).json()["id"]
     assert client.wait(job_id).json()["status"] == "completed"
-    time.sleep(0.3)
+    eventually(lambda: f"job {job_id} completed" in envoy.log(), timeout=10,
+               what="Envoy to write the job's last log line")
     lines = [l for l in envoy.log().splitlines() if job_id in l]
     story = "\n".join(lines)
     assert re.search(r"\[info\].*job %s submitted" % job_id, story), story

@@ -3,7 +3,7 @@
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import SPEECH, audio_of, stats
+from conftest import SPEECH, audio_of, eventually, stats, stays
 from test_speech_api import NOT_FOUND, speech
 
 
@@ -21,8 +21,7 @@ def test_503_at_max_jobs_and_delete_frees_a_place(make_envoy, mock):
     err = full.json()
     assert err["status_code"] == 503 and "full" in err["error"]["message"]
     mock.wait_for_requests(3)
-    time.sleep(0.3)
-    assert len(mock.recorded()) == 3, "nothing is sent for a refused job"
+    stays(lambda: len(mock.recorded()) == 3, 0.3, "nothing sent for the refused job")
     assert client.call("DELETE", f"{SPEECH}/{ids[0]}").status == 204
     assert client.poll(ids[0]).json() == NOT_FOUND
     assert client.submit(speech()).status == 202
@@ -38,9 +37,8 @@ def test_expired_jobs_are_swept_without_anyone_polling(make_envoy, mock):
         assert client.wait(job_id).json()["status"] == "completed"
     assert client.submit(speech()).status == 503
     # No polls from here on: only the periodic sweep can free the three slots.
-    deadline = time.monotonic() + 10
-    while stats(envoy).get("jobs_expired", 0) < 3 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    eventually(lambda: stats(envoy).get("jobs_expired", 0) >= 3, timeout=10, interval=0.2,
+               what="the sweep to expire the three jobs")
     assert stats(envoy)["jobs_expired"] == 3
     for _ in range(3):
         assert client.submit(speech()).status == 202

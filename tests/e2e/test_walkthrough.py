@@ -3,66 +3,78 @@ speech server (espeak-ng): real audio, no API key, no internet."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
-import time
-import urllib.request
 
 import pytest
 
-from conftest import Client
-from envoy_harness import ENVOY, ROOT, free_port
+from conftest import Client, eventually
+from envoy_harness import ROOT, EnvoyProcess
 
 LOCAL_TTS = ROOT / "target" / "release" / "local-tts"
 DEMO_KEY = "sk-bf-demo-key"
 
 
+def start_local_tts(log_path):
+    """Starts local-tts on a port of its own choosing; returns (process, port)."""
+    with open(log_path, "wb") as log:
+        tts = subprocess.Popen([str(LOCAL_TTS), "--listen", "127.0.0.1:0"], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=log)
+
+    def bound_port():
+        text = log_path.read_text(errors="replace")
+        if tts.poll() is not None:
+            raise RuntimeError(f"local-tts exited with {tts.returncode}: {text}")
+        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
+        return found and int(found.group(1))
+
+    try:
+        return tts, eventually(bound_port, timeout=10, what="local-tts to say where it listens")
+    except BaseException:
+        stop_process(tts)
+        raise
+
+
+def stop_process(p):
+    p.terminate()
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
 @pytest.fixture(scope="module")
-def shipped_envoy():
+def shipped_envoy(tmp_path_factory):
     if not LOCAL_TTS.exists() or not shutil.which("espeak-ng"):
         pytest.fail("make build and espeak-ng are needed (make test installs both)")
-    tts_port, port, admin = free_port(), free_port(), free_port()
-    text = (ROOT / "envoy" / "envoy.yaml").read_text()
-    for old, new in (("port_value: 8090", f"port_value: {tts_port}"), ("port_value: 10000", f"port_value: {port}"),
-                     ("port_value: 9901", f"port_value: {admin}")):
-        assert old in text, old
-        text = text.replace(old, new)
-    workdir = tempfile.mkdtemp(prefix="walkthrough-")
-    config = os.path.join(workdir, "envoy.yaml")
-    with open(config, "w") as f:
-        f.write(text)
-    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    tts = subprocess.Popen([str(LOCAL_TTS), "--listen", f"127.0.0.1:{tts_port}"], start_new_session=True,
-                           stderr=subprocess.DEVNULL)
-    log = open(os.path.join(workdir, "envoy.log"), "wb")
-    envoy = subprocess.Popen([str(ENVOY), "-c", config, "--concurrency", "2", "--base-id", str(admin)],
-                             cwd=ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    tts, tts_port = start_local_tts(tmp_path_factory.mktemp("walkthrough") / "local-tts.log")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "envoy did not start"
-            assert envoy.poll() is None, open(log.name).read()
-            time.sleep(0.1)
-        yield Client(f"http://127.0.0.1:{port}")
+        text = (ROOT / "envoy" / "envoy.yaml").read_text()
+        # Envoy's own listener and admin bind port 0; the harness reads where they went.
+        for old, new in (("port_value: 8090", f"port_value: {tts_port}"), ("port_value: 10000", "port_value: 0"),
+                         ("port_value: 9901", "port_value: 0")):
+            assert old in text, old
+            text = text.replace(old, new)
+        env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+        envoy = EnvoyProcess(text, "envoy.yaml", concurrency=2, env=env, cwd=ROOT).start()
+        try:
+            yield Client(envoy.url)
+        finally:
+            envoy.stop()
     finally:
-        for p in (envoy, tts):
-            p.terminate()
-            p.wait(timeout=10)
+        stop_process(tts)
 
 
 def probe(audio, suffix):
-    path = tempfile.mktemp(suffix=suffix)
-    with open(path, "wb") as f:
-        f.write(audio)
-    out = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=format_name,duration",
-                          "-of", "json", path], capture_output=True, text=True, check=True).stdout
+    with tempfile.TemporaryDirectory(prefix="walkthrough-") as d:
+        path = os.path.join(d, "audio" + suffix)
+        with open(path, "wb") as f:
+            f.write(audio)
+        out = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=format_name,duration",
+                              "-of", "json", path], capture_output=True, text=True, check=True).stdout
     return json.loads(out)["format"]
 
 

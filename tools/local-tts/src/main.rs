@@ -2,29 +2,20 @@
 //!
 //! `POST /v1/audio/speech` with `{model, input, voice, response_format, speed}`
 //! answers audio: WAV and PCM from espeak-ng directly, mp3/opus/aac/flac through
-//! ffmpeg when it is installed (else a 400 naming what it can make).
-//! `GET /health` answers `ok`. One thread per connection, HTTP/1.1 keep-alive.
+//! ffmpeg when it is installed (else a 400 naming what it can make; ffmpeg is
+//! looked for once, at start). `GET /health` answers `ok`. HTTP/1.1 with
+//! keep-alive comes from `tiny_http`; every request is answered on its own
+//! thread, so a long synthesis does not hold up the others. It prints the
+//! address it listens on (`--listen 127.0.0.1:0` picks a free port).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
+use tiny_http::{Header, Response, Server};
 
 const MAX_BODY: usize = 1 << 20;
-
-struct Request {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
-}
 
 struct Answer {
     status: u16,
@@ -34,60 +25,17 @@ struct Answer {
 
 fn error(status: u16, message: &str, param: Option<&str>) -> Answer {
     let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": null}});
-    Answer { status, content_type: "application/json", body: body.to_string().into_bytes() }
+    Answer {
+        status,
+        content_type: "application/json",
+        body: body.to_string().into_bytes(),
+    }
 }
 
-fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<Request>, String> {
-    let mut line = String::new();
-    if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
-        return Ok(None);
-    }
-    let mut parts = line.split_whitespace();
-    let (method, path) = match (parts.next(), parts.next()) {
-        (Some(m), Some(p)) => (m.to_string(), p.to_string()),
-        _ => return Err("bad request line".into()),
-    };
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        reader.read_line(&mut h).map_err(|e| e.to_string())?;
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-        }
-    }
-    let mut req = Request { method, path, headers, body: Vec::new() };
-    if req.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        loop {
-            let mut size = String::new();
-            reader.read_line(&mut size).map_err(|e| e.to_string())?;
-            let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
-                .map_err(|_| "bad chunk size".to_string())?;
-            if size == 0 {
-                let mut end = String::new();
-                reader.read_line(&mut end).map_err(|e| e.to_string())?;
-                break;
-            }
-            if req.body.len() + size > MAX_BODY {
-                return Err("body too large".into());
-            }
-            let mut chunk = vec![0; size + 2];
-            reader.read_exact(&mut chunk).map_err(|e| e.to_string())?;
-            chunk.truncate(size);
-            req.body.extend_from_slice(&chunk);
-        }
-    } else if let Some(len) = req.header("content-length") {
-        let len: usize = len.parse().map_err(|_| "bad content-length".to_string())?;
-        if len > MAX_BODY {
-            return Err("body too large".into());
-        }
-        req.body = vec![0; len];
-        reader.read_exact(&mut req.body).map_err(|e| e.to_string())?;
-    }
-    Ok(Some(req))
+/// What the server was started with: read by every request thread.
+struct Settings {
+    require_key: Option<String>,
+    ffmpeg: bool,
 }
 
 /// OpenAI voice names to espeak-ng voices; other names must look like an espeak voice.
@@ -107,7 +55,9 @@ fn espeak_voice(voice: &str) -> Option<String> {
         other => {
             let ok = !other.is_empty()
                 && other.len() <= 40
-                && other.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'+' | b'-'));
+                && other
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'+' | b'-'));
             return ok.then(|| other.to_string());
         }
     };
@@ -131,13 +81,21 @@ fn run(program: &str, args: &[&str], input: &[u8]) -> Result<Vec<u8>, String> {
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     let _ = writer.join();
     if !out.status.success() {
-        return Err(format!("{program} failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "{program} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     Ok(out.stdout)
 }
 
 fn has_ffmpeg() -> bool {
-    Command::new("ffmpeg").arg("-version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("ffmpeg")
+        .arg("-version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// The PCM samples of espeak-ng's WAV (16-bit mono), found by its "data" chunk.
@@ -158,7 +116,10 @@ fn wav_data(wav: &[u8]) -> Option<(u32, &[u8])> {
 
 /// Linear resampling of 16-bit mono PCM, for raw PCM at OpenAI's 24 kHz without ffmpeg.
 fn resample(pcm: &[u8], from: u32, to: u32) -> Vec<u8> {
-    let samples: Vec<i16> = pcm.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect();
+    let samples: Vec<i16> = pcm
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]))
+        .collect();
     if samples.is_empty() || from == 0 {
         return Vec::new();
     }
@@ -175,7 +136,7 @@ fn resample(pcm: &[u8], from: u32, to: u32) -> Vec<u8> {
     out
 }
 
-fn speech(body: &[u8]) -> Answer {
+fn speech(body: &[u8], ffmpeg: bool) -> Answer {
     let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(body) else {
         return error(400, "request body must be a JSON object", None);
     };
@@ -187,14 +148,22 @@ fn speech(body: &[u8]) -> Answer {
     if input.is_empty() {
         return error(400, "input is required", Some("input"));
     }
-    let Some(voice) = espeak_voice(if text("voice").is_empty() { "alloy" } else { text("voice") }) else {
+    let Some(voice) = espeak_voice(if text("voice").is_empty() {
+        "alloy"
+    } else {
+        text("voice")
+    }) else {
         return error(400, "voice is not a known voice name", Some("voice"));
     };
     let speed = req.get("speed").and_then(Value::as_f64).unwrap_or(1.0);
     if !(0.25..=4.0).contains(&speed) {
         return error(400, "speed must be between 0.25 and 4", Some("speed"));
     }
-    let format = if text("response_format").is_empty() { "mp3" } else { text("response_format") };
+    let format = if text("response_format").is_empty() {
+        "mp3"
+    } else {
+        text("response_format")
+    };
     let (content_type, ffmpeg_args): (&'static str, &[&str]) = match format {
         "wav" => ("audio/wav", &[]),
         "pcm" => ("audio/pcm", &["-f", "s16le", "-ar", "24000", "-ac", "1"]),
@@ -202,87 +171,135 @@ fn speech(body: &[u8]) -> Answer {
         "opus" => ("audio/ogg", &["-c:a", "libopus", "-f", "ogg"]),
         "aac" => ("audio/aac", &["-c:a", "aac", "-f", "adts"]),
         "flac" => ("audio/flac", &["-f", "flac"]),
-        _ => return error(400, "response_format must be one of mp3, opus, aac, flac, wav, pcm", Some("response_format")),
+        _ => {
+            return error(
+                400,
+                "response_format must be one of mp3, opus, aac, flac, wav, pcm",
+                Some("response_format"),
+            )
+        }
     };
+    if !ffmpeg && !matches!(format, "wav" | "pcm") {
+        return error(
+            400,
+            &format!("{format} needs ffmpeg, which is not installed; without it this server makes wav and pcm"),
+            Some("response_format"),
+        );
+    }
     let wpm = ((175.0 * speed).round() as i64).clamp(80, 450).to_string();
-    let wav = match run("espeak-ng", &["-v", &voice, "-s", &wpm, "--stdout"], input.as_bytes()) {
+    let wav = match run(
+        "espeak-ng",
+        &["-v", &voice, "-s", &wpm, "--stdout"],
+        input.as_bytes(),
+    ) {
         Ok(w) => w,
         Err(e) => return error(500, &format!("speech synthesis failed: {e}"), None),
     };
     let audio = match format {
         "wav" => Ok(wav),
-        _ if has_ffmpeg() => {
-            let mut args = vec!["-hide_banner", "-loglevel", "error", "-f", "wav", "-i", "pipe:0"];
+        _ if ffmpeg => {
+            let mut args = vec![
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-f",
+                "wav",
+                "-i",
+                "pipe:0",
+            ];
             args.extend_from_slice(ffmpeg_args);
             args.push("pipe:1");
             run("ffmpeg", &args, &wav)
         }
-        "pcm" => wav_data(&wav).map(|(rate, pcm)| resample(pcm, rate, 24_000)).ok_or_else(|| "espeak-ng made no audio".into()),
-        _ => {
-            return error(400, &format!("{format} needs ffmpeg, which is not installed; without it this server makes wav and pcm"), Some("response_format"))
-        }
+        // Without ffmpeg only pcm is left (checked above): resample espeak-ng's samples.
+        _ => wav_data(&wav)
+            .map(|(rate, pcm)| resample(pcm, rate, 24_000))
+            .ok_or_else(|| "espeak-ng made no audio".into()),
     };
     match audio {
-        Ok(body) => Answer { status: 200, content_type, body },
+        Ok(body) => Answer {
+            status: 200,
+            content_type,
+            body,
+        },
         Err(e) => error(500, &format!("audio conversion failed: {e}"), None),
     }
 }
 
-fn answer(req: &Request, require_key: Option<&str>) -> Answer {
-    let path = req.path.split('?').next().unwrap_or("");
-    match (req.method.as_str(), path) {
-        ("GET", "/health") => Answer { status: 200, content_type: "text/plain", body: b"ok".to_vec() },
+/// The answer to one request; `authorization` is its Authorization header.
+fn answer(
+    method: &str,
+    url: &str,
+    authorization: Option<&str>,
+    body: &[u8],
+    settings: &Settings,
+) -> Answer {
+    let path = url.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/health") => Answer {
+            status: 200,
+            content_type: "text/plain",
+            body: b"ok".to_vec(),
+        },
         ("POST", "/v1/audio/speech") => {
-            if let Some(key) = require_key {
-                if req.header("authorization") != Some(&format!("Bearer {key}")) {
+            if let Some(key) = &settings.require_key {
+                if authorization != Some(&format!("Bearer {key}")) {
                     return error(401, "missing or wrong API key", None);
                 }
             }
-            speech(&req.body)
+            speech(body, settings.ffmpeg)
         }
         (_, "/v1/audio/speech") | (_, "/health") => error(405, "method not allowed", None),
         _ => error(404, "not found", None),
     }
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        413 => "Payload Too Large",
-        _ => "Internal Server Error",
+/// The request body, up to `MAX_BODY` bytes (tiny_http undoes chunked encoding).
+fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, Answer> {
+    let too_large = || error(413, "request body is over 1 MiB", None);
+    if request.body_length().is_some_and(|len| len > MAX_BODY) {
+        return Err(too_large());
     }
+    let mut body = Vec::new();
+    request
+        .as_reader()
+        .take(MAX_BODY as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| error(400, &format!("bad HTTP request: {e}"), None))?;
+    if body.len() > MAX_BODY {
+        return Err(too_large());
+    }
+    Ok(body)
 }
 
-fn serve(stream: TcpStream, require_key: Option<String>) {
-    let Ok(mut writer) = stream.try_clone() else { return };
-    let mut reader = BufReader::new(stream);
-    loop {
-        let (ans, close, line) = match read_request(&mut reader) {
-            Ok(None) => return,
-            Ok(Some(req)) => {
-                let close = req.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
-                let ans = answer(&req, require_key.as_deref());
-                (ans, close, format!("{} {}", req.method, req.path))
-            }
-            Err(e) if e.contains("too large") => (error(413, "request body is over 1 MiB", None), true, "-".into()),
-            Err(e) => (error(400, &format!("bad HTTP request: {e}"), None), true, "-".into()),
-        };
-        eprintln!("local-tts: {line} -> {} ({} bytes)", ans.status, ans.body.len());
-        let head = format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n{}\r\n",
-            ans.status,
-            reason(ans.status),
-            ans.content_type,
-            ans.body.len(),
-            if close { "connection: close\r\n" } else { "" }
-        );
-        if writer.write_all(head.as_bytes()).and_then(|()| writer.write_all(&ans.body)).is_err() || close {
-            return;
+fn handle(mut request: tiny_http::Request, settings: &Settings) {
+    let method = request.method().as_str().to_string();
+    let url = request.url().to_string();
+    let ans = match read_body(&mut request) {
+        Ok(body) => {
+            let authorization = request
+                .headers()
+                .iter()
+                .find(|h| h.field.equiv("authorization"))
+                .map(|h| h.value.as_str().to_string());
+            answer(&method, &url, authorization.as_deref(), &body, settings)
         }
+        Err(ans) => ans,
+    };
+    eprintln!(
+        "local-tts: {method} {url} -> {} ({} bytes)",
+        ans.status,
+        ans.body.len()
+    );
+    let mut response = Response::from_data(ans.body)
+        .with_status_code(ans.status)
+        // Always a content-length, never chunked, whatever the size.
+        .with_chunked_threshold(usize::MAX);
+    if let Ok(header) = Header::from_bytes("content-type", ans.content_type) {
+        response.add_header(header);
+    }
+    if let Err(e) = request.respond(response) {
+        eprintln!("local-tts: {method} {url}: cannot answer: {e}");
     }
 }
 
@@ -300,17 +317,34 @@ fn main() {
             }
         }
     }
-    let listener = match TcpListener::bind(&listen) {
-        Ok(l) => l,
+    let server = match Server::http(&listen) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("local-tts: cannot listen on {listen}: {e}");
             std::process::exit(1);
         }
     };
-    eprintln!("local-tts: listening on {listen} (ffmpeg: {})", if has_ffmpeg() { "yes" } else { "no" });
-    for stream in listener.incoming().flatten() {
-        let key = require_key.clone();
-        std::thread::spawn(move || serve(stream, key));
+    let settings = Arc::new(Settings {
+        require_key,
+        ffmpeg: has_ffmpeg(),
+    });
+    // The address bound, so that `--listen 127.0.0.1:0` says which port it got.
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .map_or(listen, |addr| addr.to_string());
+    eprintln!(
+        "local-tts: listening on {bound} (ffmpeg: {})",
+        if settings.ffmpeg { "yes" } else { "no" }
+    );
+    serve(&server, &settings);
+}
+
+/// Answers requests until the server is unblocked, each on a thread of its own.
+fn serve(server: &Server, settings: &Arc<Settings>) {
+    for request in server.incoming_requests() {
+        let settings = Arc::clone(settings);
+        std::thread::spawn(move || handle(request, &settings));
     }
 }
 
@@ -328,10 +362,153 @@ mod tests {
 
     #[test]
     fn bad_requests() {
-        assert_eq!(speech(b"[]").status, 400);
-        assert_eq!(speech(br#"{"model":"m","input":""}"#).status, 400);
-        assert_eq!(speech(br#"{"model":"m","input":"a","response_format":"ogg"}"#).status, 400);
-        assert_eq!(speech(br#"{"model":"m","input":"a","speed":9}"#).status, 400);
+        assert_eq!(speech(b"[]", true).status, 400);
+        assert_eq!(speech(br#"{"model":"m","input":""}"#, true).status, 400);
+        assert_eq!(
+            speech(
+                br#"{"model":"m","input":"a","response_format":"ogg"}"#,
+                true
+            )
+            .status,
+            400
+        );
+        assert_eq!(
+            speech(br#"{"model":"m","input":"a","speed":9}"#, true).status,
+            400
+        );
+    }
+
+    #[test]
+    fn without_ffmpeg_other_formats_are_400_naming_wav_and_pcm() {
+        for format in ["mp3", "opus", "aac", "flac"] {
+            let body = format!(r#"{{"model":"m","input":"a","response_format":"{format}"}}"#);
+            let ans = speech(body.as_bytes(), false);
+            assert_eq!(ans.status, 400, "{format}");
+            let err: Value = serde_json::from_slice(&ans.body).unwrap();
+            assert_eq!(err["error"]["param"], "response_format");
+            let message = err["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("needs ffmpeg") && message.contains("wav and pcm"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn routes_and_key() {
+        let open = Settings {
+            require_key: None,
+            ffmpeg: true,
+        };
+        assert_eq!(answer("GET", "/health?x=1", None, b"", &open).body, b"ok");
+        assert_eq!(answer("POST", "/health", None, b"", &open).status, 405);
+        assert_eq!(
+            answer("GET", "/v1/audio/speech", None, b"", &open).status,
+            405
+        );
+        assert_eq!(answer("GET", "/nope", None, b"", &open).status, 404);
+        assert_eq!(
+            answer("POST", "/v1/audio/speech", None, b"[]", &open).status,
+            400
+        );
+        let locked = Settings {
+            require_key: Some("k".into()),
+            ffmpeg: true,
+        };
+        assert_eq!(
+            answer("POST", "/v1/audio/speech", None, b"[]", &locked).status,
+            401
+        );
+        assert_eq!(
+            answer("POST", "/v1/audio/speech", Some("Bearer x"), b"[]", &locked).status,
+            401
+        );
+        assert_eq!(
+            answer("POST", "/v1/audio/speech", Some("Bearer k"), b"[]", &locked).status,
+            400
+        );
+    }
+
+    /// Sends raw HTTP/1.1 and reads `n` answers off one keep-alive connection.
+    fn exchange(addr: std::net::SocketAddr, raw: &[u8], n: usize) -> Vec<String> {
+        use std::io::{BufRead, BufReader};
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(raw).unwrap();
+        let mut reader = BufReader::new(stream);
+        (0..n)
+            .map(|_| {
+                let mut head = String::new();
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    assert!(
+                        !line.to_ascii_lowercase().starts_with("transfer-encoding"),
+                        "{line}"
+                    );
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                head + &String::from_utf8_lossy(&body)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn speaks_http_with_keep_alive_chunked_bodies_and_a_size_limit() {
+        let server = Arc::new(Server::http("127.0.0.1:0").unwrap());
+        let addr = server.server_addr().to_ip().unwrap();
+        let settings = Arc::new(Settings {
+            require_key: None,
+            ffmpeg: false,
+        });
+        let serving = {
+            let server = Arc::clone(&server);
+            std::thread::spawn(move || serve(&server, &settings))
+        };
+        let answers = exchange(
+            addr,
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n\
+              POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n[]\r\n0\r\n\r\n\
+              GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            3,
+        );
+        assert!(
+            answers[0].starts_with("HTTP/1.1 200") && answers[0].ends_with("\r\nok"),
+            "{}",
+            answers[0]
+        );
+        assert!(
+            answers[0]
+                .to_ascii_lowercase()
+                .contains("content-type: text/plain"),
+            "{}",
+            answers[0]
+        );
+        assert!(
+            answers[1].starts_with("HTTP/1.1 400") && answers[1].contains("JSON object"),
+            "{}",
+            answers[1]
+        );
+        assert!(answers[2].starts_with("HTTP/1.1 404"), "{}", answers[2]);
+        let big = format!(
+            "POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        );
+        let [answer] = exchange(addr, big.as_bytes(), 1).try_into().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        server.unblock();
+        serving.join().unwrap();
     }
 
     #[test]
