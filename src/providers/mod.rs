@@ -39,6 +39,14 @@ impl ProviderKind {
             ProviderKind::Azure | ProviderKind::ElevenLabs | ProviderKind::Gemini => "",
         }
     }
+
+    /// Longest input one call takes by default (SPEC §3): the provider's own cap.
+    pub fn default_max_input_chars(self) -> u64 {
+        match self {
+            ProviderKind::OpenAi | ProviderKind::Azure => 4096,
+            ProviderKind::ElevenLabs | ProviderKind::Gemini => 5000,
+        }
+    }
 }
 
 /// What the worker sends through the provider's Envoy cluster.
