@@ -250,7 +250,7 @@ pub fn finish(
     let Some(request) = request else {
         return Progress::Dropped; // deleted while the call ran
     };
-    match for_kind(provider.kind).parse(&request, &response) {
+    match for_kind(provider.kind).parse(provider, &request, &response) {
         Err(error) => after_failure(store, config, attempt, error, now_ms),
         Ok(speech) => {
             if store.put_audio(attempt.slot, &attempt.id, &speech.audio).is_err() {
