@@ -13,7 +13,7 @@ use serde_json::json;
 use super::metrics::SharedMetrics;
 use super::shared::EnvoySharedData;
 use super::now_ms;
-use crate::auth::authenticate;
+use crate::auth::{authenticate, ClaimValue};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::ids::make_id;
@@ -98,18 +98,12 @@ impl SpeechHttp {
             respond_json(405, &[("allow", allow.as_str())], &e.to_json());
             return Ok(Action::Pause);
         }
+        // The whole dynamic metadata, typed (see ClaimValue::from_metadata).
         let claim = config.jwt_owner.as_ref().and_then(|j| {
-            hostcalls::get_property(vec![
-                "metadata",
-                "filter_metadata",
-                &j.metadata_namespace,
-                &j.payload_key,
-                &j.claim,
-            ])
-            .ok()
-            .flatten()
+            let metadata = hostcalls::get_property(vec!["metadata"]).ok().flatten()?;
+            ClaimValue::from_metadata(&metadata, j)
         });
-        let owner = authenticate(config, &header, claim.as_deref())?;
+        let owner = authenticate(config, &header, claim.as_ref())?;
         match route {
             Route::Submit => {
                 let ttl_s = parse_ttl(header(TTL_HEADER).as_deref(), config)?;
