@@ -590,3 +590,81 @@ mod tests {
         assert_eq!(c.job_deadline_s, 90, "at least 90 s");
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            (0u64..3_000_000).prop_map(|n| json!(n)),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+            ".{0,8}".prop_map(Value::String),
+            prop_oneof![Just("openai"), Just("gemini"), Just("sk-bf-x"), Just("/v1")]
+                .prop_map(|s| Value::String(s.to_string())),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A config with a valid provider and any values for the top-level settings.
+    fn config_like() -> impl Strategy<Value = Value> {
+        let settings = prop::collection::vec(
+            (prop::sample::select(RANGES.iter().map(|r| r.setting).collect::<Vec<_>>()), any_json()),
+            0..5,
+        );
+        (settings, any_json(), any_json()).prop_map(|(settings, timeout, keys)| {
+            let mut c = json!({
+                "providers": {"openai": {"cluster": "o", "timeout_ms": timeout}},
+                "virtual_keys": keys,
+                "allow_unauthenticated": true,
+            });
+            for (name, value) in settings {
+                c[name] = value;
+            }
+            c
+        })
+    }
+
+    fn check(bytes: &[u8]) {
+        match Config::parse(bytes, &|_| Some("k".into())) {
+            Ok(c) => {
+                for p in c.providers.values() {
+                    assert!((1..=600_000).contains(&p.timeout_ms));
+                }
+                assert!(c.default_result_ttl_s <= c.max_result_ttl_s);
+                assert!(c.max_fallbacks <= 50 && c.max_audio_bytes >= 1024);
+            }
+            Err(e) => assert!(!e.is_empty()),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            check(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(value in any_json()) {
+            check(&serde_json::to_vec(&value).unwrap());
+        }
+
+        #[test]
+        fn config_shaped_json_is_accepted_in_range_or_refused(value in config_like()) {
+            check(&serde_json::to_vec(&value).unwrap());
+        }
+    }
+}

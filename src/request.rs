@@ -561,3 +561,84 @@ mod tests {
         assert!(!is_json_content_type(Some(b"multipart/form-data; boundary=x")));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn config() -> Config {
+        Config::parse(
+            br#"{"providers":{"openai":{"cluster":"o"},"el":{"type":"elevenlabs","cluster":"e"},
+                 "g":{"type":"gemini","cluster":"g"},"az":{"type":"azure","cluster":"a"}},
+                 "allow_unauthenticated":true,"max_input_chars":50,"max_fallbacks":2}"#,
+            &|_| None,
+        )
+        .unwrap()
+    }
+
+    /// Any JSON value, a few levels deep.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+            ".{0,8}".prop_map(Value::String),
+            prop_oneof![Just("openai/tts-1"), Just("el/m"), Just("g/m"), Just("az/.."), Just("..")]
+                .prop_map(|s| Value::String(s.to_string())),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,6}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Objects with the fields of a submit, each any JSON or absent.
+    fn submit_like() -> impl Strategy<Value = Value> {
+        const FIELDS: [&str; 13] = [
+            "model", "input", "voice", "fallbacks", "stream_format", "instructions", "response_format",
+            "speed", "language_code", "pronunciation_dictionary_locators", "enable_logging",
+            "optimize_streaming_latency", "with_timestamps",
+        ];
+        prop::collection::vec(prop::option::of(any_json()), FIELDS.len()).prop_map(|values| {
+            let mut obj = Map::new();
+            for (field, value) in FIELDS.iter().zip(values) {
+                if let Some(v) = value {
+                    obj.insert(field.to_string(), v);
+                }
+            }
+            Value::Object(obj)
+        })
+    }
+
+    fn check(body: &[u8]) {
+        if let Err(e) = parse_speech_request(body, &config()) {
+            assert!((400..500).contains(&e.status_code), "{}", e.status_code);
+            assert!(!e.error.message.is_empty());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            check(&body);
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(value in any_json()) {
+            check(&serde_json::to_vec(&value).unwrap());
+        }
+
+        #[test]
+        fn submit_shaped_json_is_accepted_or_a_4xx(value in submit_like()) {
+            check(&serde_json::to_vec(&value).unwrap());
+        }
+    }
+}
