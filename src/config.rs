@@ -32,7 +32,7 @@ impl Range {
         match n.as_u64() {
             Some(v) if (self.min..=self.max).contains(&v) => Ok(v),
             _ => Err(format!(
-                "{at}{} must be a whole number from {} to {} (got {n})",
+                "{at}{} must be between {} and {}, a whole number (got {n})",
                 self.setting, self.min, self.max
             )),
         }
@@ -565,7 +565,7 @@ mod tests {
                 let json = with_setting(&range, &bad);
                 let err = parse(&json).unwrap_err();
                 assert!(err.contains(range.setting), "{json} -> {err}");
-                assert!(err.contains(&format!("from {} to {}", range.min, range.max)), "{err}");
+                assert!(err.contains(&format!("between {} and {}", range.min, range.max)), "{err}");
             }
         }
     }
