@@ -149,126 +149,176 @@ pub fn is_json_content_type(value: Option<&[u8]>) -> bool {
     essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Validates a submit body against SPEC §1 and the configured providers.
+/// Longest `model` string, `provider/model` as a whole (SPEC §7).
+pub const MAX_MODEL_CHARS: usize = 256;
+/// Longest `voice` string, and each multi-speaker `speaker` and `voice`.
+pub const MAX_VOICE_CHARS: usize = 256;
+pub const MAX_INSTRUCTIONS_CHARS: usize = 4096;
+pub const MAX_PRONUNCIATION_LOCATORS: usize = 3;
+
+/// Validates a submit body against SPEC §1 and §7 and the configured providers.
 pub fn parse_speech_request(body: &[u8], config: &Config) -> Result<SpeechRequest, ApiError> {
+    let obj = parse_object(body)?;
+    refuse_streaming(&obj)?;
+    let request = SpeechRequest {
+        chain: parse_chain(&obj, config)?,
+        input: parse_input(&obj, config)?,
+        voice: parse_voice(obj.get("voice"))?,
+        response_format: parse_format(&obj)?,
+        instructions: parse_instructions(&obj)?,
+        speed: parse_speed(&obj)?,
+        language_code: optional_str(&obj, "language_code")?.map(str::to_string),
+        pronunciation_dictionary_locators: parse_locators(&obj)?,
+        enable_logging: optional_bool(&obj, "enable_logging")?,
+        optimize_streaming_latency: optional_bool(&obj, "optimize_streaming_latency")?,
+        with_timestamps: optional_bool(&obj, "with_timestamps")?.unwrap_or(false),
+    };
+    check_every_attempt(&request, config)?;
+    Ok(request)
+}
+
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?;
-    let Value::Object(obj) = value else {
-        return Err(ApiError::bad_request("request body must be a JSON object"));
-    };
-
-    if let Some(format) = optional_str(&obj, "stream_format")? {
-        if format == "sse" {
-            return Err(ApiError::invalid(
-                "stream_format",
-                "stream is not supported for async speech",
-            ));
-        }
+    match value {
+        Value::Object(obj) => Ok(obj),
+        _ => Err(ApiError::bad_request("request body must be a JSON object")),
     }
+}
 
-    let model_text = optional_str(&obj, "model")?
-        .ok_or_else(|| ApiError::invalid("model", "model is required for speech"))?;
-    let primary = model_ref("model", model_text, config)?;
+fn refuse_streaming(obj: &Map<String, Value>) -> Result<(), ApiError> {
+    if optional_str(obj, "stream_format")? == Some("sse") {
+        return Err(ApiError::invalid("stream_format", "stream is not supported for async speech"));
+    }
+    Ok(())
+}
 
-    let input = optional_str(&obj, "input")?
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| ApiError::invalid("input", "input is required for speech"))?;
-    let chars = input.chars().count();
-    if chars > config.max_input_chars {
+/// A 400 naming `param` when `text` is longer than `limit` characters.
+fn within_chars(param: &str, text: &str, limit: usize) -> Result<(), ApiError> {
+    // Counting stops past the limit: the work is bounded by the limit, not the text.
+    if text.chars().nth(limit).is_some() {
         return Err(ApiError::invalid(
-            "input",
-            format!("input is {chars} characters; the limit is {}", config.max_input_chars),
+            param,
+            format!("{param} is longer than {limit} characters"),
         ));
     }
+    Ok(())
+}
 
-    let voice = parse_voice(obj.get("voice"))?;
-
-    let mut chain = vec![primary];
-    match obj.get("fallbacks") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(items)) => {
-            for (i, item) in items.iter().enumerate() {
-                let param = format!("fallbacks[{i}]");
-                let text = item.as_str().ok_or_else(|| {
-                    ApiError::invalid(&param, format!("{param} must be a string provider/model"))
-                })?;
-                chain.push(model_ref(&param, text, config)?);
-            }
-        }
+/// The primary model, then the fallbacks in order.
+fn parse_chain(obj: &Map<String, Value>, config: &Config) -> Result<Vec<ModelRef>, ApiError> {
+    let model_text = optional_str(obj, "model")?
+        .ok_or_else(|| ApiError::invalid("model", "model is required for speech"))?;
+    let mut chain = vec![model_ref("model", model_text, config)?];
+    let items = match obj.get("fallbacks") {
+        None | Some(Value::Null) => return Ok(chain),
+        Some(Value::Array(items)) => items,
         Some(_) => {
             return Err(ApiError::invalid(
                 "fallbacks",
                 "fallbacks must be an array of provider/model strings",
             ))
         }
-    }
-
-    let response_format = match optional_str(&obj, "response_format")? {
-        None => None,
-        Some(name) => Some(AudioFormat::from_name(name).ok_or_else(|| {
-            ApiError::invalid(
-                "response_format",
-                format!("response_format {name:?} is not one of mp3, opus, aac, flac, wav, pcm"),
-            )
-        })?),
     };
+    // Before looking at any entry, so that the work never grows with a huge array.
+    if items.len() > config.max_fallbacks {
+        return Err(ApiError::invalid(
+            "fallbacks",
+            format!("fallbacks has {} entries; the limit is {}", items.len(), config.max_fallbacks),
+        ));
+    }
+    for (i, item) in items.iter().enumerate() {
+        let param = format!("fallbacks[{i}]");
+        let text = item.as_str().ok_or_else(|| {
+            ApiError::invalid(&param, format!("{param} must be a string provider/model"))
+        })?;
+        chain.push(model_ref(&param, text, config)?);
+    }
+    Ok(chain)
+}
 
-    let speed = match obj.get("speed") {
-        None | Some(Value::Null) => None,
+fn parse_input(obj: &Map<String, Value>, config: &Config) -> Result<String, ApiError> {
+    let input = optional_str(obj, "input")?
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::invalid("input", "input is required for speech"))?;
+    if input.chars().nth(config.max_input_chars).is_some() {
+        let chars = input.chars().count();
+        return Err(ApiError::invalid(
+            "input",
+            format!("input is {chars} characters; the limit is {}", config.max_input_chars),
+        ));
+    }
+    Ok(input.to_string())
+}
+
+fn parse_format(obj: &Map<String, Value>) -> Result<Option<AudioFormat>, ApiError> {
+    let Some(name) = optional_str(obj, "response_format")? else {
+        return Ok(None);
+    };
+    AudioFormat::from_name(name).map(Some).ok_or_else(|| {
+        ApiError::invalid(
+            "response_format",
+            format!("response_format {name:?} is not one of mp3, opus, aac, flac, wav, pcm"),
+        )
+    })
+}
+
+fn parse_instructions(obj: &Map<String, Value>) -> Result<Option<String>, ApiError> {
+    let instructions = optional_str(obj, "instructions")?;
+    if let Some(text) = instructions {
+        within_chars("instructions", text, MAX_INSTRUCTIONS_CHARS)?;
+    }
+    Ok(instructions.map(str::to_string))
+}
+
+fn parse_speed(obj: &Map<String, Value>) -> Result<Option<f64>, ApiError> {
+    match obj.get("speed") {
+        None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => {
             let s = n.as_f64().unwrap_or(f64::NAN);
             if !(0.25..=4.0).contains(&s) {
                 return Err(ApiError::invalid("speed", "speed must be between 0.25 and 4"));
             }
-            Some(s)
+            Ok(Some(s))
         }
-        Some(_) => return Err(ApiError::invalid("speed", "speed must be a number")),
-    };
-
-    let pronunciation_dictionary_locators = match obj.get("pronunciation_dictionary_locators") {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(items)) if items.iter().all(Value::is_object) => Some(items.clone()),
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "pronunciation_dictionary_locators",
-                "pronunciation_dictionary_locators must be an array of objects",
-            ))
-        }
-    };
-
-    let request = SpeechRequest {
-        chain,
-        input: input.to_string(),
-        voice,
-        response_format,
-        instructions: optional_str(&obj, "instructions")?.map(str::to_string),
-        speed,
-        language_code: optional_str(&obj, "language_code")?.map(str::to_string),
-        pronunciation_dictionary_locators,
-        enable_logging: optional_bool(&obj, "enable_logging")?,
-        optimize_streaming_latency: optional_bool(&obj, "optimize_streaming_latency")?,
-        with_timestamps: optional_bool(&obj, "with_timestamps")?.unwrap_or(false),
-    };
-
-    // Every attempt must be possible: a fallback that could never take this
-    // request is a client error now, not a failed job later.
-    for (i, step) in request.chain.iter().enumerate() {
-        if let Some(provider) = config.providers.get(&step.provider) {
-            let param = if i == 0 { "model".to_string() } else { format!("fallbacks[{}]", i - 1) };
-            crate::providers::for_kind(provider.kind)
-                .check(&request, &step.model)
-                .map_err(|mut e| {
-                    if e.error.param.is_none() {
-                        e.error.param = Some(param);
-                    }
-                    e
-                })?;
-        }
+        Some(_) => Err(ApiError::invalid("speed", "speed must be a number")),
     }
-    Ok(request)
+}
+
+fn parse_locators(obj: &Map<String, Value>) -> Result<Option<Vec<Value>>, ApiError> {
+    const PARAM: &str = "pronunciation_dictionary_locators";
+    match obj.get(PARAM) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) if items.len() > MAX_PRONUNCIATION_LOCATORS => Err(ApiError::invalid(
+            PARAM,
+            format!("{PARAM} has {} entries; the limit is {MAX_PRONUNCIATION_LOCATORS}", items.len()),
+        )),
+        Some(Value::Array(items)) if items.iter().all(Value::is_object) => Ok(Some(items.clone())),
+        Some(_) => Err(ApiError::invalid(PARAM, format!("{PARAM} must be an array of objects"))),
+    }
+}
+
+/// Every attempt must be possible: a fallback that could never take this request
+/// is a client error now, not a failed job later.
+fn check_every_attempt(request: &SpeechRequest, config: &Config) -> Result<(), ApiError> {
+    for (i, step) in request.chain.iter().enumerate() {
+        let Some(provider) = config.providers.get(&step.provider) else {
+            continue;
+        };
+        crate::providers::for_kind(provider.kind)
+            .check(request, &step.model)
+            .map_err(|mut e| {
+                if e.error.param.is_none() {
+                    e.error.param = Some(if i == 0 { "model".to_string() } else { format!("fallbacks[{}]", i - 1) });
+                }
+                e
+            })?;
+    }
+    Ok(())
 }
 
 fn model_ref(param: &str, text: &str, config: &Config) -> Result<ModelRef, ApiError> {
+    within_chars(param, text, MAX_MODEL_CHARS)?;
     let m = ModelRef::parse(text).ok_or_else(|| {
         ApiError::invalid(
             param,
@@ -295,30 +345,35 @@ fn parse_voice(value: Option<&Value>) -> Result<Voice, ApiError> {
         Some(Value::String(s)) if s.is_empty() => {
             Err(ApiError::invalid("voice", "voice is required for speech"))
         }
-        Some(Value::String(s)) => Ok(Voice::Single(s.clone())),
+        Some(Value::String(s)) => {
+            within_chars("voice", s, MAX_VOICE_CHARS)?;
+            Ok(Voice::Single(s.clone()))
+        }
         Some(Value::Array(items)) if !items.is_empty() => {
-            let mut voices = Vec::with_capacity(items.len());
-            for item in items {
-                let speaker = item.get("speaker").and_then(Value::as_str).unwrap_or("");
-                let voice = item.get("voice").and_then(Value::as_str).unwrap_or("");
-                if speaker.is_empty() || voice.is_empty() {
-                    return Err(ApiError::invalid(
-                        "voice",
-                        "each multi-speaker voice must be {\"speaker\": string, \"voice\": string}",
-                    ));
-                }
-                voices.push(SpeakerVoice {
-                    speaker: speaker.to_string(),
-                    voice: voice.to_string(),
-                });
-            }
-            Ok(Voice::Multi(voices))
+            items.iter().map(speaker_voice).collect::<Result<_, _>>().map(Voice::Multi)
         }
         Some(_) => Err(ApiError::invalid(
             "voice",
             "voice must be a string or a non-empty array of {speaker, voice}",
         )),
     }
+}
+
+fn speaker_voice(item: &Value) -> Result<SpeakerVoice, ApiError> {
+    let speaker = item.get("speaker").and_then(Value::as_str).unwrap_or("");
+    let voice = item.get("voice").and_then(Value::as_str).unwrap_or("");
+    if speaker.is_empty() || voice.is_empty() {
+        return Err(ApiError::invalid(
+            "voice",
+            "each multi-speaker voice must be {\"speaker\": string, \"voice\": string}",
+        ));
+    }
+    within_chars("voice", speaker, MAX_VOICE_CHARS)?;
+    within_chars("voice", voice, MAX_VOICE_CHARS)?;
+    Ok(SpeakerVoice {
+        speaker: speaker.to_string(),
+        voice: voice.to_string(),
+    })
 }
 
 fn optional_str<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
@@ -423,6 +478,59 @@ mod tests {
     }
 
     #[test]
+    fn field_sizes_are_bounded() {
+        let ok = |extra: &str| {
+            let body = format!(r#"{{"input":"a"{extra}}}"#);
+            parse_speech_request(body.as_bytes(), &config())
+        };
+        let param_of = |extra: &str| ok(extra).unwrap_err().error.param;
+        let long = |n: usize| "é".repeat(n);
+        // model: 256 characters in all, provider/ included.
+        assert!(ok(&format!(r#","voice":"v","model":"local/{}""#, long(250))).is_ok());
+        assert_eq!(param_of(&format!(r#","voice":"v","model":"local/{}""#, long(251))).as_deref(), Some("model"));
+        let fallback = format!(r#","voice":"v","model":"openai/t","fallbacks":["local/x","local/{}"]"#, long(251));
+        assert_eq!(param_of(&fallback).as_deref(), Some("fallbacks[1]"));
+        // voice, and each speaker and voice of a multi-speaker voice.
+        assert!(ok(&format!(r#","model":"openai/t","voice":"{}""#, long(256))).is_ok());
+        assert_eq!(param_of(&format!(r#","model":"openai/t","voice":"{}""#, long(257))).as_deref(), Some("voice"));
+        for (speaker, voice) in [(long(257), "v".to_string()), ("s".to_string(), long(257))] {
+            let extra = format!(r#","model":"openai/t","voice":[{{"speaker":"{speaker}","voice":"{voice}"}}]"#);
+            let e = ok(&extra).unwrap_err();
+            assert_eq!(e.error.param.as_deref(), Some("voice"));
+            assert!(e.error.message.contains("256"), "{}", e.error.message);
+        }
+        // instructions.
+        let base = r#","model":"openai/t","voice":"v""#;
+        assert!(ok(&format!(r#"{base},"instructions":"{}""#, long(4096))).is_ok());
+        assert_eq!(param_of(&format!(r#"{base},"instructions":"{}""#, long(4097))).as_deref(), Some("instructions"));
+        // pronunciation_dictionary_locators: at most 3.
+        assert!(ok(&format!(r#"{base},"pronunciation_dictionary_locators":[{{}},{{}},{{}}]"#)).is_ok());
+        assert_eq!(
+            param_of(&format!(r#"{base},"pronunciation_dictionary_locators":[{{}},{{}},{{}},{{}}]"#)).as_deref(),
+            Some("pronunciation_dictionary_locators")
+        );
+    }
+
+    #[test]
+    fn fallbacks_are_capped_before_any_entry_is_read() {
+        let c = config();
+        let five = r#"["local/a","local/b","local/c","local/d","local/e"]"#;
+        let body = format!(r#"{{"model":"openai/t","input":"a","voice":"v","fallbacks":{five}}}"#);
+        assert_eq!(parse_speech_request(body.as_bytes(), &c).unwrap().chain.len(), 6);
+        // Six entries, the first of them invalid: the count is what is refused.
+        let six = r#"[1,"local/b","local/c","local/d","local/e","local/f"]"#;
+        let body = format!(r#"{{"model":"openai/t","input":"a","voice":"v","fallbacks":{six}}}"#);
+        let e = parse_speech_request(body.as_bytes(), &c).unwrap_err();
+        assert_eq!((e.status_code, e.error.param.as_deref()), (400, Some("fallbacks")));
+        assert!(e.error.message.contains("limit is 5"), "{}", e.error.message);
+        let none = Config { max_fallbacks: 0, ..c };
+        let body = br#"{"model":"openai/t","input":"a","voice":"v","fallbacks":["local/x"]}"#;
+        assert_eq!(parse_speech_request(body, &none).unwrap_err().error.param.as_deref(), Some("fallbacks"));
+        let body = br#"{"model":"openai/t","input":"a","voice":"v","fallbacks":[]}"#;
+        assert!(parse_speech_request(body, &none).is_ok());
+    }
+
+    #[test]
     fn input_limit_counts_characters_not_bytes() {
         assert!(parse_speech_request(
             r#"{"model":"openai/t","input":"ééééééééé","voice":"v"}"#.as_bytes(),
@@ -451,5 +559,86 @@ mod tests {
         assert!(is_json_content_type(Some(b"Application/JSON")));
         assert!(!is_json_content_type(Some(b"text/plain")));
         assert!(!is_json_content_type(Some(b"multipart/form-data; boundary=x")));
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn config() -> Config {
+        Config::parse(
+            br#"{"providers":{"openai":{"cluster":"o"},"el":{"type":"elevenlabs","cluster":"e"},
+                 "g":{"type":"gemini","cluster":"g"},"az":{"type":"azure","cluster":"a"}},
+                 "allow_unauthenticated":true,"max_input_chars":50,"max_fallbacks":2}"#,
+            &|_| None,
+        )
+        .unwrap()
+    }
+
+    /// Any JSON value, a few levels deep.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+            ".{0,8}".prop_map(Value::String),
+            prop_oneof![Just("openai/tts-1"), Just("el/m"), Just("g/m"), Just("az/.."), Just("..")]
+                .prop_map(|s| Value::String(s.to_string())),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,6}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Objects with the fields of a submit, each any JSON or absent.
+    fn submit_like() -> impl Strategy<Value = Value> {
+        const FIELDS: [&str; 13] = [
+            "model", "input", "voice", "fallbacks", "stream_format", "instructions", "response_format",
+            "speed", "language_code", "pronunciation_dictionary_locators", "enable_logging",
+            "optimize_streaming_latency", "with_timestamps",
+        ];
+        prop::collection::vec(prop::option::of(any_json()), FIELDS.len()).prop_map(|values| {
+            let mut obj = Map::new();
+            for (field, value) in FIELDS.iter().zip(values) {
+                if let Some(v) = value {
+                    obj.insert(field.to_string(), v);
+                }
+            }
+            Value::Object(obj)
+        })
+    }
+
+    fn check(body: &[u8]) {
+        if let Err(e) = parse_speech_request(body, &config()) {
+            assert!((400..500).contains(&e.status_code), "{}", e.status_code);
+            assert!(!e.error.message.is_empty());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            check(&body);
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(value in any_json()) {
+            check(&serde_json::to_vec(&value).unwrap());
+        }
+
+        #[test]
+        fn submit_shaped_json_is_accepted_or_a_4xx(value in submit_like()) {
+            check(&serde_json::to_vec(&value).unwrap());
+        }
     }
 }

@@ -75,7 +75,7 @@ pub enum Decision {
 /// as a client may send any), and the claim of a verified JWT if configured.
 pub struct RequestHead<'a> {
     pub header: &'a dyn Fn(&str) -> Option<Vec<u8>>,
-    pub jwt_claim: Option<Vec<u8>>,
+    pub jwt_claim: Option<crate::auth::ClaimValue>,
 }
 
 /// Everything the API needs for one request.
@@ -109,7 +109,7 @@ impl Api<'_> {
         let method = (head.header)(":method").unwrap_or_default();
         let method = String::from_utf8_lossy(&method);
         check_method(route, &method)?;
-        let owner = authenticate(self.config, head.header, head.jwt_claim.as_deref())?;
+        let owner = authenticate(self.config, head.header, head.jwt_claim.as_ref())?;
         let answer = match route {
             Route::Submit => {
                 let pending = self.submit_headers(head, owner)?;

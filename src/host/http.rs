@@ -9,8 +9,9 @@ use proxy_wasm::types::{Action, BufferType, MapType};
 
 use super::root::Shared;
 use crate::api::{Answer, Api, Decision, Event, PendingSubmit, RequestHead};
+use crate::auth::ClaimValue;
 use crate::error::ApiError;
-use crate::log_text::escape;
+use crate::log_escape::escape_for_log as escape;
 
 enum State {
     /// Not ours: everything passes.
@@ -100,10 +101,10 @@ impl HttpContext for SpeechHttp {
             }
             return self.send(Answer::error(&ApiError::internal("the async speech filter has no configuration")));
         };
+        // The whole dynamic metadata, typed (see ClaimValue::from_metadata).
         let claim = shared.config.jwt_owner.as_ref().and_then(|j| {
-            hostcalls::get_property(vec!["metadata", "filter_metadata", &j.metadata_namespace, &j.payload_key, &j.claim])
-                .ok()
-                .flatten()
+            let metadata = hostcalls::get_property(vec!["metadata"]).ok().flatten()?;
+            ClaimValue::from_metadata(&metadata, j)
         });
         let head = RequestHead { header: &header, jwt_claim: claim };
         match Self::api(&shared).on_headers(&head, end_of_stream) {

@@ -20,7 +20,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::dispatch::{self, Attempt, FailReason, Outcome, Step};
 use crate::error::ApiError;
-use crate::log_text::escape;
+use crate::log_escape::escape_for_log as escape;
 use crate::platform::{Host, Queue};
 use crate::providers::UpstreamResponse;
 use crate::store::{wheel, Keys, Store};

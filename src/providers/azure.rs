@@ -3,7 +3,7 @@
 //! or with `api_version: "v1"` the newer `POST {base_path}/openai/v1/audio/speech`.
 
 use super::openai::{binary_audio, speech_request};
-use super::{encode_component, single_voice, Auth};
+use super::{check_model_in_path, encode_component, single_voice, Auth};
 use super::{Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
@@ -12,8 +12,10 @@ use crate::request::SpeechRequest;
 pub struct Azure;
 
 impl Provider for Azure {
-    fn check(&self, request: &SpeechRequest, _model: &str) -> Result<(), ApiError> {
-        single_voice(request, "azure").map(|_| ())
+    fn check(&self, request: &SpeechRequest, model: &str) -> Result<(), ApiError> {
+        single_voice(request, "azure")?;
+        // The deployment is a path segment (unless api_version is "v1"; refused alike).
+        check_model_in_path(model)
     }
 
     fn build(
@@ -35,8 +37,13 @@ impl Provider for Azure {
         speech_request(self, provider, path, Auth::Header("api-key"), model, request, "azure")
     }
 
-    fn parse(&self, _provider: &ProviderConfig, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
-        binary_audio(self, request, response)
+    fn parse(
+        &self,
+        provider: &ProviderConfig,
+        request: &SpeechRequest,
+        response: &UpstreamResponse,
+    ) -> Result<SpeechAudio, ApiError> {
+        binary_audio(self, provider, request, response)
     }
 }
 
@@ -80,5 +87,19 @@ mod tests {
         let r = parse_speech_request(br#"{"model":"az/gpt-4o-mini-tts","input":"Hi","voice":"alloy"}"#, &c).unwrap();
         let up = Azure.build(&c.providers["az"], "gpt-4o-mini-tts", &r).unwrap();
         assert_eq!(up.header(":path"), Some("/openai/v1/audio/speech"));
+    }
+
+    #[test]
+    fn a_dot_segment_in_the_deployment_is_refused() {
+        let c = config("2025-03-01-preview");
+        for model in ["az/..", "az/.", "az/x/../y", "az/x/."] {
+            let body = format!(r#"{{"model":"{model}","input":"Hi","voice":"alloy"}}"#);
+            let e = parse_speech_request(body.as_bytes(), &c).unwrap_err();
+            assert_eq!((e.status_code, e.error.param.as_deref()), (400, Some("model")), "{model}");
+        }
+        let body = br#"{"model":"az/ok","input":"Hi","voice":"alloy","fallbacks":["az/.."]}"#;
+        let e = parse_speech_request(body, &c).unwrap_err();
+        assert_eq!(e.error.param.as_deref(), Some("fallbacks[0]"));
+        assert!(parse_speech_request(br#"{"model":"az/a..b/.x","input":"Hi","voice":"alloy"}"#, &c).is_ok());
     }
 }

@@ -1,11 +1,11 @@
 //! ElevenLabs: `POST {base_path}/v1/text-to-speech/{voice_id}[/with-timestamps]`
 //! with `xi-api-key`. The voice id is percent-encoded into the path.
 
-use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use super::{check_format, effective_format, encode_component, provider_error, request_headers, Auth};
-use super::{single_voice, wav_from_pcm16, Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
+use super::{audio_within_limit, check_format, check_json_depth, check_path_value, decode_audio_base64};
+use super::{effective_format, encode_component, ensure_success, pcm16_as, request_headers, Auth};
+use super::{single_voice, Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
 use crate::request::{AudioFormat, SpeechRequest};
@@ -24,17 +24,16 @@ fn output_format(format: AudioFormat) -> &'static str {
     }
 }
 
-fn finish_audio(format: AudioFormat, audio: Vec<u8>) -> Vec<u8> {
-    if format == AudioFormat::Wav {
-        wav_from_pcm16(&audio, PCM_RATE, 1)
-    } else {
-        audio
-    }
+/// The answer's audio in the requested format: WAV is made from the PCM asked for.
+fn finish_audio(format: AudioFormat, audio: Vec<u8>, max_audio_bytes: usize) -> Result<Vec<u8>, ApiError> {
+    pcm16_as(format, audio, PCM_RATE, max_audio_bytes)
 }
 
 impl Provider for ElevenLabs {
     fn check(&self, request: &SpeechRequest, _model: &str) -> Result<(), ApiError> {
-        single_voice(request, "elevenlabs")?;
+        let voice = single_voice(request, "elevenlabs")?;
+        // The voice id is a path segment.
+        check_path_value("voice", voice, |message| ApiError::invalid("voice", message))?;
         check_format(self, request, "elevenlabs", &SUPPORTED)
     }
 
@@ -78,38 +77,46 @@ impl Provider for ElevenLabs {
         })
     }
 
-    fn parse(&self, _provider: &ProviderConfig, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
-        if !(200..300).contains(&response.status) {
-            return Err(provider_error(response.status, response.body));
-        }
+    fn parse(
+        &self,
+        provider: &ProviderConfig,
+        request: &SpeechRequest,
+        response: &UpstreamResponse,
+    ) -> Result<SpeechAudio, ApiError> {
+        ensure_success(provider, response)?;
         let format = effective_format(self, request);
-        if !request.with_timestamps {
-            if response.body.is_empty() {
-                return Err(ApiError::upstream(502, "provider answered with no audio"));
-            }
-            return Ok(SpeechAudio {
-                audio: finish_audio(format, response.body.to_vec()),
-                format,
-                alignment: None,
-                normalized_alignment: None,
-            });
+        if request.with_timestamps {
+            return with_timestamps(provider, format, response.body);
         }
-        let json: Value = serde_json::from_slice(response.body)
-            .map_err(|_| ApiError::upstream(502, "ElevenLabs answered with-timestamps without JSON"))?;
-        let audio = json
-            .get("audio_base64")
-            .and_then(Value::as_str)
-            .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
-            .filter(|a| !a.is_empty())
-            .ok_or_else(|| ApiError::upstream(502, "ElevenLabs answered without audio_base64"))?;
-        let pick = |name: &str| json.get(name).filter(|v| !v.is_null()).cloned();
+        if response.body.is_empty() {
+            return Err(ApiError::upstream(502, "provider answered with no audio"));
+        }
+        audio_within_limit(response.body.len(), provider.max_audio_bytes)?;
         Ok(SpeechAudio {
-            audio: finish_audio(format, audio),
+            audio: finish_audio(format, response.body.to_vec(), provider.max_audio_bytes)?,
             format,
-            alignment: pick("alignment"),
-            normalized_alignment: pick("normalized_alignment"),
+            alignment: None,
+            normalized_alignment: None,
         })
     }
+}
+
+/// The with-timestamps answer: `{"audio_base64": …, "alignment": …, "normalized_alignment": …}`.
+fn with_timestamps(provider: &ProviderConfig, format: AudioFormat, body: &[u8]) -> Result<SpeechAudio, ApiError> {
+    check_json_depth(body)?;
+    let json: Value = serde_json::from_slice(body)
+        .map_err(|_| ApiError::upstream(502, "ElevenLabs answered with-timestamps without JSON"))?;
+    let b64 = json.get("audio_base64").and_then(Value::as_str).unwrap_or("");
+    let audio = decode_audio_base64(b64, provider.max_audio_bytes)?
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| ApiError::upstream(502, "ElevenLabs answered without audio_base64"))?;
+    let pick = |name: &str| json.get(name).filter(|v| !v.is_null()).cloned();
+    Ok(SpeechAudio {
+        audio: finish_audio(format, audio, provider.max_audio_bytes)?,
+        format,
+        alignment: pick("alignment"),
+        normalized_alignment: pick("normalized_alignment"),
+    })
 }
 
 #[cfg(test)]
@@ -132,14 +139,14 @@ mod tests {
     #[test]
     fn maps_every_field() {
         let (c, r) = setup(
-            r#"{"model":"elevenlabs/eleven_multilingual_v2","input":"Hola","voice":"voice/../x y","speed":1.1,
+            r#"{"model":"elevenlabs/eleven_multilingual_v2","input":"Hola","voice":"voice/x y?","speed":1.1,
                 "language_code":"es","pronunciation_dictionary_locators":[{"pronunciation_dictionary_id":"d","version_id":"v"}],
                 "enable_logging":false,"optimize_streaming_latency":true,"response_format":"opus","instructions":"ignored"}"#,
         );
         let up = ElevenLabs.build(&c.providers["elevenlabs"], "eleven_multilingual_v2", &r).unwrap();
         assert_eq!(
             up.header(":path"),
-            Some("/v1/text-to-speech/voice%2F..%2Fx%20y?output_format=opus_48000_128&enable_logging=false&optimize_streaming_latency=1")
+            Some("/v1/text-to-speech/voice%2Fx%20y%3F?output_format=opus_48000_128&enable_logging=false&optimize_streaming_latency=1")
         );
         assert_eq!(up.header("xi-api-key"), Some("xi-secret"));
         let body: Value = serde_json::from_slice(&up.body).unwrap();
@@ -167,8 +174,8 @@ mod tests {
             .unwrap_err();
             assert_eq!(e.error.param.as_deref(), Some("response_format"));
         }
-        let (_, r) = setup(r#"{"model":"elevenlabs/m","input":"a","voice":"v","response_format":"wav"}"#);
-        let out = ElevenLabs.parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 200, headers: &[], body: &[1, 0] }).unwrap();
+        let (c, r) = setup(r#"{"model":"elevenlabs/m","input":"a","voice":"v","response_format":"wav"}"#);
+        let out = ElevenLabs.parse(&c.providers["elevenlabs"], &r, &UpstreamResponse { status: 200, headers: &[], body: &[1, 0] }).unwrap();
         assert_eq!(&out.audio[..4], b"RIFF");
         assert_eq!(&out.audio[44..], &[1, 0]);
     }
@@ -184,7 +191,7 @@ mod tests {
             "normalized_alignment": {"characters":["H","i"],"character_start_times_seconds":[0.0,0.1],"character_end_times_seconds":[0.1,0.2]}
         });
         let body = serde_json::to_vec(&answer).unwrap();
-        let out = ElevenLabs.parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 200, headers: &[], body: &body }).unwrap();
+        let out = ElevenLabs.parse(&c.providers["elevenlabs"], &r, &UpstreamResponse { status: 200, headers: &[], body: &body }).unwrap();
         assert_eq!(out.audio, vec![0, 1, 2]);
         assert_eq!(out.alignment, Some(answer["alignment"].clone()));
         assert_eq!(out.normalized_alignment, Some(answer["normalized_alignment"].clone()));
@@ -192,10 +199,39 @@ mod tests {
 
     #[test]
     fn errors_keep_the_providers_detail() {
-        let (_, r) = setup(r#"{"model":"elevenlabs/m","input":"Hi","voice":"v"}"#);
+        let (c, r) = setup(r#"{"model":"elevenlabs/m","input":"Hi","voice":"v"}"#);
         let e = ElevenLabs
-            .parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 401, headers: &[], body: br#"{"detail":{"status":"invalid_api_key","message":"Invalid API key"}}"# })
+            .parse(&c.providers["elevenlabs"], &r, &UpstreamResponse { status: 401, headers: &[], body: br#"{"detail":{"status":"invalid_api_key","message":"Invalid API key"}}"# })
             .unwrap_err();
         assert_eq!((e.status_code, e.error.message.as_str(), e.error.code.as_deref()), (401, "Invalid API key", Some("invalid_api_key")));
+    }
+
+    #[test]
+    fn a_dot_segment_in_the_voice_id_is_refused() {
+        let c = setup(r#"{"model":"elevenlabs/m","input":"a","voice":"v"}"#).0;
+        for voice in ["..", ".", "a/../b", "a/.", "../"] {
+            let body = format!(r#"{{"model":"elevenlabs/m","input":"a","voice":"{voice}"}}"#);
+            let e = parse_speech_request(body.as_bytes(), &c).unwrap_err();
+            assert_eq!((e.status_code, e.error.param.as_deref()), (400, Some("voice")), "{voice}");
+        }
+        assert!(parse_speech_request(br#"{"model":"elevenlabs/m","input":"a","voice":"...x."}"#, &c).is_ok());
+    }
+
+    #[test]
+    fn hostile_answers_fail_the_attempt_with_502() {
+        let (c, r) = setup(r#"{"model":"elevenlabs/m","input":"Hi","voice":"v","with_timestamps":true}"#);
+        let p = &c.providers["elevenlabs"];
+        let parse = |body: &[u8]| ElevenLabs.parse(p, &r, &UpstreamResponse { status: 200, headers: &[], body });
+        let deep = format!(r#"{{"audio_base64":"AAEC","alignment":{}1{}}}"#, "[".repeat(32), "]".repeat(32));
+        let e = parse(deep.as_bytes()).unwrap_err();
+        assert_eq!(e.status_code, 502);
+        assert!(e.error.message.contains("32 levels"), "{}", e.error.message);
+        let ok = format!(r#"{{"audio_base64":"AAEC","alignment":{}1{}}}"#, "[".repeat(31), "]".repeat(31));
+        assert!(parse(ok.as_bytes()).is_ok());
+        // Audio above max_audio_bytes, refused before it is decoded.
+        let big = format!(r#"{{"audio_base64":"{}"}}"#, "A".repeat(40_000_000));
+        let e = parse(big.as_bytes()).unwrap_err();
+        assert_eq!(e.status_code, 502);
+        assert!(e.error.message.contains("max_audio_bytes"), "{}", e.error.message);
     }
 }

@@ -1,11 +1,11 @@
 //! Google Gemini speech: `POST {base_path}/v1beta/models/{model}:generateContent`
 //! with `x-goog-api-key`. The answer is base64 PCM (24 kHz, 16-bit, mono).
 
-use base64::Engine;
 use serde_json::{json, Value};
 
-use super::{check_format, effective_format, encode_component, provider_error, request_headers, Auth};
-use super::{wav_from_pcm16, Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
+use super::{check_format, check_json_depth, check_model_in_path, decode_audio_base64, effective_format};
+use super::{encode_component, ensure_success, pcm16_as, request_headers, Auth};
+use super::{Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
 use crate::request::{AudioFormat, SpeechRequest, Voice};
@@ -20,7 +20,9 @@ fn voice_config(name: &str) -> Value {
 }
 
 impl Provider for Gemini {
-    fn check(&self, request: &SpeechRequest, _model: &str) -> Result<(), ApiError> {
+    fn check(&self, request: &SpeechRequest, model: &str) -> Result<(), ApiError> {
+        // The model is a path segment.
+        check_model_in_path(model)?;
         check_format(self, request, "gemini", &SUPPORTED)
     }
 
@@ -69,34 +71,44 @@ impl Provider for Gemini {
         })
     }
 
-    fn parse(&self, _provider: &ProviderConfig, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
-        if !(200..300).contains(&response.status) {
-            return Err(provider_error(response.status, response.body));
-        }
+    fn parse(
+        &self,
+        provider: &ProviderConfig,
+        request: &SpeechRequest,
+        response: &UpstreamResponse,
+    ) -> Result<SpeechAudio, ApiError> {
+        ensure_success(provider, response)?;
+        check_json_depth(response.body)?;
         let json: Value = serde_json::from_slice(response.body)
             .map_err(|_| ApiError::upstream(502, "Gemini answered without JSON"))?;
-        let parts = json
-            .pointer("/candidates/0/content/parts")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        let pcm = parts
-            .iter()
-            .filter_map(|p| p.pointer("/inlineData/data").and_then(Value::as_str))
-            .find_map(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
-            .filter(|a| !a.is_empty())
-            .ok_or_else(|| {
-                let reason = json
-                    .pointer("/candidates/0/finishReason")
-                    .or_else(|| json.pointer("/promptFeedback/blockReason"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("none given");
-                ApiError::upstream(502, format!("Gemini answered without audio (reason: {reason})"))
-            })?;
+        let pcm = pcm_of(&json, provider.max_audio_bytes)?.ok_or_else(|| {
+            let reason = json
+                .pointer("/candidates/0/finishReason")
+                .or_else(|| json.pointer("/promptFeedback/blockReason"))
+                .and_then(Value::as_str)
+                .unwrap_or("none given");
+            let reason = crate::log_escape::escape_for_log(reason);
+            ApiError::upstream(502, format!("Gemini answered without audio (reason: {reason})"))
+        })?;
         let format = effective_format(self, request);
-        let audio = if format == AudioFormat::Wav { wav_from_pcm16(&pcm, PCM_RATE, 1) } else { pcm };
+        let audio = pcm16_as(format, pcm, PCM_RATE, provider.max_audio_bytes)?;
         Ok(SpeechAudio { audio, format, alignment: None, normalized_alignment: None })
     }
+}
+
+/// The first non-empty base64 audio among the answer's parts.
+fn pcm_of(json: &Value, max_audio_bytes: usize) -> Result<Option<Vec<u8>>, ApiError> {
+    let parts = json.pointer("/candidates/0/content/parts").and_then(Value::as_array);
+    let datas = parts
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.pointer("/inlineData/data").and_then(Value::as_str));
+    for b64 in datas {
+        if let Some(pcm) = decode_audio_base64(b64, max_audio_bytes)?.filter(|a| !a.is_empty()) {
+            return Ok(Some(pcm));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -104,6 +116,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::request::parse_speech_request;
+    use crate::providers::wav_from_pcm16;
 
     fn setup(body: &str) -> (Config, SpeechRequest) {
         let c = Config::parse(
@@ -147,12 +160,12 @@ mod tests {
     #[test]
     fn wav_by_default_pcm_on_request_and_nothing_else() {
         let answer = br#"{"candidates":[{"content":{"parts":[{"inlineData":{"mimeType":"audio/L16;codec=pcm;rate=24000","data":"AQACAA=="}}]}}]}"#;
-        let (_, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore"}"#);
-        let out = Gemini.parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 200, headers: &[], body: answer }).unwrap();
+        let (c, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore"}"#);
+        let out = Gemini.parse(&c.providers["gemini"], &r, &UpstreamResponse { status: 200, headers: &[], body: answer }).unwrap();
         assert_eq!(out.format, AudioFormat::Wav);
         assert_eq!(out.audio, wav_from_pcm16(&[1, 0, 2, 0], 24_000, 1));
         let (c, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore","response_format":"pcm"}"#);
-        let out = Gemini.parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 200, headers: &[], body: answer }).unwrap();
+        let out = Gemini.parse(&c.providers["gemini"], &r, &UpstreamResponse { status: 200, headers: &[], body: answer }).unwrap();
         assert_eq!(out.audio, vec![1, 0, 2, 0]);
         let e = parse_speech_request(br#"{"model":"gemini/m","input":"a","voice":"Kore","response_format":"mp3"}"#, &c).unwrap_err();
         assert_eq!(e.error.param.as_deref(), Some("response_format"));
@@ -167,14 +180,34 @@ mod tests {
 
     #[test]
     fn google_errors_are_mapped() {
-        let (_, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore"}"#);
+        let (c, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore"}"#);
+        let p = &c.providers["gemini"];
         let e = Gemini
-            .parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 400, headers: &[], body: br#"{"error":{"code":400,"message":"API key not valid.","status":"INVALID_ARGUMENT"}}"# })
+            .parse(p, &r, &UpstreamResponse { status: 400, headers: &[], body: br#"{"error":{"code":400,"message":"API key not valid.","status":"INVALID_ARGUMENT"}}"# })
             .unwrap_err();
         assert_eq!((e.status_code, e.error.message.as_str(), e.error.kind.as_deref()), (400, "API key not valid.", Some("INVALID_ARGUMENT")));
         let e = Gemini
-            .parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 200, headers: &[], body: br#"{"candidates":[{"finishReason":"SAFETY"}]}"# })
+            .parse(p, &r, &UpstreamResponse { status: 200, headers: &[], body: br#"{"candidates":[{"finishReason":"SAFETY"}]}"# })
             .unwrap_err();
         assert!(e.error.message.contains("SAFETY"));
+    }
+
+    #[test]
+    fn a_dot_segment_in_the_model_is_refused_and_deep_answers_fail() {
+        let (c, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore"}"#);
+        for model in ["gemini/..", "gemini/models/../x"] {
+            let body = format!(r#"{{"model":"{model}","input":"a","voice":"Kore"}}"#);
+            let e = parse_speech_request(body.as_bytes(), &c).unwrap_err();
+            assert_eq!((e.status_code, e.error.param.as_deref()), (400, Some("model")), "{model}");
+        }
+        let p = &c.providers["gemini"];
+        let deep = format!("{}{}", "[".repeat(33), "]".repeat(33));
+        for status in [200, 400] {
+            let e = Gemini
+                .parse(p, &r, &UpstreamResponse { status, headers: &[], body: deep.as_bytes() })
+                .unwrap_err();
+            assert_eq!(e.status_code, 502, "{status}");
+            assert!(e.error.message.contains("nested deeper than 32"), "{}", e.error.message);
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{effective_format, provider_error, request_headers, single_voice, Auth};
+use super::{audio_within_limit, effective_format, ensure_success, request_headers, single_voice, Auth};
 use super::{Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
@@ -47,19 +47,19 @@ pub fn speech_request(
 
 /// A 2xx answer is the audio itself, in the requested format.
 pub fn binary_audio(
-    provider: &dyn Provider,
+    this: &dyn Provider,
+    provider: &ProviderConfig,
     request: &SpeechRequest,
     response: &UpstreamResponse,
 ) -> Result<SpeechAudio, ApiError> {
-    if !(200..300).contains(&response.status) {
-        return Err(provider_error(response.status, response.body));
-    }
+    ensure_success(provider, response)?;
     if response.body.is_empty() {
         return Err(ApiError::upstream(502, "provider answered with no audio"));
     }
+    audio_within_limit(response.body.len(), provider.max_audio_bytes)?;
     Ok(SpeechAudio {
         audio: response.body.to_vec(),
-        format: effective_format(provider, request),
+        format: effective_format(this, request),
         alignment: None,
         normalized_alignment: None,
     })
@@ -80,8 +80,13 @@ impl Provider for OpenAi {
         speech_request(self, provider, path, Auth::Bearer, model, request, "openai")
     }
 
-    fn parse(&self, _provider: &ProviderConfig, request: &SpeechRequest, response: &UpstreamResponse) -> Result<SpeechAudio, ApiError> {
-        binary_audio(self, request, response)
+    fn parse(
+        &self,
+        provider: &ProviderConfig,
+        request: &SpeechRequest,
+        response: &UpstreamResponse,
+    ) -> Result<SpeechAudio, ApiError> {
+        binary_audio(self, provider, request, response)
     }
 }
 
@@ -135,14 +140,50 @@ mod tests {
 
     #[test]
     fn maps_audio_and_errors() {
-        let (_, r) = setup("");
+        let (c, r) = setup("");
+        let p = &c.providers["openai"];
         let ok = OpenAi
-            .parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 200, headers: &[], body: &[0, 255, 1] })
+            .parse(p, &r, &UpstreamResponse { status: 200, headers: &[], body: &[0, 255, 1] })
             .unwrap();
         assert_eq!((ok.audio, ok.format), (vec![0, 255, 1], AudioFormat::Mp3));
         let err = OpenAi
-            .parse(&crate::providers::test_provider(), &r, &UpstreamResponse { status: 429, headers: &[], body: br#"{"error":{"message":"slow down"}}"# })
+            .parse(p, &r, &UpstreamResponse { status: 429, headers: &[], body: br#"{"error":{"message":"slow down"}}"# })
             .unwrap_err();
         assert_eq!((err.status_code, err.error.message.as_str()), (429, "slow down"));
+    }
+
+    #[test]
+    fn a_key_repeated_by_the_provider_is_redacted() {
+        let (c, r) = setup("");
+        let p = &c.providers["openai"];
+        let body = br#"{"error":{"message":"Incorrect API key provided: sk-prov.","type":"sk-prov","code":"sk-prov","param":"sk-prov"}}"#;
+        let e = OpenAi.parse(p, &r, &UpstreamResponse { status: 401, headers: &[], body }).unwrap_err();
+        assert_eq!(e.error.message, "Incorrect API key provided: [redacted].");
+        for field in [&e.error.kind, &e.error.code, &e.error.param] {
+            assert_eq!(field.as_deref(), Some("[redacted]"));
+        }
+        // Also in the raw fallback, even where the key straddles the 300-character cut.
+        let mut raw = "x".repeat(296).into_bytes();
+        raw.extend_from_slice(b"sk-prov and more");
+        let e = OpenAi.parse(p, &r, &UpstreamResponse { status: 500, headers: &[], body: &raw }).unwrap_err();
+        assert!(!e.error.message.contains("sk-p"), "{}", e.error.message);
+        assert!(!String::from_utf8_lossy(&e.to_json()).contains("sk-prov"));
+    }
+
+    #[test]
+    fn audio_above_the_limit_fails_with_502() {
+        let c = Config::parse(
+            br#"{"providers":{"openai":{"cluster":"o"}},"allow_unauthenticated":true,"max_audio_bytes":1024}"#,
+            &|_| None,
+        )
+        .unwrap();
+        let r = parse_speech_request(br#"{"model":"openai/m","input":"Hi","voice":"alloy"}"#, &c).unwrap();
+        let p = &c.providers["openai"];
+        let ok = vec![7u8; 1024];
+        assert!(OpenAi.parse(p, &r, &UpstreamResponse { status: 200, headers: &[], body: &ok }).is_ok());
+        let big = vec![7u8; 1025];
+        let e = OpenAi.parse(p, &r, &UpstreamResponse { status: 200, headers: &[], body: &big }).unwrap_err();
+        assert_eq!(e.status_code, 502);
+        assert!(e.error.message.contains("max_audio_bytes (1024)"), "{}", e.error.message);
     }
 }
