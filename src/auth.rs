@@ -45,8 +45,14 @@ fn strip_bearer(value: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
-    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |i| i + 1);
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
     v.get(start..end).unwrap_or(&[])
 }
 
@@ -64,7 +70,9 @@ pub fn authenticate(
     verified_claim: Option<&ClaimValue>,
 ) -> Result<String, ApiError> {
     if config.jwt_owner.is_some() {
-        let usable = |c: &&ClaimValue| !matches!(c, ClaimValue::Null) && **c != ClaimValue::String(String::new());
+        let usable = |c: &&ClaimValue| {
+            !matches!(c, ClaimValue::Null) && **c != ClaimValue::String(String::new())
+        };
         if let Some(claim) = verified_claim.filter(usable) {
             return Ok(format!("jwt:{}", claim.to_canonical_json()));
         }
@@ -163,7 +171,8 @@ impl ClaimValue {
     /// claim nested deeper than 32 levels) gives `None`: no owner, so a 401.
     pub fn from_metadata(metadata: &[u8], jwt: &JwtOwner) -> Option<ClaimValue> {
         let namespace = map_entry(metadata, 1, &jwt.metadata_namespace)?;
-        let payload = ClaimValue::from_protobuf_value_at(map_entry(namespace, 1, &jwt.payload_key)?, 0)?;
+        let payload =
+            ClaimValue::from_protobuf_value_at(map_entry(namespace, 1, &jwt.payload_key)?, 0)?;
         match payload {
             ClaimValue::Object(mut fields) => fields.remove(&jwt.claim),
             _ => None,
@@ -209,7 +218,10 @@ fn decode_struct(bytes: &[u8], depth: usize) -> Option<BTreeMap<String, ClaimVal
     for field in WireFields::new(bytes) {
         if let (1, Wire::Bytes(entry)) = field? {
             let (key, value) = decode_map_entry(entry)?;
-            fields.insert(key.to_string(), ClaimValue::from_protobuf_value_at(value, depth)?);
+            fields.insert(
+                key.to_string(),
+                ClaimValue::from_protobuf_value_at(value, depth)?,
+            );
         }
     }
     Some(fields)
@@ -272,7 +284,10 @@ struct WireFields<'a> {
 
 impl<'a> WireFields<'a> {
     fn new(bytes: &'a [u8]) -> Self {
-        WireFields { rest: bytes, failed: false }
+        WireFields {
+            rest: bytes,
+            failed: false,
+        }
     }
 
     fn varint(&mut self) -> Option<u64> {
@@ -357,27 +372,56 @@ mod tests {
         )
         .unwrap();
         let alice = ClaimValue::String("alice".into());
-        assert_eq!(authenticate(&c, &headers(&[]), Some(&alice)).unwrap(), r#"jwt:"alice""#);
-        let posing = headers(&[("x-jwt-sub", b"alice"), ("authorization", b"Bearer jwt:alice")]);
-        assert_eq!(authenticate(&c, &posing, None).unwrap_err().status_code, 401);
+        assert_eq!(
+            authenticate(&c, &headers(&[]), Some(&alice)).unwrap(),
+            r#"jwt:"alice""#
+        );
+        let posing = headers(&[
+            ("x-jwt-sub", b"alice"),
+            ("authorization", b"Bearer jwt:alice"),
+        ]);
+        assert_eq!(
+            authenticate(&c, &posing, None).unwrap_err().status_code,
+            401
+        );
         for nothing in [ClaimValue::String(String::new()), ClaimValue::Null] {
-            assert_eq!(authenticate(&c, &headers(&[]), Some(&nothing)).unwrap_err().status_code, 401);
+            assert_eq!(
+                authenticate(&c, &headers(&[]), Some(&nothing))
+                    .unwrap_err()
+                    .status_code,
+                401
+            );
         }
         // Without jwt_owner configured, a claim means nothing.
-        assert_eq!(authenticate(&config(false), &headers(&[]), Some(&alice)).unwrap_err().status_code, 401);
+        assert_eq!(
+            authenticate(&config(false), &headers(&[]), Some(&alice))
+                .unwrap_err()
+                .status_code,
+            401
+        );
     }
 
     fn headers(pairs: &[(&str, &[u8])]) -> impl Fn(&str) -> Option<Vec<u8>> {
-        let owned: Vec<(String, Vec<u8>)> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect();
-        move |name| owned.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        let owned: Vec<(String, Vec<u8>)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .collect();
+        move |name| {
+            owned
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        }
     }
 
     #[test]
     fn every_header_of_the_spec_is_accepted() {
         let c = config(false);
         for h in ["x-bf-vk", "x-api-key", "api-key"] {
-            assert_eq!(authenticate_(&c, &headers(&[(h, b"sk-bf-b")])).unwrap(), "vk:team-b");
+            assert_eq!(
+                authenticate_(&c, &headers(&[(h, b"sk-bf-b")])).unwrap(),
+                "vk:team-b"
+            );
         }
         assert_eq!(
             authenticate_(&c, &headers(&[("authorization", b"Bearer sk-bf-a")])).unwrap(),
@@ -392,19 +436,35 @@ mod tests {
     #[test]
     fn a_virtual_key_wins_over_a_provider_key() {
         let c = config(false);
-        let h = headers(&[("authorization", b"Bearer sk-proj-123"), ("x-bf-vk", b"sk-bf-b")]);
+        let h = headers(&[
+            ("authorization", b"Bearer sk-proj-123"),
+            ("x-bf-vk", b"sk-bf-b"),
+        ]);
         assert_eq!(authenticate_(&c, &h).unwrap(), "vk:team-b");
     }
 
     #[test]
     fn missing_unknown_and_non_utf8_keys_are_401() {
         let c = config(false);
-        assert_eq!(authenticate_(&c, &headers(&[])).unwrap_err().status_code, 401);
-        let e = authenticate_(&c, &headers(&[("x-bf-vk", b"sk-bf-zzz")])).unwrap_err();
-        assert_eq!((e.status_code, e.error.message.as_str()), (401, "unknown virtual key"));
-        assert_eq!(authenticate_(&c, &headers(&[("x-bf-vk", b"\xff\xfe")])).unwrap_err().status_code, 401);
         assert_eq!(
-            authenticate_(&c, &headers(&[("authorization", b"Basic abc")])).unwrap_err().status_code,
+            authenticate_(&c, &headers(&[])).unwrap_err().status_code,
+            401
+        );
+        let e = authenticate_(&c, &headers(&[("x-bf-vk", b"sk-bf-zzz")])).unwrap_err();
+        assert_eq!(
+            (e.status_code, e.error.message.as_str()),
+            (401, "unknown virtual key")
+        );
+        assert_eq!(
+            authenticate_(&c, &headers(&[("x-bf-vk", b"\xff\xfe")]))
+                .unwrap_err()
+                .status_code,
+            401
+        );
+        assert_eq!(
+            authenticate_(&c, &headers(&[("authorization", b"Basic abc")]))
+                .unwrap_err()
+                .status_code,
             401
         );
     }
@@ -413,7 +473,12 @@ mod tests {
     fn unauthenticated_mode_still_rejects_wrong_keys() {
         let c = config(true);
         assert_eq!(authenticate_(&c, &headers(&[])).unwrap(), ANONYMOUS);
-        assert_eq!(authenticate_(&c, &headers(&[("x-bf-vk", b"sk-bf-x")])).unwrap_err().status_code, 401);
+        assert_eq!(
+            authenticate_(&c, &headers(&[("x-bf-vk", b"sk-bf-x")]))
+                .unwrap_err()
+                .status_code,
+            401
+        );
     }
 
     // A small protobuf writer, to build what Envoy hands over.
@@ -450,18 +515,36 @@ mod tests {
     }
     /// The bytes of a Struct with these fields.
     fn pb_struct(fields: &[(&str, Vec<u8>)]) -> Vec<u8> {
-        fields.iter().flat_map(|(k, v)| len_field(1, &entry(k, v))).collect()
+        fields
+            .iter()
+            .flat_map(|(k, v)| len_field(1, &entry(k, v)))
+            .collect()
     }
     fn struct_value(fields: &[(&str, Vec<u8>)]) -> Vec<u8> {
         len_field(5, &pb_struct(fields))
     }
     fn list_value(items: &[Vec<u8>]) -> Vec<u8> {
-        len_field(6, &items.iter().flat_map(|i| len_field(1, i)).collect::<Vec<u8>>())
+        len_field(
+            6,
+            &items
+                .iter()
+                .flat_map(|i| len_field(1, i))
+                .collect::<Vec<u8>>(),
+        )
     }
     /// Metadata with the JWT payload at filter_metadata["envoy.filters.http.jwt_authn"]["jwt_payload"].
     fn metadata(payload: &[(&str, Vec<u8>)]) -> Vec<u8> {
-        let other = len_field(1, &entry("envoy.lb", &pb_struct(&[("canary", boolean(true))])));
-        let jwt = len_field(1, &entry("envoy.filters.http.jwt_authn", &pb_struct(&[("jwt_payload", struct_value(payload))])));
+        let other = len_field(
+            1,
+            &entry("envoy.lb", &pb_struct(&[("canary", boolean(true))])),
+        );
+        let jwt = len_field(
+            1,
+            &entry(
+                "envoy.filters.http.jwt_authn",
+                &pb_struct(&[("jwt_payload", struct_value(payload))]),
+            ),
+        );
         [other, jwt, vec![2 << 3 | 2, 0]].concat() // and an empty typed_filter_metadata entry
     }
     fn jwt(claim: &str) -> JwtOwner {
@@ -493,7 +576,10 @@ mod tests {
         assert_eq!(owner_of(number(1e21)), "jwt:1000000000000000000000");
         assert_eq!(owner_of(boolean(true)), "jwt:true");
         assert_eq!(owner_of(string("a\"b\n")), r#"jwt:"a\"b\n""#);
-        assert_eq!(owner_of(list_value(&[number(1.0), string("x"), null()])), r#"jwt:[1,"x",null]"#);
+        assert_eq!(
+            owner_of(list_value(&[number(1.0), string("x"), null()])),
+            r#"jwt:[1,"x",null]"#
+        );
         let nested = struct_value(&[("z", number(1.0)), ("a", list_value(&[]))]);
         assert_eq!(owner_of(nested), r#"jwt:{"a":[],"z":1}"#);
     }
@@ -510,27 +596,58 @@ mod tests {
     #[test]
     fn claims_that_are_absent_or_malformed_give_no_owner() {
         let m = metadata(&[("sub", string("alice"))]);
-        assert_eq!(ClaimValue::from_metadata(&m, &jwt("sub")), Some(ClaimValue::String("alice".into())));
+        assert_eq!(
+            ClaimValue::from_metadata(&m, &jwt("sub")),
+            Some(ClaimValue::String("alice".into()))
+        );
         assert_eq!(ClaimValue::from_metadata(&m, &jwt("email")), None);
-        let other_ns = JwtOwner { metadata_namespace: "other".into(), ..jwt("sub") };
+        let other_ns = JwtOwner {
+            metadata_namespace: "other".into(),
+            ..jwt("sub")
+        };
         assert_eq!(ClaimValue::from_metadata(&m, &other_ns), None);
-        let other_key = JwtOwner { payload_key: "other".into(), ..jwt("sub") };
+        let other_key = JwtOwner {
+            payload_key: "other".into(),
+            ..jwt("sub")
+        };
         assert_eq!(ClaimValue::from_metadata(&m, &other_key), None);
         for cut in 0..m.len() {
             // A truncated message never panics, and never yields a different claim.
             let got = ClaimValue::from_metadata(&m[..cut], &jwt("sub"));
-            assert!(got.is_none() || got == Some(ClaimValue::String("alice".into())), "{cut}");
+            assert!(
+                got.is_none() || got == Some(ClaimValue::String("alice".into())),
+                "{cut}"
+            );
         }
-        assert_eq!(ClaimValue::from_protobuf_value(&[2 << 3 | 1, 0, 0]), None, "a short double");
-        assert_eq!(ClaimValue::from_protobuf_value(&[3 << 3 | 2, 2, 0xff, 0xfe]), None, "not UTF-8");
-        assert_eq!(ClaimValue::from_protobuf_value(&[2 << 3, 1]), None, "wrong wire type");
-        assert_eq!(ClaimValue::from_protobuf_value(&[1 << 3 | 3]), None, "a group");
+        assert_eq!(
+            ClaimValue::from_protobuf_value(&[2 << 3 | 1, 0, 0]),
+            None,
+            "a short double"
+        );
+        assert_eq!(
+            ClaimValue::from_protobuf_value(&[3 << 3 | 2, 2, 0xff, 0xfe]),
+            None,
+            "not UTF-8"
+        );
+        assert_eq!(
+            ClaimValue::from_protobuf_value(&[2 << 3, 1]),
+            None,
+            "wrong wire type"
+        );
+        assert_eq!(
+            ClaimValue::from_protobuf_value(&[1 << 3 | 3]),
+            None,
+            "a group"
+        );
         assert_eq!(ClaimValue::from_protobuf_value(&[]), Some(ClaimValue::Null));
         // Unknown fields are skipped; the last kind set wins.
         let mut v = vec![9 << 3, 1];
         v.extend(string("a"));
         v.extend(number(3.0));
-        assert_eq!(ClaimValue::from_protobuf_value(&v), Some(ClaimValue::Number(3.0)));
+        assert_eq!(
+            ClaimValue::from_protobuf_value(&v),
+            Some(ClaimValue::Number(3.0))
+        );
     }
 
     #[test]

@@ -38,9 +38,15 @@ impl ClockState {
     pub fn observe(self, wall_ms: u64) -> ClockState {
         let now = wall_ms.saturating_add(self.offset_ms);
         if now >= self.high_ms {
-            ClockState { offset_ms: self.offset_ms, high_ms: now }
+            ClockState {
+                offset_ms: self.offset_ms,
+                high_ms: now,
+            }
         } else {
-            ClockState { offset_ms: self.high_ms - wall_ms, high_ms: self.high_ms }
+            ClockState {
+                offset_ms: self.high_ms - wall_ms,
+                high_ms: self.high_ms,
+            }
         }
     }
 }
@@ -98,7 +104,11 @@ mod tests {
         assert_eq!(s.high_ms, 10_000);
         let back = s.observe(4_000);
         assert_eq!(back.high_ms, 10_000, "holds still");
-        assert_eq!(back.observe(4_500).high_ms, 10_500, "then advances with the wall");
+        assert_eq!(
+            back.observe(4_500).high_ms,
+            10_500,
+            "then advances with the wall"
+        );
         assert_eq!(back.observe(20_000).high_ms, 26_000);
     }
 

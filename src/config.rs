@@ -213,13 +213,21 @@ impl Config {
     /// Parses the plugin configuration. `env` looks up `api_key_env` variables
     /// (the VM's environment in Envoy, a map in tests).
     pub fn parse(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, String> {
-        let raw: RawConfig =
-            serde_json::from_slice(bytes).map_err(|e| format!("configuration is not valid: {e}"))?;
+        let raw: RawConfig = serde_json::from_slice(bytes)
+            .map_err(|e| format!("configuration is not valid: {e}"))?;
         let limits = parse_limits(&raw)?;
         let providers = parse_providers(raw.providers, env, limits.max_audio_bytes)?;
         let virtual_keys = parse_keys(raw.virtual_keys)?;
-        check_who_may_enter(&virtual_keys, raw.allow_unauthenticated, raw.jwt_owner.as_ref())?;
-        let job_deadline_s = JOB_DEADLINE_S.check("", raw.job_deadline_s.as_ref(), default_deadline_s(&providers))?;
+        check_who_may_enter(
+            &virtual_keys,
+            raw.allow_unauthenticated,
+            raw.jwt_owner.as_ref(),
+        )?;
+        let job_deadline_s = JOB_DEADLINE_S.check(
+            "",
+            raw.job_deadline_s.as_ref(),
+            default_deadline_s(&providers),
+        )?;
         Ok(Config {
             providers,
             virtual_keys,
@@ -245,8 +253,11 @@ fn narrow<T: TryFrom<u64>>(range: &Range, value: u64) -> Result<T, String> {
 
 fn parse_limits(raw: &RawConfig) -> Result<Limits, String> {
     let max_result_ttl_s = MAX_RESULT_TTL_S.check("", raw.max_result_ttl_s.as_ref(), 86_400)?;
-    let default_result_ttl_s =
-        DEFAULT_RESULT_TTL_S.check("", raw.default_result_ttl_s.as_ref(), 3600.min(max_result_ttl_s))?;
+    let default_result_ttl_s = DEFAULT_RESULT_TTL_S.check(
+        "",
+        raw.default_result_ttl_s.as_ref(),
+        3600.min(max_result_ttl_s),
+    )?;
     if default_result_ttl_s > max_result_ttl_s {
         return Err(format!(
             "default_result_ttl_s ({default_result_ttl_s}) must not be above max_result_ttl_s ({max_result_ttl_s})"
@@ -259,8 +270,10 @@ fn parse_limits(raw: &RawConfig) -> Result<Limits, String> {
     let max_jobs = MAX_JOBS.check("", raw.max_jobs.as_ref(), 10_000)?;
     let max_body_bytes = MAX_BODY_BYTES.check("", raw.max_body_bytes.as_ref(), body_default)?;
     let max_in_flight = MAX_IN_FLIGHT.check("", raw.max_in_flight.as_ref(), 64)?;
-    let max_fallbacks = MAX_FALLBACKS.check("", raw.max_fallbacks.as_ref(), DEFAULT_MAX_FALLBACKS)?;
-    let max_audio_bytes = MAX_AUDIO_BYTES.check("", raw.max_audio_bytes.as_ref(), DEFAULT_MAX_AUDIO_BYTES)?;
+    let max_fallbacks =
+        MAX_FALLBACKS.check("", raw.max_fallbacks.as_ref(), DEFAULT_MAX_FALLBACKS)?;
+    let max_audio_bytes =
+        MAX_AUDIO_BYTES.check("", raw.max_audio_bytes.as_ref(), DEFAULT_MAX_AUDIO_BYTES)?;
     Ok(Limits {
         default_result_ttl_s,
         max_result_ttl_s,
@@ -301,10 +314,15 @@ fn parse_keys(raw: Vec<RawKey>) -> Result<Vec<VirtualKey>, String> {
     for (i, k) in raw.into_iter().enumerate() {
         let key = parse_key(i, k)?;
         if virtual_keys.iter().any(|v| v.name == key.name) {
-            return Err(format!("virtual_keys[{i}]: name {:?} is used twice", key.name));
+            return Err(format!(
+                "virtual_keys[{i}]: name {:?} is used twice",
+                key.name
+            ));
         }
         if virtual_keys.iter().any(|v| v.sha256 == key.sha256) {
-            return Err(format!("virtual_keys[{i}]: the same key is configured twice"));
+            return Err(format!(
+                "virtual_keys[{i}]: the same key is configured twice"
+            ));
         }
         virtual_keys.push(key);
     }
@@ -324,7 +342,9 @@ fn check_who_may_enter(
     }
     if let Some(j) = jwt_owner {
         if j.metadata_namespace.is_empty() || j.payload_key.is_empty() || j.claim.is_empty() {
-            return Err("jwt_owner: metadata_namespace, payload_key and claim must not be empty".into());
+            return Err(
+                "jwt_owner: metadata_namespace, payload_key and claim must not be empty".into(),
+            );
         }
     }
     Ok(())
@@ -338,7 +358,9 @@ fn parse_provider(
 ) -> Result<ProviderConfig, String> {
     let at = format!("providers.{name}");
     if name.is_empty() || name.contains('/') {
-        return Err(format!("{at}: a provider name must be non-empty and contain no '/'"));
+        return Err(format!(
+            "{at}: a provider name must be non-empty and contain no '/'"
+        ));
     }
     let kind_name = p.kind.clone().unwrap_or_else(|| name.to_string());
     let kind = ProviderKind::from_name(&kind_name).ok_or_else(|| {
@@ -351,9 +373,13 @@ fn parse_provider(
     let api_key = provider_api_key(&at, &p, env)?;
     let dotted = format!("{at}.");
     // Envoy reads a zero callout timeout as "no timeout": never what is meant.
-    let timeout_ms = PROVIDER_TIMEOUT_MS.check(&dotted, p.timeout_ms.as_ref(), DEFAULT_TIMEOUT_MS)?;
-    let max_input_chars =
-        PROVIDER_MAX_INPUT_CHARS.check(&dotted, p.max_input_chars.as_ref(), kind.default_max_input_chars())?;
+    let timeout_ms =
+        PROVIDER_TIMEOUT_MS.check(&dotted, p.timeout_ms.as_ref(), DEFAULT_TIMEOUT_MS)?;
+    let max_input_chars = PROVIDER_MAX_INPUT_CHARS.check(
+        &dotted,
+        p.max_input_chars.as_ref(),
+        kind.default_max_input_chars(),
+    )?;
     let max_parallel_chunks = PROVIDER_MAX_PARALLEL_CHUNKS.check(
         &dotted,
         p.max_parallel_chunks.as_ref(),
@@ -377,7 +403,11 @@ fn parse_provider(
     })
 }
 
-fn provider_base_path(at: &str, given: Option<String>, kind: ProviderKind) -> Result<String, String> {
+fn provider_base_path(
+    at: &str,
+    given: Option<String>,
+    kind: ProviderKind,
+) -> Result<String, String> {
     let base_path = given.unwrap_or_else(|| kind.default_base_path().to_string());
     if !(base_path.is_empty() || base_path.starts_with('/')) || base_path.ends_with('/') {
         return Err(format!(
@@ -401,7 +431,9 @@ fn provider_api_key(
     };
     if let Some(k) = &api_key {
         if k.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
-            return Err(format!("{at}: the API key holds characters not allowed in a header"));
+            return Err(format!(
+                "{at}: the API key holds characters not allowed in a header"
+            ));
         }
     }
     Ok(api_key)
@@ -415,7 +447,10 @@ fn parse_key(i: usize, k: RawKey) -> Result<VirtualKey, String> {
     let sha256 = match (k.value, k.sha256) {
         (Some(v), None) => {
             if !v.starts_with(crate::auth::KEY_PREFIX) || v.len() <= crate::auth::KEY_PREFIX.len() {
-                return Err(format!("{at}.value: virtual keys start with {}", crate::auth::KEY_PREFIX));
+                return Err(format!(
+                    "{at}.value: virtual keys start with {}",
+                    crate::auth::KEY_PREFIX
+                ));
             }
             sha256_of(v.as_bytes())
         }
@@ -423,7 +458,10 @@ fn parse_key(i: usize, k: RawKey) -> Result<VirtualKey, String> {
             .ok_or_else(|| format!("{at}.sha256 must be 64 lowercase hex digits"))?,
         _ => return Err(format!("{at}: give exactly one of value or sha256")),
     };
-    Ok(VirtualKey { name: k.name, sha256 })
+    Ok(VirtualKey {
+        name: k.name,
+        sha256,
+    })
 }
 
 pub fn sha256_of(bytes: &[u8]) -> [u8; 32] {
@@ -431,7 +469,11 @@ pub fn sha256_of(bytes: &[u8]) -> [u8; 32] {
 }
 
 fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     let mut out = [0u8; 32];
@@ -484,13 +526,17 @@ mod tests {
         assert_eq!(c.providers["local"].kind, ProviderKind::OpenAi);
         assert_eq!(c.providers["local"].api_key.as_deref(), Some("secret"));
         assert_eq!(c.providers["local"].base_path, "");
-        let err = parse(r#"{"providers":{"local":{"cluster":"x"}},"allow_unauthenticated":true}"#).unwrap_err();
+        let err = parse(r#"{"providers":{"local":{"cluster":"x"}},"allow_unauthenticated":true}"#)
+            .unwrap_err();
         assert!(err.contains("unknown provider type \"local\""), "{err}");
     }
 
     #[test]
     fn sha256_keys_match_value_keys() {
-        let hex: String = sha256_of(b"sk-bf-b").iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = sha256_of(b"sk-bf-b")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let c = parse(&format!(
             r#"{{"providers":{{"openai":{{"cluster":"o"}}}},"virtual_keys":[{{"name":"b","sha256":"{hex}"}}]}}"#
         ))
@@ -500,10 +546,18 @@ mod tests {
 
     #[test]
     fn jwt_owner_stands_in_for_virtual_keys() {
-        let c = parse(r#"{"providers":{"openai":{"cluster":"o"}},"jwt_owner":{"payload_key":"jwt_payload"}}"#).unwrap();
+        let c = parse(
+            r#"{"providers":{"openai":{"cluster":"o"}},"jwt_owner":{"payload_key":"jwt_payload"}}"#,
+        )
+        .unwrap();
         let j = c.jwt_owner.unwrap();
-        assert_eq!((j.metadata_namespace.as_str(), j.claim.as_str()), ("envoy.filters.http.jwt_authn", "sub"));
-        let err = parse(r#"{"providers":{"openai":{"cluster":"o"}},"jwt_owner":{"payload_key":""}}"#).unwrap_err();
+        assert_eq!(
+            (j.metadata_namespace.as_str(), j.claim.as_str()),
+            ("envoy.filters.http.jwt_authn", "sub")
+        );
+        let err =
+            parse(r#"{"providers":{"openai":{"cluster":"o"}},"jwt_owner":{"payload_key":""}}"#)
+                .unwrap_err();
         assert!(err.contains("jwt_owner"), "{err}");
     }
 
@@ -512,21 +566,66 @@ mod tests {
         let cases = [
             ("{", "not valid"),
             (r#"{"providers":{}}"#, "at least one provider"),
-            (r#"{"providers":{"openai":{"cluster":"o"}}}"#, "no keys configured"),
-            (r#"{"providers":{"openai":{"cluster":"o","timeout_ms":0}},"allow_unauthenticated":true}"#, "providers.openai.timeout_ms"),
-            (r#"{"providers":{"openai":{"cluster":"o","timeout_ms":1.5}},"allow_unauthenticated":true}"#, "providers.openai.timeout_ms"),
-            (r#"{"providers":{"openai":{"cluster":"o"}},"allow_unauthenticated":true,"max_jobs":-3}"#, "max_jobs"),
-            (r#"{"providers":{"openai":{"cluster":"o"}},"allow_unauthenticated":true,"max_jobs":1e40}"#, "max_jobs"),
-            (r#"{"providers":{"openai":{"cluster":"o","base_path":"v1/"}},"allow_unauthenticated":true}"#, "base_path"),
-            (r#"{"providers":{"openai":{"cluster":"o","colour":1}},"allow_unauthenticated":true}"#, "unknown field"),
-            (r#"{"providers":{"openai":{"cluster":"o"}},"virtual_keys":[{"name":"a","value":"nope"}]}"#, "start with sk-bf-"),
-            (r#"{"providers":{"openai":{"cluster":"o"}},"virtual_keys":[{"name":"a","sha256":"AB"}]}"#, "64 lowercase hex"),
-            (r#"{"providers":{"openai":{"cluster":"o"}},"virtual_keys":[{"name":"a"}]}"#, "exactly one"),
-            (r#"{"providers":{"openai":{"cluster":"o"}},"virtual_keys":[{"name":"a","value":"sk-bf-1"},{"name":"a","value":"sk-bf-2"}]}"#, "used twice"),
-            (r#"{"providers":{"openai":{"cluster":"o"}},"allow_unauthenticated":true,"default_result_ttl_s":10,"max_result_ttl_s":5}"#, "default_result_ttl_s"),
-            (r#"{"providers":{"openai":{"cluster":"o"}},"allow_unauthenticated":true,"max_jobs":0}"#, "max_jobs"),
-            (r#"{"providers":{"openai":{"cluster":"o"}},"allow_unauthenticated":true,"max_jobs":2000000}"#, "max_jobs"),
-            (r#"{"providers":{"a/b":{"type":"openai","cluster":"o"}},"allow_unauthenticated":true}"#, "no '/'"),
+            (
+                r#"{"providers":{"openai":{"cluster":"o"}}}"#,
+                "no keys configured",
+            ),
+            (
+                r#"{"providers":{"openai":{"cluster":"o","timeout_ms":0}},"allow_unauthenticated":true}"#,
+                "providers.openai.timeout_ms",
+            ),
+            (
+                r#"{"providers":{"openai":{"cluster":"o","timeout_ms":1.5}},"allow_unauthenticated":true}"#,
+                "providers.openai.timeout_ms",
+            ),
+            (
+                r#"{"providers":{"openai":{"cluster":"o"}},"allow_unauthenticated":true,"max_jobs":-3}"#,
+                "max_jobs",
+            ),
+            (
+                r#"{"providers":{"openai":{"cluster":"o"}},"allow_unauthenticated":true,"max_jobs":1e40}"#,
+                "max_jobs",
+            ),
+            (
+                r#"{"providers":{"openai":{"cluster":"o","base_path":"v1/"}},"allow_unauthenticated":true}"#,
+                "base_path",
+            ),
+            (
+                r#"{"providers":{"openai":{"cluster":"o","colour":1}},"allow_unauthenticated":true}"#,
+                "unknown field",
+            ),
+            (
+                r#"{"providers":{"openai":{"cluster":"o"}},"virtual_keys":[{"name":"a","value":"nope"}]}"#,
+                "start with sk-bf-",
+            ),
+            (
+                r#"{"providers":{"openai":{"cluster":"o"}},"virtual_keys":[{"name":"a","sha256":"AB"}]}"#,
+                "64 lowercase hex",
+            ),
+            (
+                r#"{"providers":{"openai":{"cluster":"o"}},"virtual_keys":[{"name":"a"}]}"#,
+                "exactly one",
+            ),
+            (
+                r#"{"providers":{"openai":{"cluster":"o"}},"virtual_keys":[{"name":"a","value":"sk-bf-1"},{"name":"a","value":"sk-bf-2"}]}"#,
+                "used twice",
+            ),
+            (
+                r#"{"providers":{"openai":{"cluster":"o"}},"allow_unauthenticated":true,"default_result_ttl_s":10,"max_result_ttl_s":5}"#,
+                "default_result_ttl_s",
+            ),
+            (
+                r#"{"providers":{"openai":{"cluster":"o"}},"allow_unauthenticated":true,"max_jobs":0}"#,
+                "max_jobs",
+            ),
+            (
+                r#"{"providers":{"openai":{"cluster":"o"}},"allow_unauthenticated":true,"max_jobs":2000000}"#,
+                "max_jobs",
+            ),
+            (
+                r#"{"providers":{"a/b":{"type":"openai","cluster":"o"}},"allow_unauthenticated":true}"#,
+                "no '/'",
+            ),
         ];
         for (json, needle) in cases {
             let err = parse(json).unwrap_err();
@@ -537,7 +636,12 @@ mod tests {
     /// A config with one number set: top-level, or under `providers.openai` for the
     /// per-provider ranges.
     fn with_setting(range: &Range, value: &str) -> String {
-        let per_provider = [PROVIDER_TIMEOUT_MS, PROVIDER_MAX_INPUT_CHARS, PROVIDER_MAX_PARALLEL_CHUNKS].contains(range);
+        let per_provider = [
+            PROVIDER_TIMEOUT_MS,
+            PROVIDER_MAX_INPUT_CHARS,
+            PROVIDER_MAX_PARALLEL_CHUNKS,
+        ]
+        .contains(range);
         if per_provider {
             format!(
                 r#"{{"providers":{{"openai":{{"cluster":"o","{}":{value}}}}},"allow_unauthenticated":true}}"#,
@@ -545,7 +649,11 @@ mod tests {
             )
         } else {
             // default_result_ttl_s may not exceed max_result_ttl_s: give it all the room.
-            let room = if range.setting == "default_result_ttl_s" { r#","max_result_ttl_s":2592000"# } else { "" };
+            let room = if range.setting == "default_result_ttl_s" {
+                r#","max_result_ttl_s":2592000"#
+            } else {
+                ""
+            };
             format!(
                 r#"{{"providers":{{"openai":{{"cluster":"o"}}}},"allow_unauthenticated":true,"{}":{value}{room}}}"#,
                 range.setting
@@ -560,12 +668,19 @@ mod tests {
                 let json = with_setting(&range, &ok.to_string());
                 assert!(parse(&json).is_ok(), "{json}: {:?}", parse(&json).err());
             }
-            let below = if range.min == 0 { "-1".to_string() } else { (range.min - 1).to_string() };
+            let below = if range.min == 0 {
+                "-1".to_string()
+            } else {
+                (range.min - 1).to_string()
+            };
             for bad in [below, (range.max + 1).to_string()] {
                 let json = with_setting(&range, &bad);
                 let err = parse(&json).unwrap_err();
                 assert!(err.contains(range.setting), "{json} -> {err}");
-                assert!(err.contains(&format!("between {} and {}", range.min, range.max)), "{err}");
+                assert!(
+                    err.contains(&format!("between {} and {}", range.min, range.max)),
+                    "{err}"
+                );
             }
         }
     }
@@ -577,7 +692,10 @@ mod tests {
         // 4 × 120 s + 30 s.
         assert_eq!(c.job_deadline_s, 510);
         let p = &c.providers["openai"];
-        assert_eq!((p.max_input_chars, p.max_parallel_chunks, p.max_audio_bytes), (4096, 3, 26_214_400));
+        assert_eq!(
+            (p.max_input_chars, p.max_parallel_chunks, p.max_audio_bytes),
+            (4096, 3, 26_214_400)
+        );
         let c = parse(
             r#"{"providers":{"elevenlabs":{"cluster":"e","timeout_ms":1000},"gemini":{"cluster":"g","timeout_ms":1000},
                 "azure":{"cluster":"a","timeout_ms":1000}},"allow_unauthenticated":true,"max_audio_bytes":2048}"#,
@@ -603,7 +721,9 @@ mod props {
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(|n| json!(n)),
             (0u64..3_000_000).prop_map(|n| json!(n)),
-            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
             ".{0,8}".prop_map(Value::String),
             prop_oneof![Just("openai"), Just("gemini"), Just("sk-bf-x"), Just("/v1")]
                 .prop_map(|s| Value::String(s.to_string())),
@@ -620,7 +740,10 @@ mod props {
     /// A config with a valid provider and any values for the top-level settings.
     fn config_like() -> impl Strategy<Value = Value> {
         let settings = prop::collection::vec(
-            (prop::sample::select(RANGES.iter().map(|r| r.setting).collect::<Vec<_>>()), any_json()),
+            (
+                prop::sample::select(RANGES.iter().map(|r| r.setting).collect::<Vec<_>>()),
+                any_json(),
+            ),
             0..5,
         );
         (settings, any_json(), any_json()).prop_map(|(settings, timeout, keys)| {

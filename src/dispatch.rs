@@ -32,9 +32,13 @@ pub struct Attempt {
 pub enum Outcome<'a> {
     Answer(UpstreamResponse<'a>),
     /// No answer at all: Envoy reset the callout or gave up.
-    NoAnswer { elapsed_ms: u64 },
+    NoAnswer {
+        elapsed_ms: u64,
+    },
     /// The answer's body was larger than `max_audio_bytes` allows; not read.
-    TooLarge { bytes: usize },
+    TooLarge {
+        bytes: usize,
+    },
 }
 
 /// Why a job failed, for stats.
@@ -72,11 +76,21 @@ impl FailReason {
 pub enum Step {
     /// Send this attempt.
     Send(Box<Attempt>),
-    Completed { id: String },
-    Failed { id: String, status: u16, reason: FailReason },
+    Completed {
+        id: String,
+    },
+    Failed {
+        id: String,
+        status: u16,
+        reason: FailReason,
+    },
     /// Its answer never came; queued again for its next fallback.
-    Requeued { id: String },
-    Expired { id: String },
+    Requeued {
+        id: String,
+    },
+    Expired {
+        id: String,
+    },
     /// Deleted, expired, someone else's now, or nothing to do.
     Nothing,
 }
@@ -116,21 +130,27 @@ fn prepare(store: &Store, config: &Config, mut record: JobRecord, now_ms: u64) -
         };
         match build(config, &record, request) {
             Ok(attempt) => return Step::Send(Box::new(attempt)),
-            Err(error) => match record_failure(store, config, &record.id, record.attempt, error, now_ms) {
-                AfterFailure::Next(next) => record = *next,
-                AfterFailure::Done(step) => return step,
-            },
+            Err(error) => {
+                match record_failure(store, config, &record.id, record.attempt, error, now_ms) {
+                    AfterFailure::Next(next) => record = *next,
+                    AfterFailure::Done(step) => return step,
+                }
+            }
         }
     }
     Step::Nothing
 }
 
 fn build(config: &Config, record: &JobRecord, request: SpeechRequest) -> Result<Attempt, ApiError> {
-    let step = record.current().ok_or_else(|| ApiError::internal("the job has no attempt left"))?;
-    let provider = config
-        .providers
-        .get(&step.provider)
-        .ok_or_else(|| ApiError::upstream(502, format!("provider {} is no longer configured", step.provider)))?;
+    let step = record
+        .current()
+        .ok_or_else(|| ApiError::internal("the job has no attempt left"))?;
+    let provider = config.providers.get(&step.provider).ok_or_else(|| {
+        ApiError::upstream(
+            502,
+            format!("provider {} is no longer configured", step.provider),
+        )
+    })?;
     let upstream = for_kind(provider.kind).build(provider, &step.model, &request)?;
     Ok(Attempt {
         id: record.id.clone(),
@@ -173,11 +193,17 @@ fn record_failure(
         true
     });
     match (updated, next) {
-        (Ok(Updated::Written(record, _)), NextStep::TryNext) => AfterFailure::Next(Box::new(record)),
+        (Ok(Updated::Written(record, _)), NextStep::TryNext) => {
+            AfterFailure::Next(Box::new(record))
+        }
         (Ok(Updated::Written(record, epoch)), NextStep::Failed) => {
             schedule_expiry(store, &record, epoch, now_ms);
             let status = record.status_code.unwrap_or(error.status_code);
-            AfterFailure::Done(Step::Failed { id: id.to_string(), status, reason: FailReason::of(&error) })
+            AfterFailure::Done(Step::Failed {
+                id: id.to_string(),
+                status,
+                reason: FailReason::of(&error),
+            })
         }
         _ => AfterFailure::Done(Step::Nothing),
     }
@@ -190,7 +216,13 @@ fn schedule_expiry(store: &Store, record: &JobRecord, epoch: u32, now_ms: u64) {
 }
 
 /// After an attempt failed, whether it could not be sent or its answer was an error.
-pub fn attempt_failed(store: &Store, config: &Config, attempt: &Attempt, error: ApiError, now_ms: u64) -> Step {
+pub fn attempt_failed(
+    store: &Store,
+    config: &Config,
+    attempt: &Attempt,
+    error: ApiError,
+    now_ms: u64,
+) -> Step {
     match record_failure(store, config, &attempt.id, attempt.attempt, error, now_ms) {
         AfterFailure::Next(record) => prepare(store, config, *record, now_ms),
         AfterFailure::Done(step) => step,
@@ -200,24 +232,42 @@ pub fn attempt_failed(store: &Store, config: &Config, attempt: &Attempt, error: 
 /// Turns a callout that ended without an answer into the gateway's error.
 pub fn no_answer_error(provider: &str, elapsed_ms: u64, timeout_ms: u64) -> ApiError {
     if elapsed_ms.saturating_add(50) >= timeout_ms {
-        ApiError::upstream(504, format!("provider {provider} did not answer within {timeout_ms} ms"))
+        ApiError::upstream(
+            504,
+            format!("provider {provider} did not answer within {timeout_ms} ms"),
+        )
     } else {
-        ApiError::upstream(502, format!("provider {provider} is unreachable: the connection failed"))
+        ApiError::upstream(
+            502,
+            format!("provider {provider} is unreachable: the connection failed"),
+        )
     }
 }
 
 /// Envoy answers for an upstream it could not reach with its own 503 text.
 fn envoy_local_reply(response: &UpstreamResponse, attempt: &Attempt) -> Option<ApiError> {
     let body = String::from_utf8_lossy(response.body.get(..256).unwrap_or(response.body));
-    let unreachable = ["upstream connect error", "no healthy upstream", "no cluster match"];
+    let unreachable = [
+        "upstream connect error",
+        "no healthy upstream",
+        "no cluster match",
+    ];
     if response.status == 503 && unreachable.iter().any(|p| body.starts_with(p)) {
         return Some(ApiError::upstream(
             502,
-            format!("provider {} is unreachable: {}", attempt.provider, body.trim()),
+            format!(
+                "provider {} is unreachable: {}",
+                attempt.provider,
+                body.trim()
+            ),
         ));
     }
     if response.status == 504 && body.starts_with("upstream request timeout") {
-        return Some(no_answer_error(&attempt.provider, attempt.callout.timeout_ms, attempt.callout.timeout_ms));
+        return Some(no_answer_error(
+            &attempt.provider,
+            attempt.callout.timeout_ms,
+            attempt.callout.timeout_ms,
+        ));
     }
     None
 }
@@ -225,7 +275,9 @@ fn envoy_local_reply(response: &UpstreamResponse, attempt: &Attempt) -> Option<A
 /// How one attempt went, for stats: success, error, timeout or unreachable.
 pub fn attempt_outcome(outcome: &Outcome, attempt: &Attempt) -> &'static str {
     let error = match outcome {
-        Outcome::NoAnswer { elapsed_ms } => no_answer_error(&attempt.provider, *elapsed_ms, attempt.callout.timeout_ms),
+        Outcome::NoAnswer { elapsed_ms } => {
+            no_answer_error(&attempt.provider, *elapsed_ms, attempt.callout.timeout_ms)
+        }
         Outcome::TooLarge { .. } => return "error",
         Outcome::Answer(response) => match envoy_local_reply(response, attempt) {
             Some(e) => e,
@@ -242,7 +294,9 @@ pub fn attempt_outcome(outcome: &Outcome, attempt: &Attempt) -> &'static str {
 pub fn too_large_error(bytes: usize, limit: usize) -> ApiError {
     ApiError::upstream(
         502,
-        format!("the provider's answer ({bytes} bytes) is larger than max_audio_bytes ({limit} bytes)"),
+        format!(
+            "the provider's answer ({bytes} bytes) is larger than max_audio_bytes ({limit} bytes)"
+        ),
     )
 }
 
@@ -286,7 +340,10 @@ pub fn finish(
     let mut extra = ExtraFields::speech(&attempt.provider, &attempt.model);
     extra.latency = Some(now_ms.saturating_sub(started_ms));
     let completion = Completion {
-        meta: ResultMeta { response_format: speech.format, extra_fields: extra },
+        meta: ResultMeta {
+            response_format: speech.format,
+            extra_fields: extra,
+        },
         audio: speech.audio,
         alignment: speech.alignment,
         normalized_alignment: speech.normalized_alignment,
@@ -301,7 +358,9 @@ pub fn finish(
     match done {
         Ok(Updated::Written(record, epoch)) => {
             schedule_expiry(store, &record, epoch, now_ms);
-            Step::Completed { id: attempt.id.clone() }
+            Step::Completed {
+                id: attempt.id.clone(),
+            }
         }
         Err(StoreError::Busy(why)) => {
             // The answer could not be stored (e.g. shared data refused its size).
@@ -313,10 +372,20 @@ pub fn finish(
 }
 
 /// What a due timer (or the audit) means for the job in its slot.
-pub fn on_timer(host: &dyn Host, store: &Store, config: &Config, timer: Timer, now_ms: u64) -> Step {
+pub fn on_timer(
+    host: &dyn Host,
+    store: &Store,
+    config: &Config,
+    timer: Timer,
+    now_ms: u64,
+) -> Step {
     let from_audit = timer.due_s == 0;
-    let Ok(Some(loaded)) = store.load_for_timer(timer) else { return Step::Nothing };
-    let Some(view) = loaded.view() else { return Step::Nothing };
+    let Ok(Some(loaded)) = store.load_for_timer(timer) else {
+        return Step::Nothing;
+    };
+    let Some(view) = loaded.view() else {
+        return Step::Nothing;
+    };
     if view.status.is_finished() {
         if !view.is_expired(now_ms) {
             if !from_audit {
@@ -330,7 +399,9 @@ pub fn on_timer(host: &dyn Host, store: &Store, config: &Config, timer: Timer, n
             _ => Step::Nothing,
         };
     }
-    let Some(record) = view.record() else { return Step::Nothing };
+    let Some(record) = view.record() else {
+        return Step::Nothing;
+    };
     if record.is_past_deadline(now_ms) {
         return fail_past_deadline(store, config, &record.id, now_ms);
     }
@@ -338,7 +409,9 @@ pub fn on_timer(host: &dyn Host, store: &Store, config: &Config, timer: Timer, n
         return take_back_lost_attempt(host, store, config, &record.id, now_ms);
     }
     if from_audit {
-        if record.status == JobStatus::Pending && now_ms.saturating_sub(record.created_at_ms) > PENDING_REQUEUE_MS {
+        if record.status == JobStatus::Pending
+            && now_ms.saturating_sub(record.created_at_ms) > PENDING_REQUEUE_MS
+        {
             let _ = host.enqueue(Queue::Jobs, record.id.as_bytes());
             return Step::Requeued { id: record.id };
         }
@@ -359,7 +432,11 @@ fn fail_past_deadline(store: &Store, config: &Config, id: &str, now_ms: u64) -> 
     }) {
         Ok(Updated::Written(record, epoch)) => {
             schedule_expiry(store, &record, epoch, now_ms);
-            Step::Failed { id: id.to_string(), status: 504, reason: FailReason::Deadline }
+            Step::Failed {
+                id: id.to_string(),
+                status: 504,
+                reason: FailReason::Deadline,
+            }
         }
         _ => Step::Nothing,
     }
@@ -368,7 +445,13 @@ fn fail_past_deadline(store: &Store, config: &Config, id: &str, now_ms: u64) -> 
 /// The attempt's answer is overdue (its worker's VM may be gone): the attempt
 /// fails with 504, and the job goes back to the queue for its next fallback,
 /// which any live worker takes, or fails.
-fn take_back_lost_attempt(host: &dyn Host, store: &Store, config: &Config, id: &str, now_ms: u64) -> Step {
+fn take_back_lost_attempt(
+    host: &dyn Host,
+    store: &Store,
+    config: &Config,
+    id: &str,
+    now_ms: u64,
+) -> Step {
     let mut next = NextStep::Failed;
     let error = ApiError::upstream(
         504,
@@ -392,7 +475,11 @@ fn take_back_lost_attempt(host: &dyn Host, store: &Store, config: &Config, id: &
         (Ok(Updated::Written(record, epoch)), NextStep::Failed) => {
             schedule_expiry(store, &record, epoch, now_ms);
             let _ = config;
-            Step::Failed { id: id.to_string(), status: 504, reason: FailReason::Timeout }
+            Step::Failed {
+                id: id.to_string(),
+                status: 504,
+                reason: FailReason::Timeout,
+            }
         }
         _ => Step::Nothing,
     }
@@ -430,7 +517,12 @@ mod tests {
         fn new() -> World {
             let shared = SimShared::new(START);
             let host = SimHost::new(&shared, 7);
-            World { shared, host, keys: Keys::new("t"), config: config() }
+            World {
+                shared,
+                host,
+                keys: Keys::new("t"),
+                config: config(),
+            }
         }
         fn store(&self) -> Store<'_> {
             Store::new(&self.host, &self.keys, self.config.max_jobs, 1)
@@ -443,12 +535,24 @@ mod tests {
             let now = self.now();
             let record = self
                 .store()
-                .insert(&|slot| JobRecord::new(make_id([9; 16], slot), String::new(), now, ttl_s, 60, request.clone()))
+                .insert(&|slot| {
+                    JobRecord::new(
+                        make_id([9; 16], slot),
+                        String::new(),
+                        now,
+                        ttl_s,
+                        60,
+                        request.clone(),
+                    )
+                })
                 .unwrap();
             record.id
         }
         fn record(&self, id: &str) -> Option<JobRecord> {
-            self.store().load(id).unwrap().and_then(|l| l.view().and_then(|v| v.record()))
+            self.store()
+                .load(id)
+                .unwrap()
+                .and_then(|l| l.view().and_then(|v| v.record()))
         }
         /// One tick: due timers (and the audit), as the root runs them.
         fn tick(&self) -> Vec<Step> {
@@ -456,7 +560,11 @@ mod tests {
             let now = self.now();
             let mut timers = store.due_timers(now, 100);
             timers.extend(store.audit_step(64));
-            timers.into_iter().map(|t| on_timer(&self.host, &store, &self.config, t, now)).filter(|s| *s != Step::Nothing).collect()
+            timers
+                .into_iter()
+                .map(|t| on_timer(&self.host, &store, &self.config, t, now))
+                .filter(|s| *s != Step::Nothing)
+                .collect()
         }
     }
 
@@ -468,7 +576,11 @@ mod tests {
     }
 
     fn ok(body: &[u8]) -> Outcome<'_> {
-        Outcome::Answer(UpstreamResponse { status: 200, headers: &[], body })
+        Outcome::Answer(UpstreamResponse {
+            status: 200,
+            headers: &[],
+            body,
+        })
     }
 
     #[test]
@@ -476,34 +588,82 @@ mod tests {
         let w = World::new();
         let id = w.submit(r#"{"model":"a/m","input":"hi","voice":"v"}"#, 60);
         let attempt = send(start(&w.store(), &w.config, &id, w.now()));
-        assert_eq!((attempt.callout.cluster.as_str(), attempt.attempt), ("ca", 0));
-        assert_eq!(start(&w.store(), &w.config, &id, w.now()), Step::Nothing, "a job is claimed once");
+        assert_eq!(
+            (attempt.callout.cluster.as_str(), attempt.attempt),
+            ("ca", 0)
+        );
+        assert_eq!(
+            start(&w.store(), &w.config, &id, w.now()),
+            Step::Nothing,
+            "a job is claimed once"
+        );
         let now = w.now() + 20;
-        assert_eq!(finish(&w.store(), &w.config, &attempt, ok(b"AUDIO"), w.now(), now), Step::Completed { id: id.clone() });
+        assert_eq!(
+            finish(&w.store(), &w.config, &attempt, ok(b"AUDIO"), w.now(), now),
+            Step::Completed { id: id.clone() }
+        );
         let loaded = w.store().load(&id).unwrap().unwrap();
         let view = loaded.view().unwrap();
         let body: serde_json::Value = serde_json::from_slice(view.body).unwrap();
         assert_eq!(body["result"]["audio"], "QVVESU8=");
         assert_eq!(body["result"]["extra_fields"]["latency"], 20);
-        assert!(view.record().unwrap().request.is_none(), "the request is dropped once done");
+        assert!(
+            view.record().unwrap().request.is_none(),
+            "the request is dropped once done"
+        );
         // A late duplicate answer changes nothing.
-        assert_eq!(finish(&w.store(), &w.config, &attempt, ok(b"OTHER"), w.now(), now), Step::Nothing);
+        assert_eq!(
+            finish(&w.store(), &w.config, &attempt, ok(b"OTHER"), w.now(), now),
+            Step::Nothing
+        );
     }
 
     #[test]
     fn failures_move_through_the_fallbacks_then_fail() {
         let w = World::new();
-        let id = w.submit(r#"{"model":"a/m","input":"hi","voice":"v","fallbacks":["b/n"]}"#, 60);
+        let id = w.submit(
+            r#"{"model":"a/m","input":"hi","voice":"v","fallbacks":["b/n"]}"#,
+            60,
+        );
         let first = send(start(&w.store(), &w.config, &id, w.now()));
-        let second = send(finish(&w.store(), &w.config, &first, Outcome::NoAnswer { elapsed_ms: 5 }, 0, w.now()));
-        assert_eq!((second.provider.as_str(), second.model.as_str(), second.attempt), ("b", "n", 1));
-        let err = Outcome::Answer(UpstreamResponse { status: 429, headers: &[], body: br#"{"error":{"message":"slow"}}"# });
+        let second = send(finish(
+            &w.store(),
+            &w.config,
+            &first,
+            Outcome::NoAnswer { elapsed_ms: 5 },
+            0,
+            w.now(),
+        ));
+        assert_eq!(
+            (
+                second.provider.as_str(),
+                second.model.as_str(),
+                second.attempt
+            ),
+            ("b", "n", 1)
+        );
+        let err = Outcome::Answer(UpstreamResponse {
+            status: 429,
+            headers: &[],
+            body: br#"{"error":{"message":"slow"}}"#,
+        });
         match finish(&w.store(), &w.config, &second, err, 0, w.now()) {
-            Step::Failed { status: 429, reason: FailReason::ProviderError, .. } => {}
+            Step::Failed {
+                status: 429,
+                reason: FailReason::ProviderError,
+                ..
+            } => {}
             other => panic!("{other:?}"),
         }
         let record = w.record(&id).unwrap();
-        assert_eq!(record.attempts.iter().map(|a| a.status_code).collect::<Vec<_>>(), vec![502, 429]);
+        assert_eq!(
+            record
+                .attempts
+                .iter()
+                .map(|a| a.status_code)
+                .collect::<Vec<_>>(),
+            vec![502, 429]
+        );
     }
 
     #[test]
@@ -511,12 +671,23 @@ mod tests {
         let w = World::new();
         let id = w.submit(r#"{"model":"a/m","input":"hi","voice":"v"}"#, 60);
         let a = send(start(&w.store(), &w.config, &id, w.now()));
-        match finish(&w.store(), &w.config, &a, Outcome::TooLarge { bytes: 99_999_999 }, 0, w.now()) {
+        match finish(
+            &w.store(),
+            &w.config,
+            &a,
+            Outcome::TooLarge { bytes: 99_999_999 },
+            0,
+            w.now(),
+        ) {
             Step::Failed { status: 502, .. } => {}
             other => panic!("{other:?}"),
         }
         let e = w.record(&id).unwrap().error.unwrap();
-        assert!(e.error.message.contains("max_audio_bytes"), "{}", e.error.message);
+        assert!(
+            e.error.message.contains("max_audio_bytes"),
+            "{}",
+            e.error.message
+        );
     }
 
     #[test]
@@ -535,14 +706,21 @@ mod tests {
             }
         }
         let at = expired_at.expect("never expired");
-        assert!(at >= done_at + 3_000 && at <= done_at + 3_000 + 1_200, "expired {} ms after completion", at - done_at);
+        assert!(
+            at >= done_at + 3_000 && at <= done_at + 3_000 + 1_200,
+            "expired {} ms after completion",
+            at - done_at
+        );
         assert!(w.store().load(&id).unwrap().is_none());
     }
 
     #[test]
     fn a_lost_answer_goes_to_the_next_fallback_then_the_deadline_fails_the_job() {
         let w = World::new();
-        let id = w.submit(r#"{"model":"a/m","input":"hi","voice":"v","fallbacks":["b/n","a/z"]}"#, 60);
+        let id = w.submit(
+            r#"{"model":"a/m","input":"hi","voice":"v","fallbacks":["b/n","a/z"]}"#,
+            60,
+        );
         let _lost = send(start(&w.store(), &w.config, &id, w.now())); // its VM dies
         let mut steps = Vec::new();
         while steps.is_empty() {
@@ -551,7 +729,10 @@ mod tests {
         }
         assert_eq!(steps, vec![Step::Requeued { id: id.clone() }]);
         let lease_end = w.now();
-        assert!(lease_end - START >= 1_000 + LEASE_GRACE_MS && lease_end - START <= 1_000 + LEASE_GRACE_MS + 1_200);
+        assert!(
+            lease_end - START >= 1_000 + LEASE_GRACE_MS
+                && lease_end - START <= 1_000 + LEASE_GRACE_MS + 1_200
+        );
         assert_eq!(w.host.dequeue(Queue::Jobs).unwrap().unwrap(), id.as_bytes());
         let retry = send(start(&w.store(), &w.config, &id, w.now()));
         assert_eq!(retry.provider, "b");
@@ -574,9 +755,17 @@ mod tests {
         }
         let (status, reason, at) = failed.expect("the deadline never failed the job");
         assert_eq!((status, reason), (504, FailReason::Deadline));
-        assert!(at - START <= 61_200, "failed {} ms after submit", at - START);
+        assert!(
+            at - START <= 61_200,
+            "failed {} ms after submit",
+            at - START
+        );
         let e = w.record(&id).unwrap().error.unwrap();
-        assert_eq!(e.extra_fields.unwrap().provider.as_deref(), Some("b"), "names the last attempt made");
+        assert_eq!(
+            e.extra_fields.unwrap().provider.as_deref(),
+            Some("b"),
+            "names the last attempt made"
+        );
     }
 
     #[test]
@@ -586,7 +775,14 @@ mod tests {
         clock.sync(&w.host, &w.keys.clock());
         let id = w.submit(r#"{"model":"a/m","input":"hi","voice":"v"}"#, 2);
         let a = send(start(&w.store(), &w.config, &id, clock.now_ms(&w.host)));
-        finish(&w.store(), &w.config, &a, ok(b"x"), 0, clock.now_ms(&w.host));
+        finish(
+            &w.store(),
+            &w.config,
+            &a,
+            ok(b"x"),
+            0,
+            clock.now_ms(&w.host),
+        );
         w.shared.clock.set(w.now() - 3_600_000); // an hour back
         let mut gone = false;
         for _ in 0..20 {
@@ -595,9 +791,15 @@ mod tests {
             let now = clock.now_ms(&w.host);
             let store = w.store();
             for t in store.due_timers(now, 100) {
-                gone |= matches!(on_timer(&w.host, &store, &w.config, t, now), Step::Expired { .. });
+                gone |= matches!(
+                    on_timer(&w.host, &store, &w.config, t, now),
+                    Step::Expired { .. }
+                );
             }
         }
-        assert!(gone, "the job expired within 4 s of store time despite the clock going back an hour");
+        assert!(
+            gone,
+            "the job expired within 4 s of store time despite the clock going back an hour"
+        );
     }
 }

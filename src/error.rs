@@ -204,7 +204,8 @@ mod tests {
 
     #[test]
     fn not_found_is_exactly_the_spec_body() {
-        let v: serde_json::Value = serde_json::from_slice(&ApiError::job_not_found().to_json()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&ApiError::job_not_found().to_json()).unwrap();
         assert_eq!(
             v,
             json!({"is_bifrost_error":false,"status_code":404,"error":{"message":"job not found or expired"}})
@@ -213,8 +214,10 @@ mod tests {
 
     #[test]
     fn invalid_names_the_param() {
-        let v: serde_json::Value =
-            serde_json::from_slice(&ApiError::invalid("input", "input is required for speech").to_json()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(
+            &ApiError::invalid("input", "input is required for speech").to_json(),
+        )
+        .unwrap();
         assert_eq!(v["status_code"], 400);
         assert_eq!(v["is_bifrost_error"], true);
         assert_eq!(v["error"]["param"], "input");

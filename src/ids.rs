@@ -42,7 +42,10 @@ mod tests {
 
     #[test]
     fn ids_round_trip_their_slot_and_look_like_uuid_v4() {
-        for (i, slot) in [0u32, 1, 4095, 65_536, MAX_JOBS_LIMIT - 1].into_iter().enumerate() {
+        for (i, slot) in [0u32, 1, 4095, 65_536, MAX_JOBS_LIMIT - 1]
+            .into_iter()
+            .enumerate()
+        {
             let random = [i as u8 * 37 + 11; 16];
             let id = make_id(random, slot);
             assert_eq!(id.len(), 36);

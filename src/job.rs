@@ -148,7 +148,14 @@ pub enum NextStep {
 }
 
 impl JobRecord {
-    pub fn new(id: String, owner: String, now_ms: u64, ttl_s: u64, deadline_s: u64, request: SpeechRequest) -> JobRecord {
+    pub fn new(
+        id: String,
+        owner: String,
+        now_ms: u64,
+        ttl_s: u64,
+        deadline_s: u64,
+        request: SpeechRequest,
+    ) -> JobRecord {
         JobRecord {
             id,
             owner,
@@ -223,7 +230,10 @@ impl JobRecord {
     pub fn fail(&mut self, now_ms: u64, mut error: ApiError) {
         let last = match self.attempts.last() {
             Some(a) => Some((a.provider.clone(), a.model.clone())),
-            None => self.chain.first().map(|m| (m.provider.clone(), m.model.clone())),
+            None => self
+                .chain
+                .first()
+                .map(|m| (m.provider.clone(), m.model.clone())),
         };
         let mut extra = match last {
             Some((provider, model)) => ExtraFields::speech(&provider, &model),
@@ -243,7 +253,10 @@ impl JobRecord {
     /// Fails an unfinished job that ran out of time: the attempt under way
     /// (if any) is recorded first, so the error names the last attempt made.
     pub fn fail_past_deadline(&mut self, now_ms: u64, deadline_s: u64) {
-        let error = ApiError::upstream(504, format!("the job did not finish within its deadline of {deadline_s} s"));
+        let error = ApiError::upstream(
+            504,
+            format!("the job did not finish within its deadline of {deadline_s} s"),
+        );
         if self.status == JobStatus::Processing {
             if let Some(step) = self.current() {
                 self.attempts.push(AttemptSummary {
@@ -276,10 +289,14 @@ impl JobRecord {
     /// When this job next needs a look from the timer wheel: its expiry once
     /// finished, else the earlier of its lease and its deadline.
     pub fn next_timer_ms(&self) -> u64 {
-        let delivery = self.pending_delivery().map_or(u64::MAX, |d| d.next_attempt_at_ms);
+        let delivery = self
+            .pending_delivery()
+            .map_or(u64::MAX, |d| d.next_attempt_at_ms);
         match self.expires_at_ms() {
             Some(at) => at.min(delivery),
-            None => self.lease_until_ms.map_or(self.deadline_ms, |l| l.min(self.deadline_ms)),
+            None => self
+                .lease_until_ms
+                .map_or(self.deadline_ms, |l| l.min(self.deadline_ms)),
         }
     }
 }
@@ -307,13 +324,22 @@ fn push_tail(out: &mut Vec<u8>, record: &JobRecord) {
 }
 
 /// A finished job's answer with a new tail, the rest (audio included) kept as it is.
-pub fn retail(body: &[u8], audio_at: Option<(u32, u32)>, tail_at: u32, record: &JobRecord) -> Rendered {
+pub fn retail(
+    body: &[u8],
+    audio_at: Option<(u32, u32)>,
+    tail_at: u32,
+    record: &JobRecord,
+) -> Rendered {
     let keep = body.get(..tail_at as usize).unwrap_or(body);
     let mut out = Vec::with_capacity(keep.len() + 128);
     out.extend_from_slice(keep);
     let tail_at = offset(out.len());
     push_tail(&mut out, record);
-    Rendered { body: out, audio_at, tail_at }
+    Rendered {
+        body: out,
+        audio_at,
+        tail_at,
+    }
 }
 
 fn push_json(out: &mut Vec<u8>, value: &impl Serialize) {
@@ -341,7 +367,11 @@ pub fn render(record: &JobRecord, completion: Option<&Completion>) -> Rendered {
     if !record.status.is_finished() {
         let tail_at = offset(out.len());
         out.push(b'}');
-        return Rendered { body: out, audio_at: None, tail_at };
+        return Rendered {
+            body: out,
+            audio_at: None,
+            tail_at,
+        };
     }
     if let Some(done) = record.completed_at_ms {
         push_field(&mut out, "completed_at", &rfc3339(done));
@@ -367,7 +397,11 @@ pub fn render(record: &JobRecord, completion: Option<&Completion>) -> Rendered {
     }
     let tail_at = offset(out.len());
     push_tail(&mut out, record);
-    Rendered { body: out, audio_at, tail_at }
+    Rendered {
+        body: out,
+        audio_at,
+        tail_at,
+    }
 }
 
 /// A completed job's `result` object; returns where its base64 audio sits in `out`.
@@ -395,7 +429,10 @@ fn append_base64(out: &mut Vec<u8>, bytes: &[u8]) -> usize {
     let len = base64::encoded_len(bytes.len(), true).unwrap_or(0);
     let start = out.len();
     out.resize(start + len, 0);
-    match out.get_mut(start..).map(|tail| engine.encode_slice(bytes, tail)) {
+    match out
+        .get_mut(start..)
+        .map(|tail| engine.encode_slice(bytes, tail))
+    {
         Some(Ok(written)) => {
             out.truncate(start + written);
             written
@@ -414,7 +451,12 @@ mod tests {
 
     fn request(n: usize) -> SpeechRequest {
         SpeechRequest {
-            chain: (0..n).map(|i| ModelRef { provider: format!("p{i}"), model: format!("m{i}") }).collect(),
+            chain: (0..n)
+                .map(|i| ModelRef {
+                    provider: format!("p{i}"),
+                    model: format!("m{i}"),
+                })
+                .collect(),
             input: "hi".into(),
             voice: Voice::Single("v".into()),
             response_format: None,
@@ -451,10 +493,18 @@ mod tests {
         assert_eq!(j.next_timer_ms(), 7_000);
         let mut extra = ExtraFields::speech("p0", "m0");
         extra.latency = Some(12);
-        let meta = ResultMeta { response_format: AudioFormat::Wav, extra_fields: extra };
+        let meta = ResultMeta {
+            response_format: AudioFormat::Wav,
+            extra_fields: extra,
+        };
         j.complete(3_000, meta.clone());
         assert!(j.request.is_none(), "the request is dropped once done");
-        let done = Completion { meta, audio: vec![0xff, 0, 1], alignment: None, normalized_alignment: None };
+        let done = Completion {
+            meta,
+            audio: vec![0xff, 0, 1],
+            alignment: None,
+            normalized_alignment: None,
+        };
         let r = render(&j, Some(&done));
         let (at, len) = r.audio_at.unwrap();
         assert_eq!(&r.body[at as usize..(at + len) as usize], b"/wAB");
@@ -479,9 +529,15 @@ mod tests {
     fn fallbacks_then_failure_lists_every_attempt() {
         let mut j = job(2);
         j.claim(1_000, 10);
-        assert_eq!(j.record_failure(1_500, ApiError::upstream(504, "timed out")), NextStep::TryNext);
+        assert_eq!(
+            j.record_failure(1_500, ApiError::upstream(504, "timed out")),
+            NextStep::TryNext
+        );
         assert!(j.is_running(1));
-        assert!(!j.is_running(0), "a late answer to the first attempt is stale");
+        assert!(
+            !j.is_running(0),
+            "a late answer to the first attempt is stale"
+        );
         let last = ApiError::provider(429, None, None, "slow down".into(), None);
         assert_eq!(j.record_failure(2_000, last), NextStep::Failed);
         let v = json(&render(&j, None));
@@ -506,11 +562,18 @@ mod tests {
         assert_eq!(e.status_code, 504);
         assert!(e.error.message.contains("deadline of 300 s"));
         let extra = e.extra_fields.unwrap();
-        assert_eq!(extra.provider.as_deref(), Some("p0"), "p1 and p2 were never tried");
+        assert_eq!(
+            extra.provider.as_deref(),
+            Some("p0"),
+            "p1 and p2 were never tried"
+        );
         // A pending job that never got an attempt names its primary.
         let mut k = job(3);
         k.fail_past_deadline(301_000, 300);
-        assert_eq!(k.error.unwrap().extra_fields.unwrap().provider.as_deref(), Some("p0"));
+        assert_eq!(
+            k.error.unwrap().extra_fields.unwrap().provider.as_deref(),
+            Some("p0")
+        );
     }
 
     #[test]

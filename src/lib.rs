@@ -3,23 +3,23 @@
 //! Everything but `host` is pure and unit-tested natively; `host` moves bytes
 //! between Envoy and that core.
 
-pub mod audio;
 pub mod api;
+pub mod audio;
 pub mod auth;
 pub mod clock;
 pub mod config;
-pub mod error;
 pub mod dispatch;
+pub mod error;
 pub mod ids;
 pub mod job;
 pub mod log_escape;
+pub mod platform;
 pub mod providers;
 pub mod redact;
 pub mod request;
-pub mod platform;
-pub mod store;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod sim;
+pub mod store;
 pub mod time;
 pub mod webhooks;
 

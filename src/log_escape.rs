@@ -71,15 +71,24 @@ mod tests {
 
     #[test]
     fn plain_text_is_unchanged() {
-        assert_eq!(escape_for_log("openai/gpt-4o-mini-tts é 日本"), "openai/gpt-4o-mini-tts é 日本");
+        assert_eq!(
+            escape_for_log("openai/gpt-4o-mini-tts é 日本"),
+            "openai/gpt-4o-mini-tts é 日本"
+        );
         assert_eq!(escape_for_log(""), "");
     }
 
     #[test]
     fn control_characters_are_escaped() {
         assert_eq!(escape_for_log("a\nb\rc\td"), "a\\nb\\rc\\td");
-        assert_eq!(escape_for_log("\u{0}\u{1b}[31m\u{7f}\u{85}\u{9f}"), "\\u{0}\\u{1b}[31m\\u{7f}\\u{85}\\u{9f}");
-        assert_eq!(escape_for_log("x\u{2028}y\u{202e}z"), "x\\u{2028}y\\u{202e}z");
+        assert_eq!(
+            escape_for_log("\u{0}\u{1b}[31m\u{7f}\u{85}\u{9f}"),
+            "\\u{0}\\u{1b}[31m\\u{7f}\\u{85}\\u{9f}"
+        );
+        assert_eq!(
+            escape_for_log("x\u{2028}y\u{202e}z"),
+            "x\\u{2028}y\\u{202e}z"
+        );
         // A backslash is escaped too, so that no text can pose as an escape.
         assert_eq!(escape_for_log("\\n"), "\\\\n");
     }
@@ -97,7 +106,10 @@ mod tests {
         let out = escape_for_log(&long);
         assert_eq!(out.chars().count(), MAX_LOG_CHARS + 1);
         assert!(out.ends_with('…'));
-        assert_eq!(escape_for_log("a".repeat(MAX_LOG_CHARS)), "a".repeat(MAX_LOG_CHARS));
+        assert_eq!(
+            escape_for_log("a".repeat(MAX_LOG_CHARS)),
+            "a".repeat(MAX_LOG_CHARS)
+        );
         assert_eq!(escape_for_log_with_limit(b"abc\n", 4), "abc…");
         assert_eq!(escape_for_log_with_limit(b"ab\xff", 4), "ab…");
     }

@@ -22,7 +22,12 @@ pub fn redact_error(mut error: ApiError, secret: Option<&str>) -> ApiError {
     };
     let body = &mut error.error;
     body.message = redact(&body.message, Some(secret));
-    for field in [&mut body.kind, &mut body.code, &mut body.param, &mut error.kind] {
+    for field in [
+        &mut body.kind,
+        &mut body.code,
+        &mut body.param,
+        &mut error.kind,
+    ] {
         if let Some(text) = field.as_mut() {
             *text = redact(text, Some(secret));
         }
@@ -36,7 +41,10 @@ mod tests {
 
     #[test]
     fn every_occurrence_is_replaced() {
-        assert_eq!(redact("key sk-1 and sk-1.", Some("sk-1")), "key [redacted] and [redacted].");
+        assert_eq!(
+            redact("key sk-1 and sk-1.", Some("sk-1")),
+            "key [redacted] and [redacted]."
+        );
         assert_eq!(redact("nothing here", Some("sk-1")), "nothing here");
         assert_eq!(redact("sk-1", None), "sk-1");
         assert_eq!(redact("sk-1", Some("")), "sk-1");
@@ -52,7 +60,10 @@ mod tests {
             Some("k".into()),
         );
         let e = redact_error(e, Some("k"));
-        assert_eq!(e.error.message, "Incorrect API [redacted]ey provided: [redacted]");
+        assert_eq!(
+            e.error.message,
+            "Incorrect API [redacted]ey provided: [redacted]"
+        );
         assert_eq!(e.error.kind.as_deref(), Some("bad [redacted]"));
         assert_eq!(e.error.code.as_deref(), Some("[redacted]"));
         assert_eq!(e.error.param.as_deref(), Some("[redacted]"));

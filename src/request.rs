@@ -146,7 +146,8 @@ pub fn is_json_content_type(value: Option<&[u8]>) -> bool {
     let Some(v) = value else { return true };
     let v = String::from_utf8_lossy(v).to_ascii_lowercase();
     let essence = v.split(';').next().unwrap_or("").trim();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// Longest `model` string, `provider/model` as a whole (SPEC §7).
@@ -188,7 +189,10 @@ fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
 
 fn refuse_streaming(obj: &Map<String, Value>) -> Result<(), ApiError> {
     if optional_str(obj, "stream_format")? == Some("sse") {
-        return Err(ApiError::invalid("stream_format", "stream is not supported for async speech"));
+        return Err(ApiError::invalid(
+            "stream_format",
+            "stream is not supported for async speech",
+        ));
     }
     Ok(())
 }
@@ -224,7 +228,11 @@ fn parse_chain(obj: &Map<String, Value>, config: &Config) -> Result<Vec<ModelRef
     if items.len() > config.max_fallbacks {
         return Err(ApiError::invalid(
             "fallbacks",
-            format!("fallbacks has {} entries; the limit is {}", items.len(), config.max_fallbacks),
+            format!(
+                "fallbacks has {} entries; the limit is {}",
+                items.len(),
+                config.max_fallbacks
+            ),
         ));
     }
     for (i, item) in items.iter().enumerate() {
@@ -245,7 +253,10 @@ fn parse_input(obj: &Map<String, Value>, config: &Config) -> Result<String, ApiE
         let chars = input.chars().count();
         return Err(ApiError::invalid(
             "input",
-            format!("input is {chars} characters; the limit is {}", config.max_input_chars),
+            format!(
+                "input is {chars} characters; the limit is {}",
+                config.max_input_chars
+            ),
         ));
     }
     Ok(input.to_string())
@@ -277,7 +288,10 @@ fn parse_speed(obj: &Map<String, Value>) -> Result<Option<f64>, ApiError> {
         Some(Value::Number(n)) => {
             let s = n.as_f64().unwrap_or(f64::NAN);
             if !(0.25..=4.0).contains(&s) {
-                return Err(ApiError::invalid("speed", "speed must be between 0.25 and 4"));
+                return Err(ApiError::invalid(
+                    "speed",
+                    "speed must be between 0.25 and 4",
+                ));
             }
             Ok(Some(s))
         }
@@ -289,12 +303,20 @@ fn parse_locators(obj: &Map<String, Value>) -> Result<Option<Vec<Value>>, ApiErr
     const PARAM: &str = "pronunciation_dictionary_locators";
     match obj.get(PARAM) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Array(items)) if items.len() > MAX_PRONUNCIATION_LOCATORS => Err(ApiError::invalid(
-            PARAM,
-            format!("{PARAM} has {} entries; the limit is {MAX_PRONUNCIATION_LOCATORS}", items.len()),
-        )),
+        Some(Value::Array(items)) if items.len() > MAX_PRONUNCIATION_LOCATORS => {
+            Err(ApiError::invalid(
+                PARAM,
+                format!(
+                    "{PARAM} has {} entries; the limit is {MAX_PRONUNCIATION_LOCATORS}",
+                    items.len()
+                ),
+            ))
+        }
         Some(Value::Array(items)) if items.iter().all(Value::is_object) => Ok(Some(items.clone())),
-        Some(_) => Err(ApiError::invalid(PARAM, format!("{PARAM} must be an array of objects"))),
+        Some(_) => Err(ApiError::invalid(
+            PARAM,
+            format!("{PARAM} must be an array of objects"),
+        )),
     }
 }
 
@@ -309,7 +331,11 @@ fn check_every_attempt(request: &SpeechRequest, config: &Config) -> Result<(), A
             .check(request, &step.model)
             .map_err(|mut e| {
                 if e.error.param.is_none() {
-                    e.error.param = Some(if i == 0 { "model".to_string() } else { format!("fallbacks[{}]", i - 1) });
+                    e.error.param = Some(if i == 0 {
+                        "model".to_string()
+                    } else {
+                        format!("fallbacks[{}]", i - 1)
+                    });
                 }
                 e
             })?;
@@ -349,9 +375,11 @@ fn parse_voice(value: Option<&Value>) -> Result<Voice, ApiError> {
             within_chars("voice", s, MAX_VOICE_CHARS)?;
             Ok(Voice::Single(s.clone()))
         }
-        Some(Value::Array(items)) if !items.is_empty() => {
-            items.iter().map(speaker_voice).collect::<Result<_, _>>().map(Voice::Multi)
-        }
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(speaker_voice)
+            .collect::<Result<_, _>>()
+            .map(Voice::Multi),
         Some(_) => Err(ApiError::invalid(
             "voice",
             "voice must be a string or a non-empty array of {speaker, voice}",
@@ -380,7 +408,10 @@ fn optional_str<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<Option<&
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(ApiError::invalid(field, format!("{field} must be a string"))),
+        Some(_) => Err(ApiError::invalid(
+            field,
+            format!("{field} must be a string"),
+        )),
     }
 }
 
@@ -388,7 +419,10 @@ fn optional_bool(obj: &Map<String, Value>, field: &str) -> Result<Option<bool>, 
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(ApiError::invalid(field, format!("{field} must be true or false"))),
+        Some(_) => Err(ApiError::invalid(
+            field,
+            format!("{field} must be true or false"),
+        )),
     }
 }
 
@@ -420,8 +454,14 @@ mod tests {
         assert_eq!(
             r.chain,
             vec![
-                ModelRef { provider: "openai".into(), model: "tts-1".into() },
-                ModelRef { provider: "local".into(), model: "x".into() }
+                ModelRef {
+                    provider: "openai".into(),
+                    model: "tts-1".into()
+                },
+                ModelRef {
+                    provider: "local".into(),
+                    model: "x".into()
+                }
             ]
         );
         assert_eq!(r.voice, Voice::Single("alloy".into()));
@@ -432,7 +472,11 @@ mod tests {
 
     #[test]
     fn model_with_slashes_keeps_the_rest_as_model() {
-        let r = parse_speech_request(br#"{"model":"local/org/model","input":"a","voice":"v"}"#, &config()).unwrap();
+        let r = parse_speech_request(
+            br#"{"model":"local/org/model","input":"a","voice":"v"}"#,
+            &config(),
+        )
+        .unwrap();
         assert_eq!(r.chain[0].model, "org/model");
     }
 
@@ -442,37 +486,101 @@ mod tests {
             (r#"[1]"#, None),
             (r#"not json"#, None),
             (r#"{"input":"a","voice":"v"}"#, Some("model")),
-            (r#"{"model":"tts-1","input":"a","voice":"v"}"#, Some("model")),
-            (r#"{"model":"azure/tts","input":"a","voice":"v"}"#, Some("model")),
+            (
+                r#"{"model":"tts-1","input":"a","voice":"v"}"#,
+                Some("model"),
+            ),
+            (
+                r#"{"model":"azure/tts","input":"a","voice":"v"}"#,
+                Some("model"),
+            ),
             (r#"{"model":7,"input":"a","voice":"v"}"#, Some("model")),
             (r#"{"model":"openai/t","voice":"v"}"#, Some("input")),
-            (r#"{"model":"openai/t","input":"","voice":"v"}"#, Some("input")),
-            (r#"{"model":"openai/t","input":"01234567890","voice":"v"}"#, Some("input")),
+            (
+                r#"{"model":"openai/t","input":"","voice":"v"}"#,
+                Some("input"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"01234567890","voice":"v"}"#,
+                Some("input"),
+            ),
             (r#"{"model":"openai/t","input":"a"}"#, Some("voice")),
-            (r#"{"model":"openai/t","input":"a","voice":""}"#, Some("voice")),
-            (r#"{"model":"openai/t","input":"a","voice":3}"#, Some("voice")),
-            (r#"{"model":"openai/t","input":"a","voice":[{"speaker":"x"}]}"#, Some("voice")),
-            (r#"{"model":"openai/t","input":"a","voice":[{"speaker":"x","voice":"y"}]}"#, Some("voice")),
-            (r#"{"model":"openai/t","input":"a","voice":"v","fallbacks":"local/x"}"#, Some("fallbacks")),
-            (r#"{"model":"openai/t","input":"a","voice":"v","fallbacks":["nope"]}"#, Some("fallbacks[0]")),
-            (r#"{"model":"openai/t","input":"a","voice":"v","fallbacks":["local/x",1]}"#, Some("fallbacks[1]")),
-            (r#"{"model":"openai/t","input":"a","voice":"v","stream_format":"sse"}"#, Some("stream_format")),
-            (r#"{"model":"openai/t","input":"a","voice":"v","response_format":"ogg"}"#, Some("response_format")),
-            (r#"{"model":"openai/t","input":"a","voice":"v","speed":0.2}"#, Some("speed")),
-            (r#"{"model":"openai/t","input":"a","voice":"v","speed":4.01}"#, Some("speed")),
-            (r#"{"model":"openai/t","input":"a","voice":"v","speed":"1"}"#, Some("speed")),
-            (r#"{"model":"openai/t","input":"a","voice":"v","instructions":1}"#, Some("instructions")),
-            (r#"{"model":"openai/t","input":"a","voice":"v","with_timestamps":"yes"}"#, Some("with_timestamps")),
-            (r#"{"model":"openai/t","input":"a","voice":"v","pronunciation_dictionary_locators":[1]}"#, Some("pronunciation_dictionary_locators")),
+            (
+                r#"{"model":"openai/t","input":"a","voice":""}"#,
+                Some("voice"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":3}"#,
+                Some("voice"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":[{"speaker":"x"}]}"#,
+                Some("voice"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":[{"speaker":"x","voice":"y"}]}"#,
+                Some("voice"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":"v","fallbacks":"local/x"}"#,
+                Some("fallbacks"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":"v","fallbacks":["nope"]}"#,
+                Some("fallbacks[0]"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":"v","fallbacks":["local/x",1]}"#,
+                Some("fallbacks[1]"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":"v","stream_format":"sse"}"#,
+                Some("stream_format"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":"v","response_format":"ogg"}"#,
+                Some("response_format"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":"v","speed":0.2}"#,
+                Some("speed"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":"v","speed":4.01}"#,
+                Some("speed"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":"v","speed":"1"}"#,
+                Some("speed"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":"v","instructions":1}"#,
+                Some("instructions"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":"v","with_timestamps":"yes"}"#,
+                Some("with_timestamps"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":"v","pronunciation_dictionary_locators":[1]}"#,
+                Some("pronunciation_dictionary_locators"),
+            ),
         ];
         for (body, param) in cases {
             let e = reject(body);
             assert_eq!(e.status_code, 400, "{body}");
-            assert_eq!(e.error.param.as_deref(), param, "{body}: {}", e.error.message);
+            assert_eq!(
+                e.error.param.as_deref(),
+                param,
+                "{body}: {}",
+                e.error.message
+            );
             assert!(!e.error.message.is_empty());
         }
         assert_eq!(
-            reject(r#"{"model":"openai/t","input":"a","voice":"v","stream_format":"sse"}"#).error.message,
+            reject(r#"{"model":"openai/t","input":"a","voice":"v","stream_format":"sse"}"#)
+                .error
+                .message,
             "stream is not supported for async speech"
         );
     }
@@ -487,14 +595,25 @@ mod tests {
         let long = |n: usize| "é".repeat(n);
         // model: 256 characters in all, provider/ included.
         assert!(ok(&format!(r#","voice":"v","model":"local/{}""#, long(250))).is_ok());
-        assert_eq!(param_of(&format!(r#","voice":"v","model":"local/{}""#, long(251))).as_deref(), Some("model"));
-        let fallback = format!(r#","voice":"v","model":"openai/t","fallbacks":["local/x","local/{}"]"#, long(251));
+        assert_eq!(
+            param_of(&format!(r#","voice":"v","model":"local/{}""#, long(251))).as_deref(),
+            Some("model")
+        );
+        let fallback = format!(
+            r#","voice":"v","model":"openai/t","fallbacks":["local/x","local/{}"]"#,
+            long(251)
+        );
         assert_eq!(param_of(&fallback).as_deref(), Some("fallbacks[1]"));
         // voice, and each speaker and voice of a multi-speaker voice.
         assert!(ok(&format!(r#","model":"openai/t","voice":"{}""#, long(256))).is_ok());
-        assert_eq!(param_of(&format!(r#","model":"openai/t","voice":"{}""#, long(257))).as_deref(), Some("voice"));
+        assert_eq!(
+            param_of(&format!(r#","model":"openai/t","voice":"{}""#, long(257))).as_deref(),
+            Some("voice")
+        );
         for (speaker, voice) in [(long(257), "v".to_string()), ("s".to_string(), long(257))] {
-            let extra = format!(r#","model":"openai/t","voice":[{{"speaker":"{speaker}","voice":"{voice}"}}]"#);
+            let extra = format!(
+                r#","model":"openai/t","voice":[{{"speaker":"{speaker}","voice":"{voice}"}}]"#
+            );
             let e = ok(&extra).unwrap_err();
             assert_eq!(e.error.param.as_deref(), Some("voice"));
             assert!(e.error.message.contains("256"), "{}", e.error.message);
@@ -502,11 +621,20 @@ mod tests {
         // instructions.
         let base = r#","model":"openai/t","voice":"v""#;
         assert!(ok(&format!(r#"{base},"instructions":"{}""#, long(4096))).is_ok());
-        assert_eq!(param_of(&format!(r#"{base},"instructions":"{}""#, long(4097))).as_deref(), Some("instructions"));
-        // pronunciation_dictionary_locators: at most 3.
-        assert!(ok(&format!(r#"{base},"pronunciation_dictionary_locators":[{{}},{{}},{{}}]"#)).is_ok());
         assert_eq!(
-            param_of(&format!(r#"{base},"pronunciation_dictionary_locators":[{{}},{{}},{{}},{{}}]"#)).as_deref(),
+            param_of(&format!(r#"{base},"instructions":"{}""#, long(4097))).as_deref(),
+            Some("instructions")
+        );
+        // pronunciation_dictionary_locators: at most 3.
+        assert!(ok(&format!(
+            r#"{base},"pronunciation_dictionary_locators":[{{}},{{}},{{}}]"#
+        ))
+        .is_ok());
+        assert_eq!(
+            param_of(&format!(
+                r#"{base},"pronunciation_dictionary_locators":[{{}},{{}},{{}},{{}}]"#
+            ))
+            .as_deref(),
             Some("pronunciation_dictionary_locators")
         );
     }
@@ -516,16 +644,39 @@ mod tests {
         let c = config();
         let five = r#"["local/a","local/b","local/c","local/d","local/e"]"#;
         let body = format!(r#"{{"model":"openai/t","input":"a","voice":"v","fallbacks":{five}}}"#);
-        assert_eq!(parse_speech_request(body.as_bytes(), &c).unwrap().chain.len(), 6);
+        assert_eq!(
+            parse_speech_request(body.as_bytes(), &c)
+                .unwrap()
+                .chain
+                .len(),
+            6
+        );
         // Six entries, the first of them invalid: the count is what is refused.
         let six = r#"[1,"local/b","local/c","local/d","local/e","local/f"]"#;
         let body = format!(r#"{{"model":"openai/t","input":"a","voice":"v","fallbacks":{six}}}"#);
         let e = parse_speech_request(body.as_bytes(), &c).unwrap_err();
-        assert_eq!((e.status_code, e.error.param.as_deref()), (400, Some("fallbacks")));
-        assert!(e.error.message.contains("limit is 5"), "{}", e.error.message);
-        let none = Config { max_fallbacks: 0, ..c };
+        assert_eq!(
+            (e.status_code, e.error.param.as_deref()),
+            (400, Some("fallbacks"))
+        );
+        assert!(
+            e.error.message.contains("limit is 5"),
+            "{}",
+            e.error.message
+        );
+        let none = Config {
+            max_fallbacks: 0,
+            ..c
+        };
         let body = br#"{"model":"openai/t","input":"a","voice":"v","fallbacks":["local/x"]}"#;
-        assert_eq!(parse_speech_request(body, &none).unwrap_err().error.param.as_deref(), Some("fallbacks"));
+        assert_eq!(
+            parse_speech_request(body, &none)
+                .unwrap_err()
+                .error
+                .param
+                .as_deref(),
+            Some("fallbacks")
+        );
         let body = br#"{"model":"openai/t","input":"a","voice":"v","fallbacks":[]}"#;
         assert!(parse_speech_request(body, &none).is_ok());
     }
@@ -542,10 +693,22 @@ mod tests {
     #[test]
     fn ttl_header_rules() {
         let c = config();
-        assert_eq!(parse_ttl(None, &c).unwrap(), 100, "the default is capped by the maximum");
+        assert_eq!(
+            parse_ttl(None, &c).unwrap(),
+            100,
+            "the default is capped by the maximum"
+        );
         assert_eq!(parse_ttl(Some(b"0"), &c).unwrap(), c.default_result_ttl_s);
         assert_eq!(parse_ttl(Some(b"42"), &c).unwrap(), 42);
-        for bad in [&b"-1"[..], b"1.5", b"abc", b"", b"101", b"99999999999999999999999", b"\xff"] {
+        for bad in [
+            &b"-1"[..],
+            b"1.5",
+            b"abc",
+            b"",
+            b"101",
+            b"99999999999999999999999",
+            b"\xff",
+        ] {
             let e = parse_ttl(Some(bad), &c).unwrap_err();
             assert_eq!(e.error.param.as_deref(), Some(TTL_HEADER));
             assert!(e.error.message.contains(TTL_HEADER));
@@ -555,10 +718,14 @@ mod tests {
     #[test]
     fn content_types() {
         assert!(is_json_content_type(None));
-        assert!(is_json_content_type(Some(b"application/json; charset=utf-8")));
+        assert!(is_json_content_type(Some(
+            b"application/json; charset=utf-8"
+        )));
         assert!(is_json_content_type(Some(b"Application/JSON")));
         assert!(!is_json_content_type(Some(b"text/plain")));
-        assert!(!is_json_content_type(Some(b"multipart/form-data; boundary=x")));
+        assert!(!is_json_content_type(Some(
+            b"multipart/form-data; boundary=x"
+        )));
     }
 }
 
@@ -584,10 +751,18 @@ mod props {
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(|n| json!(n)),
-            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
             ".{0,8}".prop_map(Value::String),
-            prop_oneof![Just("openai/tts-1"), Just("el/m"), Just("g/m"), Just("az/.."), Just("..")]
-                .prop_map(|s| Value::String(s.to_string())),
+            prop_oneof![
+                Just("openai/tts-1"),
+                Just("el/m"),
+                Just("g/m"),
+                Just("az/.."),
+                Just("..")
+            ]
+            .prop_map(|s| Value::String(s.to_string())),
         ];
         leaf.prop_recursive(4, 32, 6, |inner| {
             prop_oneof![
@@ -601,9 +776,19 @@ mod props {
     /// Objects with the fields of a submit, each any JSON or absent.
     fn submit_like() -> impl Strategy<Value = Value> {
         const FIELDS: [&str; 13] = [
-            "model", "input", "voice", "fallbacks", "stream_format", "instructions", "response_format",
-            "speed", "language_code", "pronunciation_dictionary_locators", "enable_logging",
-            "optimize_streaming_latency", "with_timestamps",
+            "model",
+            "input",
+            "voice",
+            "fallbacks",
+            "stream_format",
+            "instructions",
+            "response_format",
+            "speed",
+            "language_code",
+            "pronunciation_dictionary_locators",
+            "enable_logging",
+            "optimize_streaming_latency",
+            "with_timestamps",
         ];
         prop::collection::vec(prop::option::of(any_json()), FIELDS.len()).prop_map(|values| {
             let mut obj = Map::new();

@@ -142,20 +142,33 @@ impl Host for SimHost {
 
     fn enqueue(&self, queue: Queue, item: &[u8]) -> Result<(), String> {
         self.step();
-        self.shared.queues.borrow_mut().entry(queue).or_default().push_back(item.to_vec());
+        self.shared
+            .queues
+            .borrow_mut()
+            .entry(queue)
+            .or_default()
+            .push_back(item.to_vec());
         Ok(())
     }
 
     fn dequeue(&self, queue: Queue) -> Result<Option<Vec<u8>>, String> {
         self.step();
-        Ok(self.shared.queues.borrow_mut().get_mut(&queue).and_then(VecDeque::pop_front))
+        Ok(self
+            .shared
+            .queues
+            .borrow_mut()
+            .get_mut(&queue)
+            .and_then(VecDeque::pop_front))
     }
 
     fn dispatch(&self, call: &Callout) -> Result<u32, String> {
         self.step();
         let token = self.shared.next_token.get() + 1;
         self.shared.next_token.set(token);
-        self.shared.callouts.borrow_mut().push((token, call.clone()));
+        self.shared
+            .callouts
+            .borrow_mut()
+            .push((token, call.clone()));
         Ok(token)
     }
 }

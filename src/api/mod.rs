@@ -30,15 +30,30 @@ pub struct Answer {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     None,
-    Submitted { id: String, model: String, fallbacks: usize, ttl_s: u64 },
+    Submitted {
+        id: String,
+        model: String,
+        fallbacks: usize,
+        ttl_s: u64,
+    },
     /// A submit refused with this status.
-    Rejected { status: u16, message: String },
-    Deleted { id: String },
+    Rejected {
+        status: u16,
+        message: String,
+    },
+    Deleted {
+        id: String,
+    },
 }
 
 impl Answer {
     fn json(status: u16, body: Vec<u8>) -> Answer {
-        Answer { status, headers: vec![("content-type", "application/json".into())], body, event: Event::None }
+        Answer {
+            status,
+            headers: vec![("content-type", "application/json".into())],
+            body,
+            event: Event::None,
+        }
     }
 
     fn with(mut self, name: &'static str, value: impl Into<String>) -> Answer {
@@ -105,7 +120,12 @@ impl Api<'_> {
         }
     }
 
-    fn route(&self, route: &Route, head: &RequestHead, end_of_stream: bool) -> Result<Decision, ApiError> {
+    fn route(
+        &self,
+        route: &Route,
+        head: &RequestHead,
+        end_of_stream: bool,
+    ) -> Result<Decision, ApiError> {
         let method = (head.header)(":method").unwrap_or_default();
         let method = String::from_utf8_lossy(&method);
         check_method(route, &method)?;
@@ -158,7 +178,11 @@ impl Api<'_> {
             .random(&mut random)
             .map_err(|e| ApiError::internal(format!("no secure random source: {e}")))?;
         let (model, fallbacks) = (
-            request.chain.first().map(|m| format!("{}/{}", m.provider, m.model)).unwrap_or_default(),
+            request
+                .chain
+                .first()
+                .map(|m| format!("{}/{}", m.provider, m.model))
+                .unwrap_or_default(),
             request.chain.len().saturating_sub(1),
         );
         let make = |slot: u32| {
@@ -174,9 +198,15 @@ impl Api<'_> {
         let store = self.store();
         let record = store.insert(&make).map_err(|e| match e {
             StoreError::Full => ApiError::store_full(self.config.max_jobs),
-            StoreError::Busy(why) => ApiError::unavailable(format!("the job store is busy ({why}); retry later")),
+            StoreError::Busy(why) => {
+                ApiError::unavailable(format!("the job store is busy ({why}); retry later"))
+            }
         })?;
-        if self.host.enqueue(Queue::Jobs, record.id.as_bytes()).is_err() {
+        if self
+            .host
+            .enqueue(Queue::Jobs, record.id.as_bytes())
+            .is_err()
+        {
             // Give the slot back; the job never existed for the client.
             if let Ok(Some(loaded)) = store.load(&record.id) {
                 let _ = store.free(loaded, &|_| true);
@@ -187,13 +217,22 @@ impl Api<'_> {
         let mut answer = Answer::json(202, serde_json::to_vec(&body).unwrap_or_default())
             .with("location", format!("{BASE}/{}", record.id))
             .with("retry-after", "1");
-        answer.event = Event::Submitted { id: record.id, model, fallbacks, ttl_s: pending.ttl_s };
+        answer.event = Event::Submitted {
+            id: record.id,
+            model,
+            fallbacks,
+            ttl_s: pending.ttl_s,
+        };
         Ok(answer)
     }
 
     /// The job if it exists, is unexpired and belongs to `owner`; else the one 404.
     fn owned(&self, id: &str, owner: &str) -> Result<crate::store::Loaded, ApiError> {
-        let loaded = self.store().load(id).map_err(store_unavailable)?.ok_or_else(ApiError::job_not_found)?;
+        let loaded = self
+            .store()
+            .load(id)
+            .map_err(store_unavailable)?
+            .ok_or_else(ApiError::job_not_found)?;
         let view = loaded.view().ok_or_else(ApiError::job_not_found)?;
         if view.owner != owner.as_bytes() || view.is_expired(self.now_ms) {
             return Err(ApiError::job_not_found());
@@ -206,7 +245,11 @@ impl Api<'_> {
         let loaded = self.owned(id, owner)?;
         let view = loaded.view().ok_or_else(ApiError::job_not_found)?;
         let answer = Answer::json(view.status.poll_status(), view.body.to_vec());
-        Ok(if view.status.is_finished() { answer } else { answer.with("retry-after", "1") })
+        Ok(if view.status.is_finished() {
+            answer
+        } else {
+            answer.with("retry-after", "1")
+        })
     }
 
     fn content(&self, id: &str, owner: &str) -> Result<Answer, ApiError> {
@@ -218,18 +261,34 @@ impl Api<'_> {
                 Ok(Answer::json(202, view.body.to_vec()).with("retry-after", "1"))
             }
             JobStatus::Failed => {
-                let record = view.record().ok_or_else(|| ApiError::internal("the job record is unreadable"))?;
-                let error = record.error.unwrap_or_else(|| ApiError::internal("the job failed without an error"));
+                let record = view
+                    .record()
+                    .ok_or_else(|| ApiError::internal("the job record is unreadable"))?;
+                let error = record
+                    .error
+                    .unwrap_or_else(|| ApiError::internal("the job failed without an error"));
                 Ok(Answer::error(&error))
             }
             JobStatus::Completed => {
-                let record = view.record().ok_or_else(|| ApiError::internal("the job record is unreadable"))?;
-                let format = record.result.map(|m| m.response_format).ok_or_else(|| ApiError::internal("the job has no result"))?;
+                let record = view
+                    .record()
+                    .ok_or_else(|| ApiError::internal("the job record is unreadable"))?;
+                let format = record
+                    .result
+                    .map(|m| m.response_format)
+                    .ok_or_else(|| ApiError::internal("the job has no result"))?;
                 let audio = view
                     .audio_base64()
                     .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
-                    .ok_or_else(|| ApiError::internal("the job's audio is missing from the store"))?;
-                Ok(Answer { status: 200, headers: vec![("content-type", format.content_type().into())], body: audio, event: Event::None })
+                    .ok_or_else(|| {
+                        ApiError::internal("the job's audio is missing from the store")
+                    })?;
+                Ok(Answer {
+                    status: 200,
+                    headers: vec![("content-type", format.content_type().into())],
+                    body: audio,
+                    event: Event::None,
+                })
             }
         }
     }
@@ -238,7 +297,12 @@ impl Api<'_> {
         let loaded = self.owned(id, owner)?;
         let id_bytes = id.as_bytes().to_vec();
         match self.store().free(loaded, &|v| v.id == id_bytes.as_slice()) {
-            Ok(true) => Ok(Answer { status: 204, headers: vec![], body: vec![], event: Event::Deleted { id: id.to_string() } }),
+            Ok(true) => Ok(Answer {
+                status: 204,
+                headers: vec![],
+                body: vec![],
+                event: Event::Deleted { id: id.to_string() },
+            }),
             // Freed by someone else between our read and our write (it expired).
             Ok(false) => Err(ApiError::job_not_found()),
             Err(e) => Err(store_unavailable(e)),
@@ -271,7 +335,10 @@ fn refused(route: &Route, e: &ApiError) -> Answer {
         answer = answer.with("allow", route.allowed().join(", "));
     }
     if *route == Route::Submit {
-        answer.event = Event::Rejected { status: e.status_code, message: e.error.message.clone() };
+        answer.event = Event::Rejected {
+            status: e.status_code,
+            message: e.error.message.clone(),
+        };
     }
     answer
 }

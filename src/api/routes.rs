@@ -60,8 +60,14 @@ mod tests {
     fn routes() {
         assert_eq!(route(b"/v1/async/audio/speech"), Route::Submit);
         assert_eq!(route(b"/v1/async/audio/speech?x=1"), Route::Submit);
-        assert_eq!(route(b"/v1/async/audio/speech/abc"), Route::Job("abc".into()));
-        assert_eq!(route(b"/v1/async/audio/speech/abc/content"), Route::Content("abc".into()));
+        assert_eq!(
+            route(b"/v1/async/audio/speech/abc"),
+            Route::Job("abc".into())
+        );
+        assert_eq!(
+            route(b"/v1/async/audio/speech/abc/content"),
+            Route::Content("abc".into())
+        );
         assert_eq!(route(b"/v1/async/audio/speech/abc/x"), Route::Unknown);
         assert_eq!(route(b"/v1/async/audio/speech/\xff"), Route::Unknown);
         assert_eq!(route(b"/v1/async/audio/speechless"), Route::PassThrough);

@@ -42,7 +42,11 @@ impl EnvoyHost {
     }
 
     fn queue_id(&self, queue: Queue) -> Result<u32, String> {
-        self.queues.borrow().get(&queue).copied().ok_or_else(|| format!("queue {queue:?} is not registered"))
+        self.queues
+            .borrow()
+            .get(&queue)
+            .copied()
+            .ok_or_else(|| format!("queue {queue:?} is not registered"))
     }
 }
 
@@ -75,15 +79,21 @@ impl Host for EnvoyHost {
     }
 
     fn enqueue(&self, queue: Queue, item: &[u8]) -> Result<(), String> {
-        hostcalls::enqueue_shared_queue(self.queue_id(queue)?, Some(item)).map_err(|e| format!("enqueue: {e:?}"))
+        hostcalls::enqueue_shared_queue(self.queue_id(queue)?, Some(item))
+            .map_err(|e| format!("enqueue: {e:?}"))
     }
 
     fn dequeue(&self, queue: Queue) -> Result<Option<Vec<u8>>, String> {
-        hostcalls::dequeue_shared_queue(self.queue_id(queue)?).map_err(|e| format!("dequeue: {e:?}"))
+        hostcalls::dequeue_shared_queue(self.queue_id(queue)?)
+            .map_err(|e| format!("dequeue: {e:?}"))
     }
 
     fn dispatch(&self, call: &Callout) -> Result<u32, String> {
-        let headers: Vec<(&str, &str)> = call.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let headers: Vec<(&str, &str)> = call
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         hostcalls::dispatch_http_call(
             &call.cluster,
             headers,

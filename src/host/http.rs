@@ -29,12 +29,17 @@ pub struct SpeechHttp {
 
 /// A request header's raw bytes: a client may send a value that is not UTF-8.
 fn header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok().flatten()
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
 }
 
 impl SpeechHttp {
     pub fn new(shared: Option<Shared>) -> Self {
-        SpeechHttp { shared, state: State::PassThrough }
+        SpeechHttp {
+            shared,
+            state: State::PassThrough,
+        }
     }
 
     fn api<'a>(shared: &'a Shared) -> Api<'a> {
@@ -52,11 +57,19 @@ impl SpeechHttp {
         if let Some(shared) = &self.shared {
             let m = &shared.metrics;
             match &answer.event {
-                Event::Submitted { id, model, fallbacks, ttl_s } => {
+                Event::Submitted {
+                    id,
+                    model,
+                    fallbacks,
+                    ttl_s,
+                } => {
                     m.submitted();
                     m.held(1);
                     m.pending(1);
-                    info!("job {id} submitted: model {}, {fallbacks} fallbacks, ttl {ttl_s} s", escape(model));
+                    info!(
+                        "job {id} submitted: model {}, {fallbacks} fallbacks, ttl {ttl_s} s",
+                        escape(model)
+                    );
                 }
                 Event::Rejected { status, message } => {
                     m.rejected(*status);
@@ -70,8 +83,14 @@ impl SpeechHttp {
                 Event::None => {}
             }
         }
-        let headers: Vec<(&str, &str)> = answer.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        if let Err(e) = hostcalls::send_http_response(u32::from(answer.status), headers, Some(&answer.body)) {
+        let headers: Vec<(&str, &str)> = answer
+            .headers
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        if let Err(e) =
+            hostcalls::send_http_response(u32::from(answer.status), headers, Some(&answer.body))
+        {
             error!("cannot send the {} answer: {e:?}", answer.status);
         }
         Action::Pause
@@ -83,7 +102,10 @@ impl SpeechHttp {
             return Action::Pause;
         };
         let pending = pending.clone();
-        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size).ok().flatten().unwrap_or_default();
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         let answer = Self::api(&shared).on_submit_body(&pending, &body);
         self.send(answer)
     }
@@ -99,14 +121,19 @@ impl HttpContext for SpeechHttp {
             if crate::api::routes::route(&path) == crate::api::routes::Route::PassThrough {
                 return Action::Continue;
             }
-            return self.send(Answer::error(&ApiError::internal("the async speech filter has no configuration")));
+            return self.send(Answer::error(&ApiError::internal(
+                "the async speech filter has no configuration",
+            )));
         };
         // The whole dynamic metadata, typed (see ClaimValue::from_metadata).
         let claim = shared.config.jwt_owner.as_ref().and_then(|j| {
             let metadata = hostcalls::get_property(vec!["metadata"]).ok().flatten()?;
             ClaimValue::from_metadata(&metadata, j)
         });
-        let head = RequestHead { header: &header, jwt_claim: claim };
+        let head = RequestHead {
+            header: &header,
+            jwt_claim: claim,
+        };
         match Self::api(&shared).on_headers(&head, end_of_stream) {
             Decision::PassThrough => Action::Continue,
             Decision::Respond(answer) => self.send(answer),

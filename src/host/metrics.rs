@@ -54,9 +54,17 @@ impl Metrics {
     /// Defines the fixed set at configure time so that they show as 0 before traffic.
     pub fn define_all(&self) {
         for name in [
-            "jobs_submitted", "jobs_completed", "jobs_expired", "jobs_deleted",
-            "jobs_failed.provider_error", "jobs_failed.timeout", "jobs_failed.unreachable", "jobs_failed.deadline",
-            "jobs_rejected.auth", "jobs_rejected.validation", "jobs_rejected.store_full",
+            "jobs_submitted",
+            "jobs_completed",
+            "jobs_expired",
+            "jobs_deleted",
+            "jobs_failed.provider_error",
+            "jobs_failed.timeout",
+            "jobs_failed.unreachable",
+            "jobs_failed.deadline",
+            "jobs_rejected.auth",
+            "jobs_rejected.validation",
+            "jobs_rejected.store_full",
         ] {
             let _ = self.id(MetricType::Counter, &format!("{PREFIX}.{name}"));
         }
@@ -91,7 +99,10 @@ impl Metrics {
     }
     pub fn attempt(&self, provider: &str, outcome: &str, latency_ms: u64) {
         self.count(&format!("provider.{provider}.attempts.{outcome}"));
-        if let Some(id) = self.id(MetricType::Histogram, &format!("{PREFIX}.provider.{provider}.latency_ms")) {
+        if let Some(id) = self.id(
+            MetricType::Histogram,
+            &format!("{PREFIX}.provider.{provider}.latency_ms"),
+        ) {
             let _ = hostcalls::record_metric(id, latency_ms);
         }
     }

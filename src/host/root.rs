@@ -64,19 +64,29 @@ fn namespace() -> String {
 
 impl Root {
     fn register_queues(&self, host: &EnvoyHost) {
-        let all = [Queue::Free].into_iter().chain(wheel::all_buckets()).chain([Queue::Jobs]);
+        let all = [Queue::Free]
+            .into_iter()
+            .chain(wheel::all_buckets())
+            .chain([Queue::Jobs]);
         if let Err(e) = host.register(all) {
             error!("{e}");
         }
     }
 
     fn store<'a>(shared: &'a Shared) -> Store<'a> {
-        Store::new(shared.host.as_ref(), &shared.keys, shared.config.max_jobs, shared.generation)
+        Store::new(
+            shared.host.as_ref(),
+            &shared.keys,
+            shared.config.max_jobs,
+            shared.generation,
+        )
     }
 
     /// Takes queued jobs while there is room for more callouts.
     fn drain(&mut self) {
-        let Some(shared) = self.shared.clone() else { return };
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
         while self.in_flight.len() < shared.config.max_in_flight {
             let id = match shared.host.dequeue(Queue::Jobs) {
                 Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
@@ -106,20 +116,35 @@ impl Root {
                         Ok(token) => {
                             info!(
                                 "job {} attempt {} sent to provider {} (model {})",
-                                attempt.id, attempt.attempt, attempt.provider, escape(&attempt.model)
+                                attempt.id,
+                                attempt.attempt,
+                                attempt.provider,
+                                escape(&attempt.model)
                             );
                             self.in_flight.insert(token, (*attempt, now));
                             self.metrics.in_flight(1);
                             return;
                         }
                         Err(e) => {
-                            warn!("job {} provider {}: cannot call cluster {}: {e}", attempt.id, attempt.provider, attempt.callout.cluster);
+                            warn!(
+                                "job {} provider {}: cannot call cluster {}: {e}",
+                                attempt.id, attempt.provider, attempt.callout.cluster
+                            );
                             self.metrics.attempt(&attempt.provider, "unreachable", 0);
                             let error = ApiError::upstream(
                                 502,
-                                format!("provider {} is unreachable: Envoy cannot call cluster {}", attempt.provider, attempt.callout.cluster),
+                                format!(
+                                    "provider {} is unreachable: Envoy cannot call cluster {}",
+                                    attempt.provider, attempt.callout.cluster
+                                ),
                             );
-                            step = dispatch::attempt_failed(&Self::store(shared), &shared.config, &attempt, error, now);
+                            step = dispatch::attempt_failed(
+                                &Self::store(shared),
+                                &shared.config,
+                                &attempt,
+                                error,
+                                now,
+                            );
                         }
                     }
                 }
@@ -136,7 +161,10 @@ impl Root {
             }
             Step::Failed { id, status, reason } => {
                 match reason {
-                    FailReason::Deadline => warn!("job {id} failed: past its deadline of {} s", shared.config.job_deadline_s),
+                    FailReason::Deadline => warn!(
+                        "job {id} failed: past its deadline of {} s",
+                        shared.config.job_deadline_s
+                    ),
                     _ => warn!("job {id} failed with status {status} ({})", reason.name()),
                 }
                 self.metrics.failed(reason);
@@ -171,7 +199,11 @@ impl Root {
     fn forget_overdue_callouts(&mut self, now: u64) {
         let before = self.in_flight.len();
         self.in_flight.retain(|_, (attempt, started)| {
-            now.saturating_sub(*started) <= attempt.callout.timeout_ms.saturating_add(dispatch::LEASE_GRACE_MS)
+            now.saturating_sub(*started)
+                <= attempt
+                    .callout
+                    .timeout_ms
+                    .saturating_add(dispatch::LEASE_GRACE_MS)
         });
         let forgotten = before - self.in_flight.len();
         if forgotten > 0 {
@@ -181,9 +213,19 @@ impl Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _: usize) {
-        let Some(shared) = self.shared.clone() else { return };
-        let Some((attempt, started)) = self.in_flight.remove(&token_id) else { return };
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _: usize,
+    ) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let Some((attempt, started)) = self.in_flight.remove(&token_id) else {
+            return;
+        };
         self.metrics.in_flight(-1);
         let now = shared.clock.now_ms(shared.host.as_ref());
         // A failed callout has no headers; asking for ":status" then would panic in the SDK.
@@ -200,24 +242,46 @@ impl Context for Root {
         // Bounded before it is read: base64 in JSON answers takes 4/3 of the audio.
         let limit = shared.config.max_audio_bytes.saturating_mul(4) / 3 + 64 * 1024;
         let body = if body_size > 0 && body_size <= limit {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten().unwrap_or_default()
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
         } else {
             Vec::new()
         };
         let outcome = match status {
             Some(_) if body_size > limit => Outcome::TooLarge { bytes: body_size },
-            Some(status) => Outcome::Answer(UpstreamResponse { status, headers: &headers, body: &body }),
-            None => Outcome::NoAnswer { elapsed_ms: now.saturating_sub(started) },
+            Some(status) => Outcome::Answer(UpstreamResponse {
+                status,
+                headers: &headers,
+                body: &body,
+            }),
+            None => Outcome::NoAnswer {
+                elapsed_ms: now.saturating_sub(started),
+            },
         };
         let latency = now.saturating_sub(started);
         let how = dispatch::attempt_outcome(&outcome, &attempt);
         match (how, status) {
             ("success", _) => {}
-            ("error", Some(status)) => warn!("job {} provider {} answered {status}", attempt.id, attempt.provider),
-            _ => warn!("job {} provider {}: {how} after {latency} ms", attempt.id, attempt.provider),
+            ("error", Some(status)) => warn!(
+                "job {} provider {} answered {status}",
+                attempt.id, attempt.provider
+            ),
+            _ => warn!(
+                "job {} provider {}: {how} after {latency} ms",
+                attempt.id, attempt.provider
+            ),
         }
         self.metrics.attempt(&attempt.provider, how, latency);
-        let step = dispatch::finish(&Self::store(&shared), &shared.config, &attempt, outcome, started, now);
+        let step = dispatch::finish(
+            &Self::store(&shared),
+            &shared.config,
+            &attempt,
+            outcome,
+            started,
+            now,
+        );
         self.follow(&shared, step);
         self.drain();
     }
@@ -238,33 +302,53 @@ impl RootContext for Root {
         };
         for p in config.providers.values() {
             if let (None, Some(var)) = (&p.api_key, &p.api_key_env) {
-                warn!("provider {}: {var} is not set; its attempts will fail until it is", p.name);
+                warn!(
+                    "provider {}: {var} is not set; its attempts will fail until it is",
+                    p.name
+                );
             }
         }
         let namespace = namespace();
-        let host = Rc::new(EnvoyHost { queues: self.queues.clone(), namespace: namespace.clone().into() });
+        let host = Rc::new(EnvoyHost {
+            queues: self.queues.clone(),
+            namespace: namespace.clone().into(),
+        });
         let keys = Rc::new(Keys::new(&namespace));
         let generation = Store::start_generation(host.as_ref(), &keys);
         self.metrics.define_all();
         self.register_queues(&host);
         let clock = Rc::new(Clock::default());
         clock.sync(host.as_ref(), &keys.clock());
-        self.shared = Some(Shared { config: Rc::new(config), keys, host, clock, generation, metrics: self.metrics.clone() });
+        self.shared = Some(Shared {
+            config: Rc::new(config),
+            keys,
+            host,
+            clock,
+            generation,
+            metrics: self.metrics.clone(),
+        });
         if let Err(e) = hostcalls::set_tick_period(TICK) {
             error!("cannot set the tick period: {e:?}");
         }
-        info!("async-speech: configured (namespace {}, generation {generation})", escape(&namespace));
+        info!(
+            "async-speech: configured (namespace {}, generation {generation})",
+            escape(&namespace)
+        );
         true
     }
 
     fn on_tick(&mut self) {
-        let Some(shared) = self.shared.clone() else { return };
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
         // Register again from a live worker: the VM that registered during
         // configuration may have been the throw-away canary.
         if !self.registered_on_tick.replace(true) {
             self.register_queues(&shared.host);
         }
-        shared.clock.sync(shared.host.as_ref(), &shared.keys.clock());
+        shared
+            .clock
+            .sync(shared.host.as_ref(), &shared.keys.clock());
         let now = shared.clock.now_ms(shared.host.as_ref());
         self.forget_overdue_callouts(now);
         self.drain();

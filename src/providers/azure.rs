@@ -34,7 +34,15 @@ impl Provider for Azure {
                 encode_component(&provider.api_version)
             )
         };
-        speech_request(self, provider, path, Auth::Header("api-key"), model, request, "azure")
+        speech_request(
+            self,
+            provider,
+            path,
+            Auth::Header("api-key"),
+            model,
+            request,
+            "azure",
+        )
     }
 
     fn parse(
@@ -69,7 +77,11 @@ mod tests {
     #[test]
     fn deployment_path_api_version_and_key_header() {
         let c = config("2025-03-01-preview");
-        let r = parse_speech_request(br#"{"model":"az/my tts/1","input":"Hi","voice":"alloy","speed":2}"#, &c).unwrap();
+        let r = parse_speech_request(
+            br#"{"model":"az/my tts/1","input":"Hi","voice":"alloy","speed":2}"#,
+            &c,
+        )
+        .unwrap();
         let up = Azure.build(&c.providers["az"], "my tts/1", &r).unwrap();
         assert_eq!(
             up.header(":path"),
@@ -78,14 +90,23 @@ mod tests {
         assert_eq!(up.header("api-key"), Some("az-key"));
         assert_eq!(up.header("authorization"), None);
         let body: Value = serde_json::from_slice(&up.body).unwrap();
-        assert_eq!(body, json!({"model":"my tts/1","input":"Hi","voice":"alloy","response_format":"mp3","speed":2.0}));
+        assert_eq!(
+            body,
+            json!({"model":"my tts/1","input":"Hi","voice":"alloy","response_format":"mp3","speed":2.0})
+        );
     }
 
     #[test]
     fn v1_path() {
         let c = config("v1");
-        let r = parse_speech_request(br#"{"model":"az/gpt-4o-mini-tts","input":"Hi","voice":"alloy"}"#, &c).unwrap();
-        let up = Azure.build(&c.providers["az"], "gpt-4o-mini-tts", &r).unwrap();
+        let r = parse_speech_request(
+            br#"{"model":"az/gpt-4o-mini-tts","input":"Hi","voice":"alloy"}"#,
+            &c,
+        )
+        .unwrap();
+        let up = Azure
+            .build(&c.providers["az"], "gpt-4o-mini-tts", &r)
+            .unwrap();
         assert_eq!(up.header(":path"), Some("/openai/v1/audio/speech"));
     }
 
@@ -95,11 +116,19 @@ mod tests {
         for model in ["az/..", "az/.", "az/x/../y", "az/x/."] {
             let body = format!(r#"{{"model":"{model}","input":"Hi","voice":"alloy"}}"#);
             let e = parse_speech_request(body.as_bytes(), &c).unwrap_err();
-            assert_eq!((e.status_code, e.error.param.as_deref()), (400, Some("model")), "{model}");
+            assert_eq!(
+                (e.status_code, e.error.param.as_deref()),
+                (400, Some("model")),
+                "{model}"
+            );
         }
         let body = br#"{"model":"az/ok","input":"Hi","voice":"alloy","fallbacks":["az/.."]}"#;
         let e = parse_speech_request(body, &c).unwrap_err();
         assert_eq!(e.error.param.as_deref(), Some("fallbacks[0]"));
-        assert!(parse_speech_request(br#"{"model":"az/a..b/.x","input":"Hi","voice":"alloy"}"#, &c).is_ok());
+        assert!(parse_speech_request(
+            br#"{"model":"az/a..b/.x","input":"Hi","voice":"alloy"}"#,
+            &c
+        )
+        .is_ok());
     }
 }

@@ -3,7 +3,9 @@
 
 use serde_json::{json, Value};
 
-use super::{check_format, check_json_depth, check_model_in_path, decode_audio_base64, effective_format};
+use super::{
+    check_format, check_json_depth, check_model_in_path, decode_audio_base64, effective_format,
+};
 use super::{encode_component, ensure_success, pcm16_as, request_headers, Auth};
 use super::{Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
 use crate::config::ProviderConfig;
@@ -88,17 +90,27 @@ impl Provider for Gemini {
                 .and_then(Value::as_str)
                 .unwrap_or("none given");
             let reason = crate::log_escape::escape_for_log(reason);
-            ApiError::upstream(502, format!("Gemini answered without audio (reason: {reason})"))
+            ApiError::upstream(
+                502,
+                format!("Gemini answered without audio (reason: {reason})"),
+            )
         })?;
         let format = effective_format(self, request);
         let audio = pcm16_as(format, pcm, PCM_RATE, provider.max_audio_bytes)?;
-        Ok(SpeechAudio { audio, format, alignment: None, normalized_alignment: None })
+        Ok(SpeechAudio {
+            audio,
+            format,
+            alignment: None,
+            normalized_alignment: None,
+        })
     }
 }
 
 /// The first non-empty base64 audio among the answer's parts.
 fn pcm_of(json: &Value, max_audio_bytes: usize) -> Result<Option<Vec<u8>>, ApiError> {
-    let parts = json.pointer("/candidates/0/content/parts").and_then(Value::as_array);
+    let parts = json
+        .pointer("/candidates/0/content/parts")
+        .and_then(Value::as_array);
     let datas = parts
         .into_iter()
         .flatten()
@@ -115,8 +127,8 @@ fn pcm_of(json: &Value, max_audio_bytes: usize) -> Result<Option<Vec<u8>>, ApiEr
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::request::parse_speech_request;
     use crate::providers::wav_from_pcm16;
+    use crate::request::parse_speech_request;
 
     fn setup(body: &str) -> (Config, SpeechRequest) {
         let c = Config::parse(
@@ -131,9 +143,16 @@ mod tests {
 
     #[test]
     fn single_voice_with_style_prompt() {
-        let (c, r) = setup(r#"{"model":"gemini/gemini-2.5-flash-preview-tts","input":"Have a wonderful day!","voice":"Kore","instructions":"Say cheerfully"}"#);
-        let up = Gemini.build(&c.providers["gemini"], "gemini-2.5-flash-preview-tts", &r).unwrap();
-        assert_eq!(up.header(":path"), Some("/v1beta/models/gemini-2.5-flash-preview-tts:generateContent"));
+        let (c, r) = setup(
+            r#"{"model":"gemini/gemini-2.5-flash-preview-tts","input":"Have a wonderful day!","voice":"Kore","instructions":"Say cheerfully"}"#,
+        );
+        let up = Gemini
+            .build(&c.providers["gemini"], "gemini-2.5-flash-preview-tts", &r)
+            .unwrap();
+        assert_eq!(
+            up.header(":path"),
+            Some("/v1beta/models/gemini-2.5-flash-preview-tts:generateContent")
+        );
         assert_eq!(up.header("x-goog-api-key"), Some("g-key"));
         let body: Value = serde_json::from_slice(&up.body).unwrap();
         assert_eq!(
@@ -146,7 +165,9 @@ mod tests {
 
     #[test]
     fn multi_speaker() {
-        let (c, r) = setup(r#"{"model":"gemini/m","input":"Joe: Hi\nJane: Hey","voice":[{"speaker":"Joe","voice":"Kore"},{"speaker":"Jane","voice":"Puck"}]}"#);
+        let (c, r) = setup(
+            r#"{"model":"gemini/m","input":"Joe: Hi\nJane: Hey","voice":[{"speaker":"Joe","voice":"Kore"},{"speaker":"Jane","voice":"Puck"}]}"#,
+        );
         let up = Gemini.build(&c.providers["gemini"], "m", &r).unwrap();
         let body: Value = serde_json::from_slice(&up.body).unwrap();
         assert_eq!(
@@ -161,13 +182,38 @@ mod tests {
     fn wav_by_default_pcm_on_request_and_nothing_else() {
         let answer = br#"{"candidates":[{"content":{"parts":[{"inlineData":{"mimeType":"audio/L16;codec=pcm;rate=24000","data":"AQACAA=="}}]}}]}"#;
         let (c, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore"}"#);
-        let out = Gemini.parse(&c.providers["gemini"], &r, &UpstreamResponse { status: 200, headers: &[], body: answer }).unwrap();
+        let out = Gemini
+            .parse(
+                &c.providers["gemini"],
+                &r,
+                &UpstreamResponse {
+                    status: 200,
+                    headers: &[],
+                    body: answer,
+                },
+            )
+            .unwrap();
         assert_eq!(out.format, AudioFormat::Wav);
         assert_eq!(out.audio, wav_from_pcm16(&[1, 0, 2, 0], 24_000, 1));
-        let (c, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore","response_format":"pcm"}"#);
-        let out = Gemini.parse(&c.providers["gemini"], &r, &UpstreamResponse { status: 200, headers: &[], body: answer }).unwrap();
+        let (c, r) =
+            setup(r#"{"model":"gemini/m","input":"a","voice":"Kore","response_format":"pcm"}"#);
+        let out = Gemini
+            .parse(
+                &c.providers["gemini"],
+                &r,
+                &UpstreamResponse {
+                    status: 200,
+                    headers: &[],
+                    body: answer,
+                },
+            )
+            .unwrap();
         assert_eq!(out.audio, vec![1, 0, 2, 0]);
-        let e = parse_speech_request(br#"{"model":"gemini/m","input":"a","voice":"Kore","response_format":"mp3"}"#, &c).unwrap_err();
+        let e = parse_speech_request(
+            br#"{"model":"gemini/m","input":"a","voice":"Kore","response_format":"mp3"}"#,
+            &c,
+        )
+        .unwrap_err();
         assert_eq!(e.error.param.as_deref(), Some("response_format"));
         // A multi-speaker voice is refused where a fallback cannot take it.
         let e = parse_speech_request(
@@ -185,9 +231,24 @@ mod tests {
         let e = Gemini
             .parse(p, &r, &UpstreamResponse { status: 400, headers: &[], body: br#"{"error":{"code":400,"message":"API key not valid.","status":"INVALID_ARGUMENT"}}"# })
             .unwrap_err();
-        assert_eq!((e.status_code, e.error.message.as_str(), e.error.kind.as_deref()), (400, "API key not valid.", Some("INVALID_ARGUMENT")));
+        assert_eq!(
+            (
+                e.status_code,
+                e.error.message.as_str(),
+                e.error.kind.as_deref()
+            ),
+            (400, "API key not valid.", Some("INVALID_ARGUMENT"))
+        );
         let e = Gemini
-            .parse(p, &r, &UpstreamResponse { status: 200, headers: &[], body: br#"{"candidates":[{"finishReason":"SAFETY"}]}"# })
+            .parse(
+                p,
+                &r,
+                &UpstreamResponse {
+                    status: 200,
+                    headers: &[],
+                    body: br#"{"candidates":[{"finishReason":"SAFETY"}]}"#,
+                },
+            )
             .unwrap_err();
         assert!(e.error.message.contains("SAFETY"));
     }
@@ -198,16 +259,32 @@ mod tests {
         for model in ["gemini/..", "gemini/models/../x"] {
             let body = format!(r#"{{"model":"{model}","input":"a","voice":"Kore"}}"#);
             let e = parse_speech_request(body.as_bytes(), &c).unwrap_err();
-            assert_eq!((e.status_code, e.error.param.as_deref()), (400, Some("model")), "{model}");
+            assert_eq!(
+                (e.status_code, e.error.param.as_deref()),
+                (400, Some("model")),
+                "{model}"
+            );
         }
         let p = &c.providers["gemini"];
         let deep = format!("{}{}", "[".repeat(33), "]".repeat(33));
         for status in [200, 400] {
             let e = Gemini
-                .parse(p, &r, &UpstreamResponse { status, headers: &[], body: deep.as_bytes() })
+                .parse(
+                    p,
+                    &r,
+                    &UpstreamResponse {
+                        status,
+                        headers: &[],
+                        body: deep.as_bytes(),
+                    },
+                )
                 .unwrap_err();
             assert_eq!(e.status_code, 502, "{status}");
-            assert!(e.error.message.contains("nested deeper than 32"), "{}", e.error.message);
+            assert!(
+                e.error.message.contains("nested deeper than 32"),
+                "{}",
+                e.error.message
+            );
         }
     }
 }

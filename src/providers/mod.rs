@@ -61,7 +61,10 @@ pub struct UpstreamRequest {
 
 impl UpstreamRequest {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -129,7 +132,9 @@ pub fn for_kind(kind: ProviderKind) -> &'static dyn Provider {
 
 /// The request's format, or the provider's default.
 pub fn effective_format(provider: &dyn Provider, request: &SpeechRequest) -> AudioFormat {
-    request.response_format.unwrap_or_else(|| provider.default_format())
+    request
+        .response_format
+        .unwrap_or_else(|| provider.default_format())
 }
 
 /// How a provider takes its key.
@@ -186,7 +191,11 @@ pub fn single_voice<'a>(request: &'a SpeechRequest, provider: &str) -> Result<&'
 }
 
 /// Everything but the RFC 3986 unreserved characters (`A-Z a-z 0-9 - . _ ~`).
-const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// Percent-encodes one URL path segment or query value: only RFC 3986
 /// unreserved characters stay as they are, so no input can change the path.
@@ -203,7 +212,10 @@ pub fn check_path_value(
     value: &str,
     error: impl Fn(String) -> ApiError,
 ) -> Result<(), ApiError> {
-    if value.split('/').any(|segment| segment == "." || segment == "..") {
+    if value
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
         return Err(error(format!(
             "{what} {value:?} has \".\" or \"..\" as a path segment, which is not allowed"
         )));
@@ -290,11 +302,18 @@ pub fn decode_audio_base64(b64: &str, max_audio_bytes: usize) -> Result<Option<V
 }
 
 /// A non-2xx answer is the provider's error, with the provider's key redacted.
-pub fn ensure_success(provider: &ProviderConfig, response: &UpstreamResponse) -> Result<(), ApiError> {
+pub fn ensure_success(
+    provider: &ProviderConfig,
+    response: &UpstreamResponse,
+) -> Result<(), ApiError> {
     if (200..300).contains(&response.status) {
         Ok(())
     } else {
-        Err(provider_error(response.status, response.body, provider.api_key.as_deref()))
+        Err(provider_error(
+            response.status,
+            response.body,
+            provider.api_key.as_deref(),
+        ))
     }
 }
 
@@ -306,7 +325,11 @@ pub fn pcm16_as(
     sample_rate: u32,
     max_audio_bytes: usize,
 ) -> Result<Vec<u8>, ApiError> {
-    let audio = if format == AudioFormat::Wav { wav_from_pcm16(&pcm, sample_rate, 1) } else { pcm };
+    let audio = if format == AudioFormat::Wav {
+        wav_from_pcm16(&pcm, sample_rate, 1)
+    } else {
+        pcm
+    };
     audio_within_limit(audio.len(), max_audio_bytes)?;
     Ok(audio)
 }
@@ -383,24 +406,54 @@ fn error_from_json(status: u16, json: &Value) -> Option<ApiError> {
     let text = json_text;
     if let Some(err) = json.get("error") {
         if let Some(message) = err.as_str() {
-            return Some(ApiError::provider(status, None, None, message.to_string(), None));
+            return Some(ApiError::provider(
+                status,
+                None,
+                None,
+                message.to_string(),
+                None,
+            ));
         }
         if let Some(message) = text(err.get("message")) {
             let kind = text(err.get("type")).or_else(|| text(err.get("status")));
-            return Some(ApiError::provider(status, kind, text(err.get("code")), message, text(err.get("param"))));
+            return Some(ApiError::provider(
+                status,
+                kind,
+                text(err.get("code")),
+                message,
+                text(err.get("param")),
+            ));
         }
     }
     if let Some(detail) = json.get("detail") {
         if let Some(message) = detail.as_str() {
-            return Some(ApiError::provider(status, None, None, message.to_string(), None));
+            return Some(ApiError::provider(
+                status,
+                None,
+                None,
+                message.to_string(),
+                None,
+            ));
         }
         if let Some(message) = text(detail.get("message")) {
             let code = text(detail.get("status")).or_else(|| text(detail.get("code")));
-            return Some(ApiError::provider(status, text(detail.get("type")), code, message, None));
+            return Some(ApiError::provider(
+                status,
+                text(detail.get("type")),
+                code,
+                message,
+                None,
+            ));
         }
     }
     let message = text(json.get("message"))?;
-    Some(ApiError::provider(status, None, text(json.get("code")), message, None))
+    Some(ApiError::provider(
+        status,
+        None,
+        text(json.get("code")),
+        message,
+        None,
+    ))
 }
 
 /// The raw answer as the message, redacted before it is cut to 300 characters so
@@ -422,8 +475,14 @@ mod tests {
 
     #[test]
     fn components_are_encoded_so_they_cannot_change_the_path() {
-        assert_eq!(encode_component("21m00Tcm4TlvDq8ikWAM"), "21m00Tcm4TlvDq8ikWAM");
-        assert_eq!(encode_component("../admin?x=1#y z/é"), "..%2Fadmin%3Fx%3D1%23y%20z%2F%C3%A9");
+        assert_eq!(
+            encode_component("21m00Tcm4TlvDq8ikWAM"),
+            "21m00Tcm4TlvDq8ikWAM"
+        );
+        assert_eq!(
+            encode_component("../admin?x=1#y z/é"),
+            "..%2Fadmin%3Fx%3D1%23y%20z%2F%C3%A9"
+        );
     }
 
     #[test]
@@ -452,16 +511,33 @@ mod tests {
         assert_eq!(e.error.kind.as_deref(), Some("requests"));
         assert_eq!(e.error.code.as_deref(), Some("rate_limit_exceeded"));
 
-        let e = provider_error(401, br#"{"detail":{"status":"invalid_api_key","message":"Invalid API key"}}"#, None);
-        assert_eq!((e.error.message.as_str(), e.error.code.as_deref()), ("Invalid API key", Some("invalid_api_key")));
+        let e = provider_error(
+            401,
+            br#"{"detail":{"status":"invalid_api_key","message":"Invalid API key"}}"#,
+            None,
+        );
+        assert_eq!(
+            (e.error.message.as_str(), e.error.code.as_deref()),
+            ("Invalid API key", Some("invalid_api_key"))
+        );
 
-        let e = provider_error(400, br#"{"error":{"code":400,"message":"bad voice","status":"INVALID_ARGUMENT"}}"#, None);
+        let e = provider_error(
+            400,
+            br#"{"error":{"code":400,"message":"bad voice","status":"INVALID_ARGUMENT"}}"#,
+            None,
+        );
         assert_eq!(e.error.kind.as_deref(), Some("INVALID_ARGUMENT"));
         assert_eq!(e.error.code.as_deref(), Some("400"));
 
         let e = provider_error(500, b"<html>oops</html>", None);
-        assert_eq!(e.error.message, "provider answered HTTP 500: <html>oops</html>");
-        assert_eq!(provider_error(502, b"", None).error.message, "provider answered HTTP 502 with no error message");
+        assert_eq!(
+            e.error.message,
+            "provider answered HTTP 500: <html>oops</html>"
+        );
+        assert_eq!(
+            provider_error(502, b"", None).error.message,
+            "provider answered HTTP 502 with no error message"
+        );
     }
 
     #[test]
@@ -479,7 +555,12 @@ mod tests {
         assert!(json_depth_within(b"]]]]", 0));
         // A deep answer is refused without recursion, however deep.
         assert!(!json_depth_within("[".repeat(10_000_000).as_bytes(), 32));
-        assert_eq!(check_json_depth(nest(33).as_bytes()).unwrap_err().status_code, 502);
+        assert_eq!(
+            check_json_depth(nest(33).as_bytes())
+                .unwrap_err()
+                .status_code,
+            502
+        );
     }
 
     #[test]
@@ -487,7 +568,11 @@ mod tests {
         assert!(audio_within_limit(10, 10).is_ok());
         let e = audio_within_limit(11, 10).unwrap_err();
         assert_eq!(e.status_code, 502);
-        assert!(e.error.message.contains("max_audio_bytes (10)"), "{}", e.error.message);
+        assert!(
+            e.error.message.contains("max_audio_bytes (10)"),
+            "{}",
+            e.error.message
+        );
         assert_eq!(decode_audio_base64("AAEC", 3).unwrap(), Some(vec![0, 1, 2]));
         assert!(decode_audio_base64("AAEC", 2).is_err());
         assert_eq!(decode_audio_base64("not base64!", 100).unwrap(), None);

@@ -2,7 +2,9 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{audio_within_limit, effective_format, ensure_success, request_headers, single_voice, Auth};
+use super::{
+    audio_within_limit, effective_format, ensure_success, request_headers, single_voice, Auth,
+};
 use super::{Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
@@ -104,7 +106,8 @@ mod tests {
         )
         .unwrap();
         let r = parse_speech_request(
-            format!(r#"{{"model":"openai/gpt-4o-mini-tts","input":"Hi","voice":"alloy"{extra}}}"#).as_bytes(),
+            format!(r#"{{"model":"openai/gpt-4o-mini-tts","input":"Hi","voice":"alloy"{extra}}}"#)
+                .as_bytes(),
             &c,
         )
         .unwrap();
@@ -114,7 +117,9 @@ mod tests {
     #[test]
     fn builds_the_openai_request() {
         let (c, r) = setup(r#","speed":1.25,"instructions":"calm","response_format":"opus""#);
-        let up = OpenAi.build(&c.providers["openai"], "gpt-4o-mini-tts", &r).unwrap();
+        let up = OpenAi
+            .build(&c.providers["openai"], "gpt-4o-mini-tts", &r)
+            .unwrap();
         assert_eq!(up.header(":method"), Some("POST"));
         assert_eq!(up.header(":path"), Some("/v1/audio/speech"));
         assert_eq!(up.header(":authority"), Some("api.openai.com"));
@@ -143,13 +148,32 @@ mod tests {
         let (c, r) = setup("");
         let p = &c.providers["openai"];
         let ok = OpenAi
-            .parse(p, &r, &UpstreamResponse { status: 200, headers: &[], body: &[0, 255, 1] })
+            .parse(
+                p,
+                &r,
+                &UpstreamResponse {
+                    status: 200,
+                    headers: &[],
+                    body: &[0, 255, 1],
+                },
+            )
             .unwrap();
         assert_eq!((ok.audio, ok.format), (vec![0, 255, 1], AudioFormat::Mp3));
         let err = OpenAi
-            .parse(p, &r, &UpstreamResponse { status: 429, headers: &[], body: br#"{"error":{"message":"slow down"}}"# })
+            .parse(
+                p,
+                &r,
+                &UpstreamResponse {
+                    status: 429,
+                    headers: &[],
+                    body: br#"{"error":{"message":"slow down"}}"#,
+                },
+            )
             .unwrap_err();
-        assert_eq!((err.status_code, err.error.message.as_str()), (429, "slow down"));
+        assert_eq!(
+            (err.status_code, err.error.message.as_str()),
+            (429, "slow down")
+        );
     }
 
     #[test]
@@ -157,7 +181,17 @@ mod tests {
         let (c, r) = setup("");
         let p = &c.providers["openai"];
         let body = br#"{"error":{"message":"Incorrect API key provided: sk-prov.","type":"sk-prov","code":"sk-prov","param":"sk-prov"}}"#;
-        let e = OpenAi.parse(p, &r, &UpstreamResponse { status: 401, headers: &[], body }).unwrap_err();
+        let e = OpenAi
+            .parse(
+                p,
+                &r,
+                &UpstreamResponse {
+                    status: 401,
+                    headers: &[],
+                    body,
+                },
+            )
+            .unwrap_err();
         assert_eq!(e.error.message, "Incorrect API key provided: [redacted].");
         for field in [&e.error.kind, &e.error.code, &e.error.param] {
             assert_eq!(field.as_deref(), Some("[redacted]"));
@@ -165,7 +199,17 @@ mod tests {
         // Also in the raw fallback, even where the key straddles the 300-character cut.
         let mut raw = "x".repeat(296).into_bytes();
         raw.extend_from_slice(b"sk-prov and more");
-        let e = OpenAi.parse(p, &r, &UpstreamResponse { status: 500, headers: &[], body: &raw }).unwrap_err();
+        let e = OpenAi
+            .parse(
+                p,
+                &r,
+                &UpstreamResponse {
+                    status: 500,
+                    headers: &[],
+                    body: &raw,
+                },
+            )
+            .unwrap_err();
         assert!(!e.error.message.contains("sk-p"), "{}", e.error.message);
         assert!(!String::from_utf8_lossy(&e.to_json()).contains("sk-prov"));
     }
@@ -177,13 +221,38 @@ mod tests {
             &|_| None,
         )
         .unwrap();
-        let r = parse_speech_request(br#"{"model":"openai/m","input":"Hi","voice":"alloy"}"#, &c).unwrap();
+        let r = parse_speech_request(br#"{"model":"openai/m","input":"Hi","voice":"alloy"}"#, &c)
+            .unwrap();
         let p = &c.providers["openai"];
         let ok = vec![7u8; 1024];
-        assert!(OpenAi.parse(p, &r, &UpstreamResponse { status: 200, headers: &[], body: &ok }).is_ok());
+        assert!(OpenAi
+            .parse(
+                p,
+                &r,
+                &UpstreamResponse {
+                    status: 200,
+                    headers: &[],
+                    body: &ok
+                }
+            )
+            .is_ok());
         let big = vec![7u8; 1025];
-        let e = OpenAi.parse(p, &r, &UpstreamResponse { status: 200, headers: &[], body: &big }).unwrap_err();
+        let e = OpenAi
+            .parse(
+                p,
+                &r,
+                &UpstreamResponse {
+                    status: 200,
+                    headers: &[],
+                    body: &big,
+                },
+            )
+            .unwrap_err();
         assert_eq!(e.status_code, 502);
-        assert!(e.error.message.contains("max_audio_bytes (1024)"), "{}", e.error.message);
+        assert!(
+            e.error.message.contains("max_audio_bytes (1024)"),
+            "{}",
+            e.error.message
+        );
     }
 }

@@ -48,7 +48,9 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(namespace: &str) -> Keys {
-        Keys { prefix: format!("async-speech/{namespace}/") }
+        Keys {
+            prefix: format!("async-speech/{namespace}/"),
+        }
     }
     pub fn slot(&self, n: u32) -> String {
         format!("{}s/{n}", self.prefix)
@@ -69,7 +71,12 @@ impl Keys {
 
 fn read_u32(host: &dyn Host, key: &str) -> Result<(u32, Option<u32>), StoreError> {
     match host.get(key).map_err(StoreError::Busy)? {
-        Some((v, cas)) => Ok((v.get(..4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_le_bytes), Some(cas))),
+        Some((v, cas)) => Ok((
+            v.get(..4)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u32::from_le_bytes),
+            Some(cas),
+        )),
         None => Ok((0, None)),
     }
 }
@@ -111,7 +118,12 @@ pub struct Store<'h> {
 
 impl<'h> Store<'h> {
     pub fn new(host: &'h dyn Host, keys: &'h Keys, max_jobs: u32, gen: u32) -> Store<'h> {
-        Store { host, keys, max_jobs, gen }
+        Store {
+            host,
+            keys,
+            max_jobs,
+            gen,
+        }
     }
 
     /// Counts a new VM: its generation. The audit puts back on the free list
@@ -119,7 +131,9 @@ impl<'h> Store<'h> {
     /// have taken it off the list and never used it.
     pub fn start_generation(host: &dyn Host, keys: &Keys) -> u32 {
         for _ in 0..RETRIES {
-            let Ok((n, cas)) = read_u32(host, &keys.generation()) else { return 0 };
+            let Ok((n, cas)) = read_u32(host, &keys.generation()) else {
+                return 0;
+            };
             let next = n.wrapping_add(1);
             match host.set(&keys.generation(), &next.to_le_bytes(), cas) {
                 Ok(()) => return next,
@@ -165,11 +179,17 @@ impl<'h> Store<'h> {
             let Some(item) = self.host.dequeue(Queue::Free).map_err(StoreError::Busy)? else {
                 return Ok(None);
             };
-            let Some((slot, epoch)) = decode_free_entry(&item) else { continue };
+            let Some((slot, epoch)) = decode_free_entry(&item) else {
+                continue;
+            };
             if slot >= self.max_jobs {
                 continue; // retired: max_jobs was lowered
             }
-            if let Some((value, cas)) = self.host.get(&self.keys.slot(slot)).map_err(StoreError::Busy)? {
+            if let Some((value, cas)) = self
+                .host
+                .get(&self.keys.slot(slot))
+                .map_err(StoreError::Busy)?
+            {
                 if let SlotView::Free(f) = slot::decode(&value) {
                     if f.epoch == epoch {
                         return Ok(Some((slot, epoch, Some(cas))));
@@ -200,9 +220,15 @@ impl<'h> Store<'h> {
     /// and queues it. Best effort: should it fail, the audit finds the slot.
     fn put_back(&self, slot: u32, epoch: u32) {
         let key = self.keys.slot(slot);
-        let Ok(Some((_, cas))) = self.host.get(&key) else { return };
+        let Ok(Some((_, cas))) = self.host.get(&key) else {
+            return;
+        };
         let next = epoch.wrapping_add(1);
-        let marker = Free { epoch: next, gen: self.gen }.encode();
+        let marker = Free {
+            epoch: next,
+            gen: self.gen,
+        }
+        .encode();
         if self.host.set(&key, &marker, Some(cas)).is_ok() {
             self.enqueue_free(slot, next);
         }
@@ -210,18 +236,30 @@ impl<'h> Store<'h> {
 
     fn enqueue_free(&self, slot: u32, epoch: u32) {
         if slot < self.max_jobs {
-            let _ = self.host.enqueue(Queue::Free, &encode_free_entry(slot, epoch));
+            let _ = self
+                .host
+                .enqueue(Queue::Free, &encode_free_entry(slot, epoch));
         }
     }
 
     /// The slot's value, if it holds the job with this id.
     pub fn load(&self, id: &str) -> Result<Option<Loaded>, StoreError> {
-        let Some(slot) = ids::slot_of(id) else { return Ok(None) };
+        let Some(slot) = ids::slot_of(id) else {
+            return Ok(None);
+        };
         self.load_slot(slot, |v| v.id == id.as_bytes())
     }
 
-    fn load_slot(&self, slot: u32, wanted: impl Fn(&HeldView) -> bool) -> Result<Option<Loaded>, StoreError> {
-        let Some((value, cas)) = self.host.get(&self.keys.slot(slot)).map_err(StoreError::Busy)? else {
+    fn load_slot(
+        &self,
+        slot: u32,
+        wanted: impl Fn(&HeldView) -> bool,
+    ) -> Result<Option<Loaded>, StoreError> {
+        let Some((value, cas)) = self
+            .host
+            .get(&self.keys.slot(slot))
+            .map_err(StoreError::Busy)?
+        else {
             return Ok(None);
         };
         let loaded = Loaded { slot, value, cas };
@@ -239,16 +277,26 @@ impl<'h> Store<'h> {
         change: &mut dyn FnMut(&mut JobRecord) -> bool,
     ) -> Result<Updated, StoreError> {
         for _ in 0..RETRIES {
-            let Some(loaded) = self.load(id)? else { return Ok(Updated::Gone) };
-            let Some(view) = loaded.view() else { return Ok(Updated::Gone) };
-            let Some(mut record) = view.record() else { return Ok(Updated::Gone) };
+            let Some(loaded) = self.load(id)? else {
+                return Ok(Updated::Gone);
+            };
+            let Some(view) = loaded.view() else {
+                return Ok(Updated::Gone);
+            };
+            let Some(mut record) = view.record() else {
+                return Ok(Updated::Gone);
+            };
             let was_finished = record.status.is_finished();
             if !change(&mut record) {
                 return Ok(Updated::Unchanged(record));
             }
             let value = if was_finished {
                 let kept = if record.result_dropped {
-                    crate::job::Rendered { body: b"{}".to_vec(), audio_at: None, tail_at: 1 }
+                    crate::job::Rendered {
+                        body: b"{}".to_vec(),
+                        audio_at: None,
+                        tail_at: 1,
+                    }
                 } else {
                     crate::job::retail(view.body, view.audio_at, view.tail_at, &record)
                 };
@@ -259,7 +307,10 @@ impl<'h> Store<'h> {
             }
             .ok_or_else(|| StoreError::Busy("the job record does not fit a slot".into()))?;
             let epoch = view.epoch;
-            match self.host.set(&self.keys.slot(loaded.slot), &value, Some(loaded.cas)) {
+            match self
+                .host
+                .set(&self.keys.slot(loaded.slot), &value, Some(loaded.cas))
+            {
                 Ok(()) => return Ok(Updated::Written(record, epoch)),
                 Err(SetError::CasMismatch) => continue,
                 Err(SetError::Host(e)) => return Err(StoreError::Busy(e)),
@@ -271,17 +322,30 @@ impl<'h> Store<'h> {
     /// Frees the job's slot if it still holds this job and `still(view)` holds.
     /// Returns whether this call freed it; exactly one of several racing
     /// callers (DELETE, expiry, audit) does.
-    pub fn free(&self, loaded: Loaded, still: &dyn Fn(&HeldView) -> bool) -> Result<bool, StoreError> {
+    pub fn free(
+        &self,
+        loaded: Loaded,
+        still: &dyn Fn(&HeldView) -> bool,
+    ) -> Result<bool, StoreError> {
         let mut loaded = loaded;
         for _ in 0..RETRIES {
-            let Some(view) = loaded.view() else { return Ok(false) };
+            let Some(view) = loaded.view() else {
+                return Ok(false);
+            };
             if !still(&view) {
                 return Ok(false);
             }
             let next = view.epoch.wrapping_add(1);
             let id = view.id.to_vec();
-            let marker = Free { epoch: next, gen: self.gen }.encode();
-            match self.host.set(&self.keys.slot(loaded.slot), &marker, Some(loaded.cas)) {
+            let marker = Free {
+                epoch: next,
+                gen: self.gen,
+            }
+            .encode();
+            match self
+                .host
+                .set(&self.keys.slot(loaded.slot), &marker, Some(loaded.cas))
+            {
                 Ok(()) => {
                     self.enqueue_free(loaded.slot, next);
                     return Ok(true);
@@ -300,7 +364,11 @@ impl<'h> Store<'h> {
 
     /// Puts a timer on the wheel for this job's slot.
     pub fn schedule(&self, slot: u32, epoch: u32, due_ms: u64, now_ms: u64) {
-        let timer = Timer { slot, epoch, due_s: due_ms.div_ceil(1000) };
+        let timer = Timer {
+            slot,
+            epoch,
+            due_s: due_ms.div_ceil(1000),
+        };
         let _ = wheel::schedule(self.host, timer, now_ms / 1000);
     }
 
@@ -323,27 +391,49 @@ impl<'h> Store<'h> {
         if slots == 0 {
             return Vec::new();
         }
-        let Ok((current_gen, _)) = read_u32(self.host, &self.keys.generation()) else { return Vec::new() };
-        let Ok((start, cas)) = read_u32(self.host, &self.keys.audit()) else { return Vec::new() };
+        let Ok((current_gen, _)) = read_u32(self.host, &self.keys.generation()) else {
+            return Vec::new();
+        };
+        let Ok((start, cas)) = read_u32(self.host, &self.keys.audit()) else {
+            return Vec::new();
+        };
         let start = start % slots;
         let end = start.saturating_add(n.min(slots));
         // Claim the range; if another worker moved the cursor, it walks it.
-        if self.host.set(&self.keys.audit(), &(end % slots).to_le_bytes(), cas).is_err() {
+        if self
+            .host
+            .set(&self.keys.audit(), &(end % slots).to_le_bytes(), cas)
+            .is_err()
+        {
             return Vec::new();
         }
         let mut out = Vec::new();
         for i in start..end {
             let slot = i % slots;
-            let Ok(Some((value, cas))) = self.host.get(&self.keys.slot(slot)) else { continue };
+            let Ok(Some((value, cas))) = self.host.get(&self.keys.slot(slot)) else {
+                continue;
+            };
             match slot::decode(&value) {
                 SlotView::Free(f) if f.gen != current_gen && f.gen < current_gen => {
                     let next = f.epoch.wrapping_add(1);
-                    let marker = Free { epoch: next, gen: current_gen }.encode();
-                    if self.host.set(&self.keys.slot(slot), &marker, Some(cas)).is_ok() {
+                    let marker = Free {
+                        epoch: next,
+                        gen: current_gen,
+                    }
+                    .encode();
+                    if self
+                        .host
+                        .set(&self.keys.slot(slot), &marker, Some(cas))
+                        .is_ok()
+                    {
                         self.enqueue_free(slot, next);
                     }
                 }
-                SlotView::Held(v) => out.push(Timer { slot, epoch: v.epoch, due_s: 0 }),
+                SlotView::Held(v) => out.push(Timer {
+                    slot,
+                    epoch: v.epoch,
+                    due_s: 0,
+                }),
                 _ => {}
             }
         }

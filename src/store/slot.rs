@@ -127,8 +127,13 @@ pub fn encode_held(epoch: u32, record: &JobRecord, rendered: &Rendered) -> Optio
     let owner_len = u16::try_from(owner.len()).ok()?;
     let record_len = u32::try_from(record_json.len()).ok()?;
     let (audio_at, audio_len) = rendered.audio_at.unwrap_or((0, 0));
-    let expires = if record.status.is_finished() { record.expires_at_ms().unwrap_or(0).max(1) } else { 0 };
-    let mut out = Vec::with_capacity(HEADER + owner.len() + record_json.len() + rendered.body.len());
+    let expires = if record.status.is_finished() {
+        record.expires_at_ms().unwrap_or(0).max(1)
+    } else {
+        0
+    };
+    let mut out =
+        Vec::with_capacity(HEADER + owner.len() + record_json.len() + rendered.body.len());
     out.push(b'H');
     out.extend_from_slice(&epoch.to_le_bytes());
     out.push(record.status.code());
@@ -154,7 +159,10 @@ mod tests {
     #[test]
     fn held_slots_round_trip_and_truncations_read_as_missing() {
         let request = SpeechRequest {
-            chain: vec![ModelRef { provider: "p".into(), model: "m".into() }],
+            chain: vec![ModelRef {
+                provider: "p".into(),
+                model: "m".into(),
+            }],
             input: "hi".into(),
             voice: Voice::Single("v".into()),
             response_format: None,
@@ -170,13 +178,21 @@ mod tests {
         let record = JobRecord::new(id.clone(), "vk:a".into(), 5, 60, 90, request);
         let rendered = render(&record, None);
         let bytes = encode_held(7, &record, &rendered).unwrap();
-        let SlotView::Held(view) = decode(&bytes) else { panic!("not held") };
-        assert_eq!((view.epoch, view.status, view.expires_at_ms), (7, JobStatus::Pending, 0));
+        let SlotView::Held(view) = decode(&bytes) else {
+            panic!("not held")
+        };
+        assert_eq!(
+            (view.epoch, view.status, view.expires_at_ms),
+            (7, JobStatus::Pending, 0)
+        );
         assert_eq!((view.id, view.owner), (id.as_bytes(), &b"vk:a"[..]));
         assert_eq!(view.record().unwrap(), record);
         assert_eq!(view.body, &rendered.body[..]);
         for cut in 0..bytes.len() - rendered.body.len() {
-            assert!(matches!(decode(&bytes[..cut]), SlotView::Missing), "cut at {cut}");
+            assert!(
+                matches!(decode(&bytes[..cut]), SlotView::Missing),
+                "cut at {cut}"
+            );
         }
         let free = Free { epoch: 3, gen: 9 };
         assert!(matches!(decode(&free.encode()), SlotView::Free(f) if f == free));

@@ -12,7 +12,10 @@ use crate::sim::{SimHost, SimShared};
 
 fn request() -> SpeechRequest {
     SpeechRequest {
-        chain: vec![ModelRef { provider: "p".into(), model: "m".into() }],
+        chain: vec![ModelRef {
+            provider: "p".into(),
+            model: "m".into(),
+        }],
         input: "hi".into(),
         voice: Voice::Single("v".into()),
         response_format: None,
@@ -60,7 +63,10 @@ fn keys_stay_bounded_however_many_jobs_pass() {
         for id in &held {
             assert!(delete(&store, id));
             assert!(!delete(&store, id), "freeing twice is a no-op");
-            assert!(store.load(id).unwrap().is_none(), "a freed id no longer resolves");
+            assert!(
+                store.load(id).unwrap().is_none(),
+                "a freed id no longer resolves"
+            );
         }
     }
     assert_eq!(store.slots(), 5);
@@ -88,13 +94,23 @@ fn every_operation_costs_the_same_at_any_fill() {
     let full_load = cost(&host, || drop(store.load(&victim).unwrap()));
     let full_free = cost(&host, || assert!(delete(&store, &victim)));
     let full_reuse = cost(&host, || drop(insert(&store, &host).unwrap()));
-    assert_eq!((empty_insert, empty_load, empty_free, reuse_insert), (full_insert, full_load, full_free, full_reuse));
-    assert!(full_insert <= 4 && full_reuse <= 4 && full_load == 1 && full_free <= 3, "{full_insert} {full_reuse} {full_load} {full_free}");
+    assert_eq!(
+        (empty_insert, empty_load, empty_free, reuse_insert),
+        (full_insert, full_load, full_free, full_reuse)
+    );
+    assert!(
+        full_insert <= 4 && full_reuse <= 4 && full_load == 1 && full_free <= 3,
+        "{full_insert} {full_reuse} {full_load} {full_free}"
+    );
 }
 
 /// Two workers: at every host call of worker A's operation, worker B runs
 /// its own; afterwards no slot is held twice, and every slot comes back.
-fn interleave(setup: impl Fn(&Store, &SimHost) -> Vec<String>, a: impl Fn(&Store, &[String]), b: impl Fn(&Store, &SimHost, &[String]) + 'static) {
+fn interleave(
+    setup: impl Fn(&Store, &SimHost) -> Vec<String>,
+    a: impl Fn(&Store, &[String]),
+    b: impl Fn(&Store, &SimHost, &[String]) + 'static,
+) {
     let b = Rc::new(b);
     for at in 0..12u64 {
         let shared = SimShared::new(0);
@@ -135,7 +151,13 @@ fn interleave(setup: impl Fn(&Store, &SimHost) -> Vec<String>, a: impl Fn(&Store
         for id in all {
             assert!(delete(&store, &id));
         }
-        let again: Vec<String> = (0..3).map(|_| insert(&store, &ha).unwrap_or_else(|e| panic!("slot lost (interleave at {at}): {e:?}")).id).collect();
+        let again: Vec<String> = (0..3)
+            .map(|_| {
+                insert(&store, &ha)
+                    .unwrap_or_else(|e| panic!("slot lost (interleave at {at}): {e:?}"))
+                    .id
+            })
+            .collect();
         assert_eq!(again.iter().collect::<HashSet<_>>().len(), 3);
         assert_eq!(insert(&store, &ha).unwrap_err(), StoreError::Full);
     }
@@ -161,7 +183,10 @@ fn racing_submits_never_share_a_slot() {
 #[test]
 fn delete_racing_completion_or_expiry_frees_once() {
     let completion = crate::job::Completion {
-        meta: crate::job::ResultMeta { response_format: crate::request::AudioFormat::Mp3, extra_fields: Default::default() },
+        meta: crate::job::ResultMeta {
+            response_format: crate::request::AudioFormat::Mp3,
+            extra_fields: Default::default(),
+        },
         audio: vec![7; 64],
         alignment: None,
         normalized_alignment: None,
@@ -205,7 +230,11 @@ fn a_vm_dying_between_two_writes_loses_no_slot() {
     // A VM takes both free-list entries and dies before writing its jobs.
     assert!(host.dequeue(Queue::Free).unwrap().is_some());
     assert!(host.dequeue(Queue::Free).unwrap().is_some());
-    assert_eq!(insert(&store, &host).unwrap_err(), StoreError::Full, "both slots look lost");
+    assert_eq!(
+        insert(&store, &host).unwrap_err(),
+        StoreError::Full,
+        "both slots look lost"
+    );
     // Its replacement starts a new generation; the audit puts the slots back.
     let gen2 = Store::start_generation(&host, &keys);
     let store2 = Store::new(&host, &keys, 2, gen2);
@@ -228,7 +257,10 @@ fn a_lower_max_jobs_retires_slots_above_it() {
     let ids: Vec<String> = (0..4).map(|_| insert(&big, &host).unwrap().id).collect();
     let small = Store::new(&host, &keys, 2, 1);
     for id in &ids {
-        assert!(delete(&small, id), "jobs in retired slots can still be freed");
+        assert!(
+            delete(&small, id),
+            "jobs in retired slots can still be freed"
+        );
     }
     insert(&small, &host).unwrap();
     insert(&small, &host).unwrap();

@@ -93,7 +93,8 @@ pub fn due_buckets(now_s: u64) -> Vec<Queue> {
 
 /// Every queue of the wheel, for the host to register.
 pub fn all_buckets() -> impl Iterator<Item = Queue> {
-    levels().flat_map(|(level, buckets, ..)| (0..buckets).map(move |i| Queue::Wheel(level, i as u8)))
+    levels()
+        .flat_map(|(level, buckets, ..)| (0..buckets).map(move |i| Queue::Wheel(level, i as u8)))
 }
 
 pub fn schedule(host: &dyn Host, timer: Timer, now_s: u64) -> Result<(), String> {
@@ -110,7 +111,9 @@ pub fn take_due(host: &dyn Host, now_s: u64, cap: usize) -> Vec<Timer> {
                 Ok(Some(item)) => item,
                 _ => break,
             };
-            let Some(timer) = Timer::decode(&item) else { continue };
+            let Some(timer) = Timer::decode(&item) else {
+                continue;
+            };
             if timer.due_s <= now_s {
                 due.push(timer);
             } else {
@@ -132,12 +135,23 @@ mod tests {
         let shared = SimShared::new(0);
         let host = SimHost::new(&shared, 1);
         let start = 1_000_000u64;
-        let dues: Vec<u64> = [0u64, 1, 2, 5, 59, 60, 63, 64, 65, 100, 3_000, 4_095, 4_096, 5_000, 86_400, 300_000]
-            .iter()
-            .map(|d| start + d)
-            .collect();
+        let dues: Vec<u64> = [
+            0u64, 1, 2, 5, 59, 60, 63, 64, 65, 100, 3_000, 4_095, 4_096, 5_000, 86_400, 300_000,
+        ]
+        .iter()
+        .map(|d| start + d)
+        .collect();
         for (i, &due_s) in dues.iter().enumerate() {
-            schedule(&host, Timer { slot: i as u32, epoch: 0, due_s }, start).unwrap();
+            schedule(
+                &host,
+                Timer {
+                    slot: i as u32,
+                    epoch: 0,
+                    due_s,
+                },
+                start,
+            )
+            .unwrap();
         }
         let mut fired = vec![None; dues.len()];
         let mut ops_max = 0;
@@ -151,10 +165,19 @@ mod tests {
             ops_max = ops_max.max(host.calls() - before);
         }
         for (i, &due_s) in dues.iter().enumerate() {
-            let at = fired[i].unwrap_or_else(|| panic!("timer due at +{} never fired", due_s - start));
-            assert!(at >= due_s && at <= due_s + 1, "due +{} fired at +{}", due_s - start, at - start);
+            let at =
+                fired[i].unwrap_or_else(|| panic!("timer due at +{} never fired", due_s - start));
+            assert!(
+                at >= due_s && at <= due_s + 1,
+                "due +{} fired at +{}",
+                due_s - start,
+                at - start
+            );
         }
-        assert!(ops_max < 40, "a tick costs a bounded number of queue operations ({ops_max})");
+        assert!(
+            ops_max < 40,
+            "a tick costs a bounded number of queue operations ({ops_max})"
+        );
         assert_eq!(shared.queued_total(), 0);
     }
 
@@ -162,7 +185,16 @@ mod tests {
     fn late_ticks_catch_up_within_the_window() {
         let shared = SimShared::new(0);
         let host = SimHost::new(&shared, 1);
-        schedule(&host, Timer { slot: 1, epoch: 0, due_s: 105 }, 100).unwrap();
+        schedule(
+            &host,
+            Timer {
+                slot: 1,
+                epoch: 0,
+                due_s: 105,
+            },
+            100,
+        )
+        .unwrap();
         assert!(take_due(&host, 104, 10).is_empty());
         // No tick for 6 seconds past the due time.
         assert_eq!(take_due(&host, 111, 10).len(), 1);

@@ -98,8 +98,14 @@ mod tests {
     fn signature_covers_id_timestamp_and_body() {
         let key = decode_secret(SECRET).unwrap();
         let base = sign(std::slice::from_ref(&key), MSG_ID, TIMESTAMP, PAYLOAD);
-        assert_ne!(sign(std::slice::from_ref(&key), "msg_other", TIMESTAMP, PAYLOAD), base);
-        assert_ne!(sign(std::slice::from_ref(&key), MSG_ID, TIMESTAMP + 1, PAYLOAD), base);
+        assert_ne!(
+            sign(std::slice::from_ref(&key), "msg_other", TIMESTAMP, PAYLOAD),
+            base
+        );
+        assert_ne!(
+            sign(std::slice::from_ref(&key), MSG_ID, TIMESTAMP + 1, PAYLOAD),
+            base
+        );
         assert_ne!(sign(&[key], MSG_ID, TIMESTAMP, b"{}"), base);
     }
 
