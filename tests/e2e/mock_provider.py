@@ -13,6 +13,7 @@ import argparse
 import http.server
 import json
 import random
+import socket
 import threading
 import time
 import urllib.parse
@@ -28,7 +29,8 @@ def fake_audio(n=2048, seed=1):
 
 
 class Rule:
-    def __init__(self, path_prefix, status, body, headers, delay, times, method, match_body, hang):
+    def __init__(self, path_prefix, status, body, headers, delay, times, method, match_body, hang, truncate=None):
+        self.truncate = truncate
         self.path_prefix, self.status, self.body, self.headers = path_prefix, status, body, headers or {}
         self.delay, self.times, self.method, self.match_body, self.hang = delay, times, method, match_body, hang
 
@@ -108,15 +110,21 @@ class MockProvider:
                     if rule.delay:
                         mock._stopping.wait(rule.delay)
                     status, out_headers, out = rule.answer(record)
+                truncate = rule.truncate if rule else None
                 with mock._lock:
                     record["answered_at"] = time.monotonic()
                 try:
                     self.send_response(status)
                     for k, v in out_headers.items():
                         self.send_header(k, v)
-                    self.send_header("content-length", str(len(out)))
+                    # `truncate`: promise that many bytes, send fewer, and hang up mid-body.
+                    self.send_header("content-length", str(truncate or len(out)))
                     self.end_headers()
                     self.wfile.write(out)
+                    if truncate:
+                        self.wfile.flush()
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
@@ -157,9 +165,9 @@ class MockProvider:
             self._thread.join(timeout=10)
 
     def add_rule(self, path_prefix="/", status=200, body=b"", headers=None, delay=0.0, times=None,
-                 method=None, match_body=None, hang=False):
+                 method=None, match_body=None, hang=False, truncate=None):
         with self._lock:
-            self._rules.append(Rule(path_prefix, status, body, headers, delay, times, method, match_body, hang))
+            self._rules.append(Rule(path_prefix, status, body, headers, delay, times, method, match_body, hang, truncate))
 
     def recorded(self):
         with self._lock:
