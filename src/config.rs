@@ -10,6 +10,7 @@ use serde_json::Number;
 use sha2::{Digest, Sha256};
 
 use crate::providers::ProviderKind;
+use crate::webhooks::{check_virtual_keys, parse_webhooks, WebhookEndpoint};
 
 /// The accepted values of one numeric setting, both ends included.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +150,8 @@ pub struct Config {
     pub max_fallbacks: usize,
     /// Largest audio one job may hold; a larger provider answer fails the job with 502.
     pub max_audio_bytes: usize,
+    /// Named webhook endpoints a submit may ask for (SPEC §5).
+    pub webhooks: BTreeMap<String, WebhookEndpoint>,
 }
 
 #[derive(Deserialize)]
@@ -195,6 +198,8 @@ struct RawConfig {
     job_deadline_s: Option<Number>,
     max_fallbacks: Option<Number>,
     max_audio_bytes: Option<Number>,
+    /// SPEC §5; parsed by `webhooks::parse_webhooks`.
+    webhooks: Option<serde_json::Value>,
 }
 
 /// The top-level numbers, checked; `job_deadline_s` waits for the providers.
@@ -228,6 +233,12 @@ impl Config {
             raw.job_deadline_s.as_ref(),
             default_deadline_s(&providers),
         )?;
+        let webhooks = match &raw.webhooks {
+            Some(value) => parse_webhooks(value, env)?,
+            None => BTreeMap::new(),
+        };
+        let key_names: Vec<&str> = virtual_keys.iter().map(|k| k.name.as_str()).collect();
+        check_virtual_keys(&webhooks, &key_names)?;
         Ok(Config {
             providers,
             virtual_keys,
@@ -242,6 +253,7 @@ impl Config {
             job_deadline_s,
             max_fallbacks: limits.max_fallbacks,
             max_audio_bytes: limits.max_audio_bytes,
+            webhooks,
         })
     }
 }

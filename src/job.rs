@@ -317,8 +317,22 @@ fn offset(n: usize) -> u32 {
 
 /// The end of a poll answer: the webhook's state, if any, and the closing brace.
 fn push_tail(out: &mut Vec<u8>, record: &JobRecord) {
-    if let Some(delivery) = record.webhook.as_ref().and_then(|w| w.delivery.as_ref()) {
-        push_field(out, "webhook", &delivery.view());
+    match &record.webhook {
+        Some(WebhookJob {
+            delivery: Some(delivery),
+            ..
+        }) => push_field(out, "webhook", &delivery.view()),
+        // Asked for; nothing sent before the job ends.
+        Some(WebhookJob {
+            endpoint,
+            delivery: None,
+            ..
+        }) if !record.status.is_finished() => push_field(
+            out,
+            "webhook",
+            &serde_json::json!({"endpoint": endpoint, "status": "pending", "attempts": 0}),
+        ),
+        _ => {}
     }
     out.push(b'}');
 }
@@ -366,7 +380,7 @@ pub fn render(record: &JobRecord, completion: Option<&Completion>) -> Rendered {
     push_field(&mut out, "created_at", &rfc3339(record.created_at_ms));
     if !record.status.is_finished() {
         let tail_at = offset(out.len());
-        out.push(b'}');
+        push_tail(&mut out, record);
         return Rendered {
             body: out,
             audio_at: None,

@@ -10,11 +10,12 @@ use crate::auth::authenticate;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::ids::make_id;
-use crate::job::{JobRecord, JobStatus};
+use crate::job::{JobRecord, JobStatus, WebhookJob};
 use crate::platform::{Host, Queue};
 use crate::request::{is_json_content_type, parse_speech_request, parse_ttl, TTL_HEADER};
 use crate::store::{Keys, Store, StoreError};
 use crate::time::rfc3339;
+use crate::webhooks::{endpoint_for_submit, WEBHOOK_HEADER};
 use routes::{route, Route, BASE};
 
 /// An answer to send to the client.
@@ -75,6 +76,8 @@ impl Answer {
 pub struct PendingSubmit {
     pub owner: String,
     pub ttl_s: u64,
+    /// The webhook endpoint asked for (`x-bf-async-webhook`), checked.
+    pub webhook: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -157,7 +160,19 @@ impl Api<'_> {
         if declared.is_some_and(|n| n > self.config.max_body_bytes) {
             return Err(ApiError::payload_too_large(self.config.max_body_bytes));
         }
-        Ok(PendingSubmit { owner, ttl_s })
+        let key_name = owner.strip_prefix("vk:");
+        let webhook = endpoint_for_submit(
+            &self.config.webhooks,
+            (head.header)(WEBHOOK_HEADER).as_deref(),
+            key_name,
+        )
+        .map_err(|message| ApiError::invalid(WEBHOOK_HEADER, message))?
+        .map(|endpoint| endpoint.name.clone());
+        Ok(PendingSubmit {
+            owner,
+            ttl_s,
+            webhook,
+        })
     }
 
     /// The submit's body has arrived: one parse, one write of the job, one enqueue.
@@ -186,14 +201,20 @@ impl Api<'_> {
             request.chain.len().saturating_sub(1),
         );
         let make = |slot: u32| {
-            JobRecord::new(
+            let mut record = JobRecord::new(
                 make_id(random, slot),
                 pending.owner.clone(),
                 self.now_ms,
                 pending.ttl_s,
                 self.config.job_deadline_s,
                 request.clone(),
-            )
+            );
+            record.webhook = pending.webhook.as_ref().map(|endpoint| WebhookJob {
+                endpoint: endpoint.clone(),
+                delivery: None,
+                body: None,
+            });
+            record
         };
         let store = self.store();
         let record = store.insert(&make).map_err(|e| match e {

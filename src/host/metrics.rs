@@ -65,6 +65,9 @@ impl Metrics {
             "jobs_rejected.auth",
             "jobs_rejected.validation",
             "jobs_rejected.store_full",
+            "webhooks_delivered",
+            "webhooks_retried",
+            "webhooks_failed",
         ] {
             let _ = self.id(MetricType::Counter, &format!("{PREFIX}.{name}"));
         }
@@ -81,6 +84,10 @@ impl Metrics {
     }
     pub fn expired(&self) {
         self.count("jobs_expired");
+    }
+    /// A webhook delivery attempt's end: delivered, retried or failed.
+    pub fn webhook(&self, how: &str) {
+        self.count(&format!("webhooks_{how}"));
     }
     pub fn deleted(&self) {
         self.count("jobs_deleted");

@@ -18,18 +18,34 @@ use super::http::SpeechHttp;
 use super::metrics::SharedMetrics;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::dispatch::{self, Attempt, FailReason, Outcome, Step};
+use crate::dispatch::{self, Attempt, DeliveryResult, FailReason, Outcome, Step, WebhookCall};
 use crate::error::ApiError;
 use crate::log_escape::escape_for_log as escape;
 use crate::platform::{Host, Queue};
 use crate::providers::UpstreamResponse;
 use crate::store::{wheel, Keys, Store};
+use crate::webhooks::AttemptOutcome;
 
 const TICK: Duration = Duration::from_millis(200);
 /// Due timers one tick handles at most; the rest wait for the next tick.
 const TIMERS_PER_TICK: usize = 2_000;
 /// Slots the audit looks at per tick.
 const AUDIT_PER_TICK: u32 = 64;
+
+/// A callout under way: a provider attempt or a webhook delivery.
+enum InFlight {
+    Speech(Attempt),
+    Webhook(WebhookCall),
+}
+
+impl InFlight {
+    fn timeout_ms(&self) -> u64 {
+        match self {
+            InFlight::Speech(a) => a.callout.timeout_ms,
+            InFlight::Webhook(w) => w.callout.timeout_ms,
+        }
+    }
+}
 
 /// What the root shares with the HTTP contexts it creates.
 #[derive(Clone)]
@@ -47,7 +63,7 @@ pub struct Root {
     shared: Option<Shared>,
     queues: QueueIds,
     metrics: SharedMetrics,
-    in_flight: HashMap<u32, (Attempt, u64)>,
+    in_flight: HashMap<u32, (InFlight, u64)>,
     registered_on_tick: Cell<bool>,
 }
 
@@ -121,7 +137,8 @@ impl Root {
                                 attempt.provider,
                                 escape(&attempt.model)
                             );
-                            self.in_flight.insert(token, (*attempt, now));
+                            self.in_flight
+                                .insert(token, (InFlight::Speech(*attempt), now));
                             self.metrics.in_flight(1);
                             return;
                         }
@@ -148,6 +165,7 @@ impl Root {
                         }
                     }
                 }
+                Step::Deliver(call) => return self.deliver(shared, *call),
                 other => return self.report(shared, other),
             }
         }
@@ -178,7 +196,7 @@ impl Root {
                 self.metrics.expired();
                 self.metrics.held(-1);
             }
-            Step::Send(_) | Step::Nothing => {}
+            Step::Send(_) | Step::Deliver(_) | Step::Nothing => {}
         }
     }
 
@@ -190,7 +208,73 @@ impl Root {
         timers.extend(store.audit_step(AUDIT_PER_TICK));
         for timer in timers {
             let step = dispatch::on_timer(shared.host.as_ref(), &store, &shared.config, timer, now);
-            self.report(shared, step);
+            self.follow(shared, step);
+        }
+    }
+
+    fn deliver(&mut self, shared: &Shared, call: WebhookCall) {
+        let now = shared.clock.now_ms(shared.host.as_ref());
+        match shared.host.dispatch(&call.callout) {
+            Ok(token) => {
+                info!(
+                    "job {} webhook {} sent to endpoint {}",
+                    call.id, call.webhook_id, call.endpoint
+                );
+                self.in_flight.insert(token, (InFlight::Webhook(call), now));
+                self.metrics.in_flight(1);
+            }
+            Err(e) => {
+                warn!(
+                    "job {} webhook to {}: cannot call cluster {}: {e}",
+                    call.id, call.endpoint, call.callout.cluster
+                );
+                self.webhook_answered(shared, &call, AttemptOutcome::Unreachable, now);
+            }
+        }
+    }
+
+    fn webhook_answered(
+        &mut self,
+        shared: &Shared,
+        call: &WebhookCall,
+        outcome: AttemptOutcome,
+        now: u64,
+    ) {
+        // Jitter lengthens a retry's wait by up to a second, never shortens it.
+        let mut random = [0u8; 2];
+        let _ = shared.host.random(&mut random);
+        let jitter = u64::from(u16::from_le_bytes(random)) % 1000;
+        let result = dispatch::webhook::answered(
+            &Self::store(shared),
+            &shared.config,
+            call,
+            outcome,
+            jitter,
+            now,
+        );
+        match result {
+            Some(DeliveryResult::Delivered) => {
+                info!(
+                    "job {} webhook {} delivered to {}",
+                    call.id, call.webhook_id, call.endpoint
+                );
+                self.metrics.webhook("delivered");
+            }
+            Some(DeliveryResult::Retrying) => {
+                warn!(
+                    "job {} webhook {} to {}: {outcome:?}; will retry",
+                    call.id, call.webhook_id, call.endpoint
+                );
+                self.metrics.webhook("retried");
+            }
+            Some(DeliveryResult::Failed) => {
+                warn!(
+                    "job {} webhook {} to {}: {outcome:?}; given up",
+                    call.id, call.webhook_id, call.endpoint
+                );
+                self.metrics.webhook("failed");
+            }
+            None => {}
         }
     }
 
@@ -198,12 +282,9 @@ impl Root {
     /// come, the lease timer has ended that attempt and its room is freed here.
     fn forget_overdue_callouts(&mut self, now: u64) {
         let before = self.in_flight.len();
-        self.in_flight.retain(|_, (attempt, started)| {
+        self.in_flight.retain(|_, (call, started)| {
             now.saturating_sub(*started)
-                <= attempt
-                    .callout
-                    .timeout_ms
-                    .saturating_add(dispatch::LEASE_GRACE_MS)
+                <= call.timeout_ms().saturating_add(dispatch::LEASE_GRACE_MS)
         });
         let forgotten = before - self.in_flight.len();
         if forgotten > 0 {
@@ -223,7 +304,7 @@ impl Context for Root {
         let Some(shared) = self.shared.clone() else {
             return;
         };
-        let Some((attempt, started)) = self.in_flight.remove(&token_id) else {
+        let Some((call, started)) = self.in_flight.remove(&token_id) else {
             return;
         };
         self.metrics.in_flight(-1);
@@ -248,6 +329,19 @@ impl Context for Root {
                 .unwrap_or_default()
         } else {
             Vec::new()
+        };
+        let attempt = match call {
+            InFlight::Speech(attempt) => attempt,
+            InFlight::Webhook(call) => {
+                let outcome = dispatch::webhook::outcome(
+                    status,
+                    &body,
+                    now.saturating_sub(started),
+                    call.callout.timeout_ms,
+                );
+                self.webhook_answered(&shared, &call, outcome, now);
+                return self.drain();
+            }
         };
         let outcome = match status {
             Some(_) if body_size > limit => Outcome::TooLarge { bytes: body_size },

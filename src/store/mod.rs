@@ -144,6 +144,10 @@ impl<'h> Store<'h> {
         0
     }
 
+    pub fn host(&self) -> &'h dyn Host {
+        self.host
+    }
+
     /// Slots made so far.
     pub fn slots(&self) -> u32 {
         read_u32(self.host, &self.keys.hwm()).map_or(0, |(n, _)| n)

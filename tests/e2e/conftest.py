@@ -174,8 +174,8 @@ def make_envoy(mock):
     """Starts an Envoy with plugin_config(**overrides); stopped after the test."""
     started = []
 
-    def start(**overrides):
-        e = Envoy(plugin_config(**overrides), clusters_for(mock), concurrency=2).start()
+    def start(extra_clusters=(), **overrides):
+        e = Envoy(plugin_config(**overrides), clusters_for(mock) + list(extra_clusters), concurrency=2).start()
         started.append(e)
         return e, Client(e.url)
 

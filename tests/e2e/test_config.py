@@ -14,6 +14,17 @@ from envoy_harness import bootstrap, cluster, validate
     ({"max_jobs": 0}, "max_jobs must be between"),
     ({"virtual_keys": [{"name": "x", "value": "no-prefix"}]}, "virtual keys start with sk-bf-"),
     ({"providers": {"p": {"type": "nope", "cluster": "c"}}}, "unknown provider type"),
+    ({"providers": {"openai": {"cluster": "mock", "timeout_ms": 2 ** 31}}}, "timeout_ms must be between"),
+    ({"providers": {"openai": {"cluster": "mock", "timeout_ms": 2 ** 32}}}, "timeout_ms must be between"),
+    ({"max_jobs": 2_000_000}, "max_jobs must be between"),
+    ({"max_fallbacks": 51}, "max_fallbacks must be between"),
+    ({"max_audio_bytes": 10}, "max_audio_bytes must be between"),
+    ({"webhooks": {"h": {"cluster": "c", "secret": "whsec_" + "QUJD" * 8, "headers": {"Content-Type": "x"}}}},
+     "webhooks.h.headers"),
+    ({"webhooks": {"h": {"cluster": "c", "secret": "not-a-secret"}}}, "webhooks.h"),
+    ({"webhooks": {"h": {"cluster": "c", "secret": "whsec_" + "QUJD" * 8, "max_retries": 21}}},
+     "max_retries must be between"),
+    ({"webhooks": {"h": {"cluster": "c", "secret": "whsec_" + "QUJD" * 8, "virtual_keys": ["ghost"]}}}, "ghost"),
 ])
 def test_a_bad_plugin_config_is_refused_when_envoy_loads_it(change, message, tmp_path):
     config = plugin_config(**change)

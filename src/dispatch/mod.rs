@@ -11,6 +11,17 @@ use crate::providers::{for_kind, UpstreamResponse};
 use crate::request::SpeechRequest;
 use crate::store::{Store, StoreError, Timer, Updated};
 
+pub mod webhook;
+pub use webhook::{DeliveryResult, WebhookCall};
+
+/// 16 random bytes for a webhook id (zeros if the host has none: the id
+/// only needs to be the same on every attempt).
+fn random16(store: &Store) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let _ = store.host().random(&mut out);
+    out
+}
+
 /// Time past an attempt's own timeout before its answer counts as lost.
 pub const LEASE_GRACE_MS: u64 = 5_000;
 /// A job still pending this long after its submit is queued again by the
@@ -91,6 +102,8 @@ pub enum Step {
     Expired {
         id: String,
     },
+    /// Send this webhook delivery attempt.
+    Deliver(Box<WebhookCall>),
     /// Deleted, expired, someone else's now, or nothing to do.
     Nothing,
 }
@@ -182,13 +195,17 @@ fn record_failure(
     now_ms: u64,
 ) -> AfterFailure {
     let mut next = NextStep::Failed;
+    let random = random16(store);
     let updated = store.update(id, None, &mut |r| {
         if !r.is_running(attempt) {
             return false;
         }
         next = r.record_failure(now_ms, error.clone());
-        if next == NextStep::TryNext {
-            r.lease_until_ms = Some(now_ms.saturating_add(lease_ms(config, r)));
+        match next {
+            NextStep::TryNext => {
+                r.lease_until_ms = Some(now_ms.saturating_add(lease_ms(config, r)))
+            }
+            NextStep::Failed => webhook::on_job_end(config, r, None, random, now_ms),
         }
         true
     });
@@ -209,9 +226,10 @@ fn record_failure(
     }
 }
 
+/// After a job ended: its next look is its expiry, or its webhook's first attempt.
 fn schedule_expiry(store: &Store, record: &JobRecord, epoch: u32, now_ms: u64) {
-    if let (Some(slot), Some(at)) = (crate::ids::slot_of(&record.id), record.expires_at_ms()) {
-        store.schedule(slot, epoch, at, now_ms);
+    if let Some(slot) = crate::ids::slot_of(&record.id) {
+        store.schedule(slot, epoch, record.next_timer_ms(), now_ms);
     }
 }
 
@@ -348,11 +366,13 @@ pub fn finish(
         alignment: speech.alignment,
         normalized_alignment: speech.normalized_alignment,
     };
+    let random = random16(store);
     let done = store.update(&attempt.id, Some(&completion), &mut |r| {
         if !r.is_running(attempt.attempt) {
             return false;
         }
         r.complete(now_ms, completion.meta.clone());
+        webhook::on_job_end(config, r, Some(&completion), random, now_ms);
         true
     });
     match done {
@@ -386,22 +406,12 @@ pub fn on_timer(
     let Some(view) = loaded.view() else {
         return Step::Nothing;
     };
-    if view.status.is_finished() {
-        if !view.is_expired(now_ms) {
-            if !from_audit {
-                store.schedule(timer.slot, timer.epoch, view.expires_at_ms, now_ms);
-            }
-            return Step::Nothing;
-        }
-        let id = String::from_utf8_lossy(view.id).into_owned();
-        return match store.free(loaded, &|v| v.is_expired(now_ms)) {
-            Ok(true) => Step::Expired { id },
-            _ => Step::Nothing,
-        };
-    }
     let Some(record) = view.record() else {
         return Step::Nothing;
     };
+    if view.status.is_finished() {
+        return on_finished_timer(store, config, loaded, &record, from_audit, now_ms);
+    }
     if record.is_past_deadline(now_ms) {
         return fail_past_deadline(store, config, &record.id, now_ms);
     }
@@ -421,13 +431,62 @@ pub fn on_timer(
     Step::Nothing
 }
 
+/// A finished job's timer: a webhook attempt that is due, or its expiry
+/// (kept, without its audio, while its delivery goes on).
+fn on_finished_timer(
+    store: &Store,
+    config: &Config,
+    loaded: crate::store::Loaded,
+    record: &JobRecord,
+    from_audit: bool,
+    now_ms: u64,
+) -> Step {
+    let Some(view) = loaded.view() else {
+        return Step::Nothing;
+    };
+    let (slot, epoch, expired) = (loaded.slot, view.epoch, view.is_expired(now_ms));
+    if let Some(delivery) = record.pending_delivery() {
+        if delivery.due(now_ms) {
+            return match webhook::begin(store, config, &loaded, now_ms) {
+                Some(call) => Step::Deliver(Box::new(call)),
+                None => Step::Nothing,
+            };
+        }
+        if expired && !record.result_dropped {
+            // Past its TTL: the audio goes now; the record stays for the delivery.
+            if let Ok(Updated::Written(r, e)) = store.update(&record.id, None, &mut |r| {
+                r.result_dropped = true;
+                true
+            }) {
+                store.schedule(slot, e, r.next_timer_ms(), now_ms);
+            }
+        } else if !from_audit {
+            store.schedule(slot, epoch, record.next_timer_ms(), now_ms);
+        }
+        return Step::Nothing;
+    }
+    if !expired {
+        if !from_audit {
+            store.schedule(slot, epoch, view.expires_at_ms, now_ms);
+        }
+        return Step::Nothing;
+    }
+    let id = record.id.clone();
+    match store.free(loaded, &|v| v.is_expired(now_ms)) {
+        Ok(true) => Step::Expired { id },
+        _ => Step::Nothing,
+    }
+}
+
 fn fail_past_deadline(store: &Store, config: &Config, id: &str, now_ms: u64) -> Step {
     let deadline_s = config.job_deadline_s;
+    let random = random16(store);
     match store.update(id, None, &mut |r| {
         if !r.is_past_deadline(now_ms) {
             return false;
         }
         r.fail_past_deadline(now_ms, deadline_s);
+        webhook::on_job_end(config, r, None, random, now_ms);
         true
     }) {
         Ok(Updated::Written(record, epoch)) => {
@@ -457,13 +516,15 @@ fn take_back_lost_attempt(
         504,
         "no answer from the provider arrived in time; the worker holding the call may have been replaced",
     );
+    let random = random16(store);
     let updated = store.update(id, None, &mut |r| {
         if !r.is_lease_expired(now_ms) {
             return false;
         }
         next = r.record_failure(now_ms, error.clone());
-        if next == NextStep::TryNext {
-            r.status = JobStatus::Pending;
+        match next {
+            NextStep::TryNext => r.status = JobStatus::Pending,
+            NextStep::Failed => webhook::on_job_end(config, r, None, random, now_ms),
         }
         true
     });
@@ -474,7 +535,6 @@ fn take_back_lost_attempt(
         }
         (Ok(Updated::Written(record, epoch)), NextStep::Failed) => {
             schedule_expiry(store, &record, epoch, now_ms);
-            let _ = config;
             Step::Failed {
                 id: id.to_string(),
                 status: 504,
