@@ -67,7 +67,7 @@ def test_elevenlabs_request_maps_every_field_and_encodes_the_voice(client, mock)
     audio = fake_audio(1500, seed=4)
     mock.add_rule(path_prefix="/el/v1/text-to-speech/", body=audio, headers={"content-type": "audio/mpeg"})
     job = run(client, {
-        "model": "elevenlabs/eleven_multilingual_v2", "input": "Hola", "voice": "abc/../../admin?x=1",
+        "model": "elevenlabs/eleven_multilingual_v2", "input": "Hola", "voice": "abc/x/admin?x=1 y",
         "speed": 1.2, "language_code": "es", "enable_logging": False, "optimize_streaming_latency": True,
         "pronunciation_dictionary_locators": [{"pronunciation_dictionary_id": "d1", "version_id": "v1"}],
         "response_format": "opus"})
@@ -75,7 +75,7 @@ def test_elevenlabs_request_maps_every_field_and_encodes_the_voice(client, mock)
     assert audio_of(job) == audio
     assert job["result"]["content_type"] == "audio/ogg"
     [req] = mock.recorded()
-    assert req["path_only"] == "/el/v1/text-to-speech/abc%2F..%2F..%2Fadmin%3Fx%3D1"
+    assert req["path_only"] == "/el/v1/text-to-speech/abc%2Fx%2Fadmin%3Fx%3D1%20y"
     assert req["query"] == {"output_format": ["opus_48000_128"], "enable_logging": ["false"],
                             "optimize_streaming_latency": ["1"]}
     assert req["headers"]["xi-api-key"] == ELEVEN_KEY
