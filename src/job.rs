@@ -111,9 +111,27 @@ pub struct JobRecord {
     /// The webhook the client asked for, and its delivery once the job ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookJob>,
+    /// A long input's parts for the attempt under way (SPEC §6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts: Option<PartPlan>,
     /// Expired, but kept (without its audio) until its webhook delivery ends.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub result_dropped: bool,
+}
+
+/// How far a long input's attempt is: its parts, those done, the next to send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartPlan {
+    pub attempt: usize,
+    pub total: u32,
+    pub done: Vec<u32>,
+    pub next: u32,
+}
+
+impl PartPlan {
+    pub fn is_complete(&self) -> bool {
+        u32::try_from(self.done.len()).unwrap_or(u32::MAX) >= self.total
+    }
 }
 
 /// A job's webhook (SPEC §5): which endpoint, and once the job ended, the
@@ -173,6 +191,7 @@ impl JobRecord {
             error: None,
             request: Some(request),
             webhook: None,
+            parts: None,
             result_dropped: false,
         }
     }
@@ -197,6 +216,7 @@ impl JobRecord {
     }
 
     pub fn complete(&mut self, now_ms: u64, meta: ResultMeta) {
+        self.parts = None;
         self.status = JobStatus::Completed;
         self.completed_at_ms = Some(now_ms);
         self.lease_until_ms = None;
@@ -216,6 +236,8 @@ impl JobRecord {
                 status_code: error.status_code,
             });
         }
+        // Every part again on the next fallback: one file never mixes two voices.
+        self.parts = None;
         if self.attempt + 1 < self.chain.len() {
             self.attempt += 1;
             self.lease_until_ms = None;
@@ -379,6 +401,11 @@ pub fn render(record: &JobRecord, completion: Option<&Completion>) -> Rendered {
     push_field(&mut out, "status", &record.status.name());
     push_field(&mut out, "created_at", &rfc3339(record.created_at_ms));
     if !record.status.is_finished() {
+        if let Some(plan) = &record.parts {
+            let progress =
+                serde_json::json!({"chunks_done": plan.done.len(), "chunks_total": plan.total});
+            push_field(&mut out, "progress", &progress);
+        }
         let tail_at = offset(out.len());
         push_tail(&mut out, record);
         return Rendered {

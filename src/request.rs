@@ -322,11 +322,18 @@ fn parse_locators(obj: &Map<String, Value>) -> Result<Option<Vec<Value>>, ApiErr
 
 /// Every attempt must be possible: a fallback that could never take this request
 /// is a client error now, not a failed job later.
+/// Most parts one long input may be split into (SPEC §6).
+pub const MAX_PARTS: usize = 256;
+
 fn check_every_attempt(request: &SpeechRequest, config: &Config) -> Result<(), ApiError> {
+    let chars = request.input.chars().count();
     for (i, step) in request.chain.iter().enumerate() {
         let Some(provider) = config.providers.get(&step.provider) else {
             continue;
         };
+        if chars > provider.max_input_chars {
+            check_splittable(request, provider, chars)?;
+        }
         crate::providers::for_kind(provider.kind)
             .check(request, &step.model)
             .map_err(|mut e| {
@@ -339,6 +346,39 @@ fn check_every_attempt(request: &SpeechRequest, config: &Config) -> Result<(), A
                 }
                 e
             })?;
+    }
+    Ok(())
+}
+
+/// An input longer than a provider takes at once is split and joined (SPEC §6):
+/// the format must be joinable, and the parts few enough.
+fn check_splittable(
+    request: &SpeechRequest,
+    provider: &crate::config::ProviderConfig,
+    chars: usize,
+) -> Result<(), ApiError> {
+    let format =
+        crate::providers::effective_format(crate::providers::for_kind(provider.kind), request);
+    if crate::audio::JoinFormat::from_response_format(format.name()).is_none() {
+        return Err(ApiError::invalid(
+            "response_format",
+            format!(
+                "response_format {} cannot be joined, and the input ({chars} characters) is longer than provider {} takes at once ({}); ask for mp3, opus, aac, wav or pcm",
+                format.name(),
+                provider.name,
+                provider.max_input_chars
+            ),
+        ));
+    }
+    let parts = crate::audio::split_text(&request.input, provider.max_input_chars).len();
+    if parts > MAX_PARTS {
+        return Err(ApiError::invalid(
+            "input",
+            format!(
+                "input would take {parts} calls of provider {}; the limit is {MAX_PARTS}",
+                provider.name
+            ),
+        ));
     }
     Ok(())
 }

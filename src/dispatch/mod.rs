@@ -11,6 +11,7 @@ use crate::providers::{for_kind, UpstreamResponse};
 use crate::request::SpeechRequest;
 use crate::store::{Store, StoreError, Timer, Updated};
 
+pub mod chunks;
 pub mod webhook;
 pub use webhook::{DeliveryResult, WebhookCall};
 
@@ -37,6 +38,8 @@ pub struct Attempt {
     pub model: String,
     pub callout: Callout,
     pub request: SpeechRequest,
+    /// For a long input, which part this call makes (SPEC §6).
+    pub part: Option<u32>,
 }
 
 /// How a callout ended.
@@ -87,6 +90,8 @@ impl FailReason {
 pub enum Step {
     /// Send this attempt.
     Send(Box<Attempt>),
+    /// Send these calls (the first parts of a long input).
+    SendAll(Vec<Attempt>),
     Completed {
         id: String,
     },
@@ -141,8 +146,8 @@ fn prepare(store: &Store, config: &Config, mut record: JobRecord, now_ms: u64) -
         let Some(request) = record.request.clone() else {
             return Step::Nothing;
         };
-        match build(config, &record, request) {
-            Ok(attempt) => return Step::Send(Box::new(attempt)),
+        match build(store, config, &record, request) {
+            Ok(step) => return step,
             Err(error) => {
                 match record_failure(store, config, &record.id, record.attempt, error, now_ms) {
                     AfterFailure::Next(next) => record = *next,
@@ -154,7 +159,30 @@ fn prepare(store: &Store, config: &Config, mut record: JobRecord, now_ms: u64) -
     Step::Nothing
 }
 
-fn build(config: &Config, record: &JobRecord, request: SpeechRequest) -> Result<Attempt, ApiError> {
+/// The record's current attempt: one call, or the first parts of a long input.
+fn build(
+    store: &Store,
+    config: &Config,
+    record: &JobRecord,
+    request: SpeechRequest,
+) -> Result<Step, ApiError> {
+    if let Some(provider) = record
+        .current()
+        .and_then(|step| config.providers.get(&step.provider))
+    {
+        if chunks::needs_parts(provider, &request) {
+            return chunks::begin(store, config, record, &request, provider);
+        }
+    }
+    build_call(config, record, request).map(|a| Step::Send(Box::new(a)))
+}
+
+/// One call of the record's current attempt with this request.
+fn build_call(
+    config: &Config,
+    record: &JobRecord,
+    request: SpeechRequest,
+) -> Result<Attempt, ApiError> {
     let step = record
         .current()
         .ok_or_else(|| ApiError::internal("the job has no attempt left"))?;
@@ -177,6 +205,7 @@ fn build(config: &Config, record: &JobRecord, request: SpeechRequest) -> Result<
             timeout_ms: provider.timeout_ms.max(1),
         },
         request,
+        part: None,
     })
 }
 
@@ -195,11 +224,13 @@ fn record_failure(
     now_ms: u64,
 ) -> AfterFailure {
     let mut next = NextStep::Failed;
+    let mut dropped = None;
     let random = random16(store);
     let updated = store.update(id, None, &mut |r| {
         if !r.is_running(attempt) {
             return false;
         }
+        dropped = r.parts.clone();
         next = r.record_failure(now_ms, error.clone());
         match next {
             NextStep::TryNext => {
@@ -209,6 +240,9 @@ fn record_failure(
         }
         true
     });
+    if let (Ok(Updated::Written(..)), Some(plan)) = (&updated, &dropped) {
+        clear_parts(store, id, plan);
+    }
     match (updated, next) {
         (Ok(Updated::Written(record, _)), NextStep::TryNext) => {
             AfterFailure::Next(Box::new(record))
@@ -223,6 +257,12 @@ fn record_failure(
             })
         }
         _ => AfterFailure::Done(Step::Nothing),
+    }
+}
+
+fn clear_parts(store: &Store, id: &str, plan: &crate::job::PartPlan) {
+    if let Some(slot) = crate::ids::slot_of(id) {
+        store.clear_parts(slot, id, plan.total);
     }
 }
 
@@ -355,6 +395,9 @@ pub fn finish(
         Ok(speech) => speech,
         Err(error) => return attempt_failed(store, config, attempt, error, now_ms),
     };
+    if let Some(index) = attempt.part {
+        return chunks::part_done(store, config, attempt, index, speech, started_ms, now_ms);
+    }
     let mut extra = ExtraFields::speech(&attempt.provider, &attempt.model);
     extra.latency = Some(now_ms.saturating_sub(started_ms));
     let completion = Completion {
@@ -480,16 +523,21 @@ fn on_finished_timer(
 
 fn fail_past_deadline(store: &Store, config: &Config, id: &str, now_ms: u64) -> Step {
     let deadline_s = config.job_deadline_s;
+    let mut dropped = None;
     let random = random16(store);
     match store.update(id, None, &mut |r| {
         if !r.is_past_deadline(now_ms) {
             return false;
         }
+        dropped = r.parts.take();
         r.fail_past_deadline(now_ms, deadline_s);
         webhook::on_job_end(config, r, None, random, now_ms);
         true
     }) {
         Ok(Updated::Written(record, epoch)) => {
+            if let Some(plan) = &dropped {
+                clear_parts(store, id, plan);
+            }
             schedule_expiry(store, &record, epoch, now_ms);
             Step::Failed {
                 id: id.to_string(),
@@ -516,11 +564,13 @@ fn take_back_lost_attempt(
         504,
         "no answer from the provider arrived in time; the worker holding the call may have been replaced",
     );
+    let mut dropped = None;
     let random = random16(store);
     let updated = store.update(id, None, &mut |r| {
         if !r.is_lease_expired(now_ms) {
             return false;
         }
+        dropped = r.parts.clone();
         next = r.record_failure(now_ms, error.clone());
         match next {
             NextStep::TryNext => r.status = JobStatus::Pending,
@@ -528,6 +578,9 @@ fn take_back_lost_attempt(
         }
         true
     });
+    if let (Ok(Updated::Written(..)), Some(plan)) = (&updated, &dropped) {
+        clear_parts(store, id, plan);
+    }
     match (updated, next) {
         (Ok(Updated::Written(record, _)), NextStep::TryNext) => {
             let _ = host.enqueue(Queue::Jobs, record.id.as_bytes());
@@ -825,6 +878,119 @@ mod tests {
             e.extra_fields.unwrap().provider.as_deref(),
             Some("b"),
             "names the last attempt made"
+        );
+    }
+
+    fn long_config() -> Config {
+        Config::parse(
+            br#"{"providers":{"a":{"type":"openai","cluster":"ca","timeout_ms":1000,"max_input_chars":10,"max_parallel_chunks":2},
+                              "b":{"type":"openai","cluster":"cb","timeout_ms":1000,"max_input_chars":20}},
+                 "allow_unauthenticated":true,"max_jobs":4,"job_deadline_s":60}"#,
+            &|_| None,
+        )
+        .unwrap()
+    }
+
+    fn sends(step: Step) -> Vec<Attempt> {
+        match step {
+            Step::SendAll(calls) => calls,
+            Step::Send(call) => vec![*call],
+            other => panic!("expected calls, got {other:?}"),
+        }
+    }
+
+    fn sent_input(a: &Attempt) -> String {
+        serde_json::from_slice::<serde_json::Value>(&a.callout.body).unwrap()["input"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn a_long_input_goes_in_parts_at_most_n_at_once_and_comes_back_as_one_file() {
+        let mut w = World::new();
+        w.config = long_config();
+        let input = "One two. Three four five. Six seven eight nine.";
+        let id = w.submit(
+            &format!(r#"{{"model":"a/m","input":"{input}","voice":"v","response_format":"pcm"}}"#),
+            60,
+        );
+        let parts = crate::audio::split_text(input, 10);
+        let body = |id: &str| -> serde_json::Value {
+            serde_json::from_slice(w.store().load(id).unwrap().unwrap().view().unwrap().body)
+                .unwrap()
+        };
+        let mut out = sends(start(&w.store(), &w.config, &id, w.now()));
+        assert_eq!(out.len(), 2, "max_parallel_chunks");
+        assert_eq!(
+            body(&id)["progress"],
+            serde_json::json!({"chunks_done": 0, "chunks_total": parts.len()})
+        );
+        let mut sent = out
+            .iter()
+            .map(|a| (a.part.unwrap(), sent_input(a)))
+            .collect::<Vec<_>>();
+        let mut last = Step::Nothing;
+        // Answer the newest call first, so parts finish out of order.
+        while let Some(call) = out.pop() {
+            assert!(out.len() < 2, "never more than 2 parts out at once");
+            let index = call.part.unwrap() as u8;
+            last = finish(&w.store(), &w.config, &call, ok(&[index; 4]), 0, w.now());
+            if let Step::Send(next) = &last {
+                sent.push((next.part.unwrap(), sent_input(next)));
+                out.insert(0, (**next).clone());
+            }
+        }
+        assert_eq!(last, Step::Completed { id: id.clone() });
+        sent.sort();
+        assert_eq!(
+            sent.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(),
+            parts,
+            "each part once, at its boundaries"
+        );
+        let done = body(&id);
+        let audio = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            done["result"]["audio"].as_str().unwrap(),
+        )
+        .unwrap();
+        let expected: Vec<u8> = (0..parts.len() as u8).flat_map(|i| [i; 4]).collect();
+        assert_eq!(audio, expected, "parts joined in order");
+        assert!(done.get("progress").is_none());
+        let part_keys = w
+            .shared
+            .data
+            .borrow()
+            .iter()
+            .filter(|(k, v)| k.contains("/p/") && !v.0.is_empty())
+            .count();
+        assert_eq!(part_keys, 0, "the parts are freed once joined");
+    }
+
+    #[test]
+    fn a_failed_part_sends_the_whole_job_to_the_next_fallback() {
+        let mut w = World::new();
+        w.config = long_config();
+        let input = "aaaa bbbb cccc dddd eeee ffff";
+        let id = w.submit(&format!(r#"{{"model":"a/m","input":"{input}","voice":"v","response_format":"pcm","fallbacks":["b/n"]}}"#), 60);
+        let first = sends(start(&w.store(), &w.config, &id, w.now()));
+        finish(&w.store(), &w.config, &first[0], ok(b"xx"), 0, w.now());
+        let err = Outcome::Answer(UpstreamResponse {
+            status: 500,
+            headers: &[],
+            body: b"{}",
+        });
+        let again = sends(finish(&w.store(), &w.config, &first[1], err, 0, w.now()));
+        assert_eq!(again[0].provider, "b");
+        assert_eq!(
+            again.iter().map(sent_input).collect::<Vec<_>>(),
+            crate::audio::split_text(input, 20)[..again.len()].to_vec(),
+            "every part again"
+        );
+        // A late answer of the failed attempt changes nothing.
+        assert_eq!(
+            finish(&w.store(), &w.config, &first[0], ok(b"late"), 0, w.now()),
+            Step::Nothing
         );
     }
 

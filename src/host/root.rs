@@ -122,51 +122,73 @@ impl Root {
     }
 
     /// Sends the next attempt, or logs and counts how the job ended.
-    fn follow(&mut self, shared: &Shared, mut step: Step) {
-        // Each round sends a callout or fails an attempt, so the chain bounds it.
-        for _ in 0..64 {
+    fn follow(&mut self, shared: &Shared, step: Step) {
+        let mut pending = vec![step];
+        // Each round sends a call or fails an attempt, so the chains bound it.
+        for _ in 0..256 {
+            let Some(step) = pending.pop() else { return };
             match step {
                 Step::Send(attempt) => {
-                    let now = shared.clock.now_ms(shared.host.as_ref());
-                    match shared.host.dispatch(&attempt.callout) {
-                        Ok(token) => {
-                            info!(
-                                "job {} attempt {} sent to provider {} (model {})",
-                                attempt.id,
-                                attempt.attempt,
-                                attempt.provider,
-                                escape(&attempt.model)
-                            );
-                            self.in_flight
-                                .insert(token, (InFlight::Speech(*attempt), now));
-                            self.metrics.in_flight(1);
-                            return;
-                        }
-                        Err(e) => {
-                            warn!(
-                                "job {} provider {}: cannot call cluster {}: {e}",
-                                attempt.id, attempt.provider, attempt.callout.cluster
-                            );
-                            self.metrics.attempt(&attempt.provider, "unreachable", 0);
-                            let error = ApiError::upstream(
-                                502,
-                                format!(
-                                    "provider {} is unreachable: Envoy cannot call cluster {}",
-                                    attempt.provider, attempt.callout.cluster
-                                ),
-                            );
-                            step = dispatch::attempt_failed(
-                                &Self::store(shared),
-                                &shared.config,
-                                &attempt,
-                                error,
-                                now,
-                            );
+                    if let Some(next) = self.send(shared, *attempt) {
+                        pending.push(next);
+                    }
+                }
+                Step::SendAll(attempts) => {
+                    for attempt in attempts {
+                        if let Some(next) = self.send(shared, attempt) {
+                            // One part could not go: the attempt has failed; the rest are stale.
+                            pending.push(next);
+                            break;
                         }
                     }
                 }
-                Step::Deliver(call) => return self.deliver(shared, *call),
-                other => return self.report(shared, other),
+                Step::Deliver(call) => self.deliver(shared, *call),
+                other => self.report(shared, other),
+            }
+        }
+    }
+
+    /// Sends one provider call; if Envoy refuses it, what comes of the failed attempt.
+    fn send(&mut self, shared: &Shared, attempt: Attempt) -> Option<Step> {
+        let now = shared.clock.now_ms(shared.host.as_ref());
+        match shared.host.dispatch(&attempt.callout) {
+            Ok(token) => {
+                let part = attempt
+                    .part
+                    .map(|p| format!(" part {p}"))
+                    .unwrap_or_default();
+                info!(
+                    "job {} attempt {}{part} sent to provider {} (model {})",
+                    attempt.id,
+                    attempt.attempt,
+                    attempt.provider,
+                    escape(&attempt.model)
+                );
+                self.in_flight
+                    .insert(token, (InFlight::Speech(attempt), now));
+                self.metrics.in_flight(1);
+                None
+            }
+            Err(e) => {
+                warn!(
+                    "job {} provider {}: cannot call cluster {}: {e}",
+                    attempt.id, attempt.provider, attempt.callout.cluster
+                );
+                self.metrics.attempt(&attempt.provider, "unreachable", 0);
+                let error = ApiError::upstream(
+                    502,
+                    format!(
+                        "provider {} is unreachable: Envoy cannot call cluster {}",
+                        attempt.provider, attempt.callout.cluster
+                    ),
+                );
+                Some(dispatch::attempt_failed(
+                    &Self::store(shared),
+                    &shared.config,
+                    &attempt,
+                    error,
+                    now,
+                ))
             }
         }
     }
@@ -196,7 +218,7 @@ impl Root {
                 self.metrics.expired();
                 self.metrics.held(-1);
             }
-            Step::Send(_) | Step::Deliver(_) | Step::Nothing => {}
+            Step::Send(_) | Step::SendAll(_) | Step::Deliver(_) | Step::Nothing => {}
         }
     }
 

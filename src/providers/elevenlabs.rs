@@ -41,6 +41,10 @@ fn finish_audio(
 }
 
 impl Provider for ElevenLabs {
+    fn pcm_sample_rate(&self) -> u32 {
+        PCM_RATE
+    }
+
     fn check(&self, request: &SpeechRequest, _model: &str) -> Result<(), ApiError> {
         let voice = single_voice(request, "elevenlabs")?;
         // The voice id is a path segment.

@@ -98,6 +98,11 @@ pub trait Provider {
     /// (voice shape, audio format); a refusal is a 400 to the client.
     fn check(&self, request: &SpeechRequest, model: &str) -> Result<(), ApiError>;
 
+    /// The sample rate of the PCM this provider makes (for the length of joined parts).
+    fn pcm_sample_rate(&self) -> u32 {
+        24_000
+    }
+
     /// The audio format used when the client named none.
     fn default_format(&self) -> AudioFormat {
         AudioFormat::Mp3
