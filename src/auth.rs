@@ -21,7 +21,7 @@ pub fn presented_key(header: &dyn Fn(&str) -> Option<Vec<u8>>) -> Option<Vec<u8>
         header("api-key"),
     ];
     for value in candidates.into_iter().flatten() {
-        let value = trim(&value).to_vec();
+        let value = <[u8]>::trim_ascii(&value).to_vec();
         if value.is_empty() {
             continue;
         }
@@ -35,25 +35,13 @@ pub fn presented_key(header: &dyn Fn(&str) -> Option<Vec<u8>>) -> Option<Vec<u8>
 }
 
 fn strip_bearer(value: &[u8]) -> Option<Vec<u8>> {
-    let v = trim(value);
+    let v = <[u8]>::trim_ascii(value);
     let scheme = v.get(..7)?;
     if scheme.eq_ignore_ascii_case(b"bearer ") {
-        v.get(7..).map(|rest| trim(rest).to_vec())
+        v.get(7..).map(|rest| <[u8]>::trim_ascii(rest).to_vec())
     } else {
         None
     }
-}
-
-fn trim(v: &[u8]) -> &[u8] {
-    let start = v
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(v.len());
-    let end = v
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |i| i + 1);
-    v.get(start..end).unwrap_or(&[])
 }
 
 /// Returns the owner of the request's jobs, or the 401 to answer.

@@ -144,6 +144,7 @@ impl ApiError {
             "service_unavailable",
             format!("the job store is full ({max_jobs} jobs); retry later"),
         );
+        e.error.code = Some("store_full".to_string());
         e.retry_after_s = Some(1);
         e
     }

@@ -37,10 +37,11 @@ pub enum Event {
         fallbacks: usize,
         ttl_s: u64,
     },
-    /// A submit refused with this status.
+    /// A submit refused with this status; `full` when the store was full.
     Rejected {
         status: u16,
         message: String,
+        full: bool,
     },
     Deleted {
         id: String,
@@ -359,6 +360,7 @@ fn refused(route: &Route, e: &ApiError) -> Answer {
         answer.event = Event::Rejected {
             status: e.status_code,
             message: e.error.message.clone(),
+            full: e.error.code.as_deref() == Some("store_full"),
         };
     }
     answer

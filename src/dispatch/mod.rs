@@ -149,9 +149,9 @@ fn prepare(store: &Store, config: &Config, mut record: JobRecord, now_ms: u64) -
         match build(store, config, &record, request) {
             Ok(step) => return step,
             Err(error) => {
-                match record_failure(store, config, &record.id, record.attempt, error, now_ms) {
-                    AfterFailure::Next(next) => record = *next,
-                    AfterFailure::Done(step) => return step,
+                match save_failure(store, config, &record.id, record.attempt, error, now_ms) {
+                    Saved::Next(next) => record = *next,
+                    Saved::Done(step) => return step,
                 }
             }
         }
@@ -209,20 +209,21 @@ fn build_call(
     })
 }
 
-enum AfterFailure {
+/// What became of a failed attempt once it was saved on the job.
+enum Saved {
     Next(Box<JobRecord>),
     Done(Step),
 }
 
-/// Records a failed attempt on the job, if that attempt is still the job's.
-fn record_failure(
+/// Saves a failed attempt on the job, if that attempt is still the job's.
+fn save_failure(
     store: &Store,
     config: &Config,
     id: &str,
     attempt: usize,
     error: ApiError,
     now_ms: u64,
-) -> AfterFailure {
+) -> Saved {
     let mut next = NextStep::Failed;
     let mut dropped = None;
     let random = random16(store);
@@ -244,19 +245,17 @@ fn record_failure(
         clear_parts(store, id, plan);
     }
     match (updated, next) {
-        (Ok(Updated::Written(record, _)), NextStep::TryNext) => {
-            AfterFailure::Next(Box::new(record))
-        }
+        (Ok(Updated::Written(record, _)), NextStep::TryNext) => Saved::Next(Box::new(record)),
         (Ok(Updated::Written(record, epoch)), NextStep::Failed) => {
             schedule_expiry(store, &record, epoch, now_ms);
             let status = record.status_code.unwrap_or(error.status_code);
-            AfterFailure::Done(Step::Failed {
+            Saved::Done(Step::Failed {
                 id: id.to_string(),
                 status,
                 reason: FailReason::of(&error),
             })
         }
-        _ => AfterFailure::Done(Step::Nothing),
+        _ => Saved::Done(Step::Nothing),
     }
 }
 
@@ -281,9 +280,9 @@ pub fn attempt_failed(
     error: ApiError,
     now_ms: u64,
 ) -> Step {
-    match record_failure(store, config, &attempt.id, attempt.attempt, error, now_ms) {
-        AfterFailure::Next(record) => prepare(store, config, *record, now_ms),
-        AfterFailure::Done(step) => step,
+    match save_failure(store, config, &attempt.id, attempt.attempt, error, now_ms) {
+        Saved::Next(record) => prepare(store, config, *record, now_ms),
+        Saved::Done(step) => step,
     }
 }
 

@@ -71,8 +71,12 @@ impl SpeechHttp {
                         escape(model)
                     );
                 }
-                Event::Rejected { status, message } => {
-                    m.rejected(*status);
+                Event::Rejected {
+                    status,
+                    message,
+                    full,
+                } => {
+                    m.rejected(*status, *full);
                     info!("submit refused with {status}: {}", escape(message));
                 }
                 Event::Deleted { id } => {

@@ -65,6 +65,7 @@ impl Metrics {
             "jobs_rejected.auth",
             "jobs_rejected.validation",
             "jobs_rejected.store_full",
+            "jobs_rejected.unavailable",
             "webhooks_delivered",
             "webhooks_retried",
             "webhooks_failed",
@@ -96,10 +97,13 @@ impl Metrics {
         self.count(&format!("jobs_failed.{}", reason.name()));
     }
     /// A submit refused with this HTTP status.
-    pub fn rejected(&self, status: u16) {
-        let reason = match status {
-            401 => "auth",
-            503 => "store_full",
+    /// A submit refused with this status; `full` when the store was full
+    /// (a store that could not take the job for another reason is `unavailable`).
+    pub fn rejected(&self, status: u16, full: bool) {
+        let reason = match (status, full) {
+            (_, true) => "store_full",
+            (401, _) => "auth",
+            (503, _) => "unavailable",
             _ => "validation",
         };
         self.count(&format!("jobs_rejected.{reason}"));

@@ -33,9 +33,9 @@ class KeyPair:
         self.jwk = {"kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid,
                     "n": b64url(modulus), "e": b64url((65537).to_bytes(3, "big"))}
 
-    def token(self, sub, exp_in=3600):
+    def token(self, sub, exp_in=3600, **claims):
         header = b64url(json.dumps({"alg": "RS256", "typ": "JWT", "kid": self.kid}).encode())
-        payload = b64url(json.dumps({"iss": ISSUER, "sub": sub, "exp": int(time.time()) + exp_in}).encode())
+        payload = b64url(json.dumps({"iss": ISSUER, "sub": sub, "exp": int(time.time()) + exp_in, **claims}).encode())
         signing_input = f"{header}.{payload}".encode()
         sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", self.key], input=signing_input,
                              check=True, capture_output=True).stdout
@@ -46,6 +46,45 @@ class KeyPair:
 def keys(tmp_path_factory):
     # The forger uses the same kid: only the signature can give it away.
     return KeyPair("good", tmp_path_factory.mktemp("jwt")), KeyPair("good", tmp_path_factory.mktemp("jwt"))
+
+
+def jwt_filter_for(good):
+    return {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"local": {
+                "issuer": ISSUER,
+                "local_jwks": {"inline_string": json.dumps({"keys": [good.jwk]})},
+                "payload_in_metadata": "jwt_payload",
+            }},
+            "rules": [{"match": {"prefix": "/v1/async/"}, "requires": {"provider_name": "local"}}],
+        },
+    }
+
+
+def test_an_owner_is_the_claims_exact_json_value(mock, keys):
+    """uid 512, 768 and "512" are three owners (a lossy reading once made 512 and 768 one)."""
+    good, _ = keys
+    config = plugin_config(virtual_keys=[], jwt_owner={"payload_key": "jwt_payload", "claim": "uid"})
+    e = Envoy(config, clusters_for(mock), pre_filters=[jwt_filter_for(good)]).start()
+    try:
+        client = Client(e.url)
+        mock.add_rule(path_prefix="/v1/audio/speech", body=b"x")
+        tokens = {name: good.token("s", uid=uid) for name, uid in (("512", 512), ("768", 768), ("'512'", "512"))}
+        jobs = {}
+        for name, token in tokens.items():
+            r = client.submit(speech(), key=token)
+            assert r.status == 202, (name, r)
+            jobs[name] = r.json()["id"]
+        for owner, job in jobs.items():
+            for name, token in tokens.items():
+                status = client.poll(job, key=token).status
+                assert (status != 404) == (name == owner), (owner, name, status)
+        # 512.0 is the same JSON number as 512.
+        assert client.poll(jobs["512"], key=good.token("s", uid=512.0)).status != 404
+    finally:
+        e.stop()
 
 
 @pytest.fixture
