@@ -488,27 +488,15 @@ fn append_base64(out: &mut Vec<u8>, bytes: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::Voice;
 
     fn request(n: usize) -> SpeechRequest {
-        SpeechRequest {
-            chain: (0..n)
-                .map(|i| ModelRef {
-                    provider: format!("p{i}"),
-                    model: format!("m{i}"),
-                })
-                .collect(),
-            input: "hi".into(),
-            voice: Voice::Single("v".into()),
-            response_format: None,
-            instructions: None,
-            speed: None,
-            language_code: None,
-            pronunciation_dictionary_locators: None,
-            enable_logging: None,
-            optimize_streaming_latency: None,
-            with_timestamps: false,
-        }
+        let names: Vec<(String, String)> =
+            (0..n).map(|i| (format!("p{i}"), format!("m{i}"))).collect();
+        let chain: Vec<(&str, &str)> = names
+            .iter()
+            .map(|(p, m)| (p.as_str(), m.as_str()))
+            .collect();
+        crate::request::sample_request(&chain)
     }
 
     fn job(n: usize) -> JobRecord {

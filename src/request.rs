@@ -322,6 +322,30 @@ fn parse_locators(obj: &Map<String, Value>) -> Result<Option<Vec<Value>>, ApiErr
 
 /// Every attempt must be possible: a fallback that could never take this request
 /// is a client error now, not a failed job later.
+/// A small valid request for tests: one model per `chain` entry.
+#[cfg(test)]
+pub fn sample_request(chain: &[(&str, &str)]) -> SpeechRequest {
+    SpeechRequest {
+        chain: chain
+            .iter()
+            .map(|(p, m)| ModelRef {
+                provider: p.to_string(),
+                model: m.to_string(),
+            })
+            .collect(),
+        input: "hi".into(),
+        voice: Voice::Single("v".into()),
+        response_format: None,
+        instructions: None,
+        speed: None,
+        language_code: None,
+        pronunciation_dictionary_locators: None,
+        enable_logging: None,
+        optimize_streaming_latency: None,
+        with_timestamps: false,
+    }
+}
+
 /// Most parts one long input may be split into (SPEC §6).
 pub const MAX_PARTS: usize = 256;
 

@@ -5,7 +5,9 @@
 //! that fails fails the whole attempt, so the next fallback makes every part
 //! again: one file never mixes two providers' voices.
 
-use super::{attempt_failed, build_call, random16, schedule_expiry, webhook, Attempt, Step};
+use super::{
+    attempt_failed, build_call, current_provider, random16, schedule_expiry, webhook, Attempt, Step,
+};
 use crate::audio::{self, alignment, JoinFormat};
 use crate::config::{Config, ProviderConfig};
 use crate::error::{ApiError, ExtraFields};
@@ -31,15 +33,7 @@ fn part_attempt(
     request: &SpeechRequest,
     index: u32,
 ) -> Result<Attempt, ApiError> {
-    let step = record
-        .current()
-        .ok_or_else(|| ApiError::internal("the job has no attempt left"))?;
-    let provider = config.providers.get(&step.provider).ok_or_else(|| {
-        ApiError::upstream(
-            502,
-            format!("provider {} is no longer configured", step.provider),
-        )
-    })?;
+    let (_, provider) = current_provider(config, record)?;
     let text = texts(provider, request)
         .get(usize::try_from(index).unwrap_or(usize::MAX))
         .map(|t| t.to_string())

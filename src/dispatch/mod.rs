@@ -177,12 +177,17 @@ fn build(
     build_call(config, record, request).map(|a| Step::Send(Box::new(a)))
 }
 
-/// One call of the record's current attempt with this request.
-fn build_call(
-    config: &Config,
-    record: &JobRecord,
-    request: SpeechRequest,
-) -> Result<Attempt, ApiError> {
+/// The model and provider of the record's current attempt.
+fn current_provider<'c, 'r>(
+    config: &'c Config,
+    record: &'r JobRecord,
+) -> Result<
+    (
+        &'r crate::request::ModelRef,
+        &'c crate::config::ProviderConfig,
+    ),
+    ApiError,
+> {
     let step = record
         .current()
         .ok_or_else(|| ApiError::internal("the job has no attempt left"))?;
@@ -192,6 +197,16 @@ fn build_call(
             format!("provider {} is no longer configured", step.provider),
         )
     })?;
+    Ok((step, provider))
+}
+
+/// One call of the record's current attempt with this request.
+fn build_call(
+    config: &Config,
+    record: &JobRecord,
+    request: SpeechRequest,
+) -> Result<Attempt, ApiError> {
+    let (step, provider) = current_provider(config, record)?;
     let upstream = for_kind(provider.kind).build(provider, &step.model, &request)?;
     Ok(Attempt {
         id: record.id.clone(),

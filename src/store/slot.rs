@@ -154,26 +154,10 @@ pub fn encode_held(epoch: u32, record: &JobRecord, rendered: &Rendered) -> Optio
 mod tests {
     use super::*;
     use crate::job::render;
-    use crate::request::{ModelRef, SpeechRequest, Voice};
 
     #[test]
     fn held_slots_round_trip_and_truncations_read_as_missing() {
-        let request = SpeechRequest {
-            chain: vec![ModelRef {
-                provider: "p".into(),
-                model: "m".into(),
-            }],
-            input: "hi".into(),
-            voice: Voice::Single("v".into()),
-            response_format: None,
-            instructions: None,
-            speed: None,
-            language_code: None,
-            pronunciation_dictionary_locators: None,
-            enable_logging: None,
-            optimize_streaming_latency: None,
-            with_timestamps: false,
-        };
+        let request = crate::request::sample_request(&[("p", "m")]);
         let id = "0b9c7c4e-8a47-4a39-9d1c-2f0f2a3b8e51".to_string();
         let record = JobRecord::new(id.clone(), "vk:a".into(), 5, 60, 90, request);
         let rendered = render(&record, None);

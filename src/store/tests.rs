@@ -7,26 +7,11 @@ use std::rc::Rc;
 
 use super::*;
 use crate::ids::make_id;
-use crate::request::{ModelRef, SpeechRequest, Voice};
+use crate::request::SpeechRequest;
 use crate::sim::{SimHost, SimShared};
 
 fn request() -> SpeechRequest {
-    SpeechRequest {
-        chain: vec![ModelRef {
-            provider: "p".into(),
-            model: "m".into(),
-        }],
-        input: "hi".into(),
-        voice: Voice::Single("v".into()),
-        response_format: None,
-        instructions: None,
-        speed: None,
-        language_code: None,
-        pronunciation_dictionary_locators: None,
-        enable_logging: None,
-        optimize_streaming_latency: None,
-        with_timestamps: false,
-    }
+    crate::request::sample_request(&[("p", "m")])
 }
 
 fn insert(store: &Store, host: &SimHost) -> Result<JobRecord, StoreError> {

@@ -90,18 +90,7 @@ def test_an_owner_is_the_claims_exact_json_value(mock, keys):
 @pytest.fixture
 def jwt_envoy(mock, keys):
     good, _ = keys
-    jwt_filter = {
-        "name": "envoy.filters.http.jwt_authn",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
-            "providers": {"local": {
-                "issuer": ISSUER,
-                "local_jwks": {"inline_string": json.dumps({"keys": [good.jwk]})},
-                "payload_in_metadata": "jwt_payload",
-            }},
-            "rules": [{"match": {"prefix": "/v1/async/"}, "requires": {"provider_name": "local"}}],
-        },
-    }
+    jwt_filter = jwt_filter_for(good)
     config = plugin_config(virtual_keys=[], jwt_owner={"payload_key": "jwt_payload", "claim": "sub"})
     e = Envoy(config, clusters_for(mock), pre_filters=[jwt_filter]).start()
     yield e, Client(e.url)
