@@ -17,10 +17,12 @@ pub const MAX_VALUE_BYTES_MAX: u64 = 1_572_864;
 /// The longest `prefix`, so that every key stays short (at most
 /// `PREFIX_MAX_BYTES` + 49 bytes with a 36-character job id).
 pub const PREFIX_MAX_BYTES: usize = 200;
-/// What one put request carries besides its value: the key (at most ~250
-/// bytes), the lease and etcd's framing (measured at under 50 bytes). etcd
-/// refuses a request of exactly `--max-request-bytes` bytes of value.
-pub const REQUEST_HEADROOM_BYTES: u64 = 512;
+/// What a request that writes one part carries besides the part: its keys
+/// (at most ~250 bytes each; a conditional write names the part's key, the
+/// compared key and the key read back on failure), the lease and etcd's
+/// framing (under 50 bytes measured). etcd refuses a request of exactly
+/// `--max-request-bytes` bytes of value. At most half of `max_value_bytes`.
+pub const REQUEST_HEADROOM_BYTES: u64 = 2048;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {
@@ -47,10 +49,12 @@ impl EtcdConfig {
         Layout::new(&self.prefix)
     }
 
-    /// The largest part of audio one put carries: `max_value_bytes` less the
-    /// room for the key and etcd's framing.
+    /// The largest part of audio one request carries: `max_value_bytes` less
+    /// the room for keys and etcd's framing ([`REQUEST_HEADROOM_BYTES`], or
+    /// half of `max_value_bytes` when that is less).
     pub fn part_bytes(&self) -> usize {
-        usize::try_from(self.max_value_bytes.saturating_sub(REQUEST_HEADROOM_BYTES))
+        let headroom = REQUEST_HEADROOM_BYTES.min(self.max_value_bytes / 2);
+        usize::try_from(self.max_value_bytes.saturating_sub(headroom))
             .unwrap_or(usize::MAX)
             .max(1)
     }
@@ -223,7 +227,7 @@ mod tests {
                 max_value_bytes: 1_572_864,
             }
         );
-        assert_eq!(e.part_bytes(), 1_572_352);
+        assert_eq!(e.part_bytes(), 1_570_816);
         assert_eq!(
             e.layout().pending_prefix(),
             b"/async-speech/pending/".to_vec()

@@ -127,3 +127,20 @@ fn every_fixture_body_is_what_the_builder_makes() {
     let all: BTreeSet<String> = all.iter().map(|s| s.to_string()).collect();
     assert_eq!(covered, all);
 }
+
+#[test]
+fn the_limits_are_the_configs_defaults() {
+    use super::config::{parse_store_config, StoreConfig, PREFIX_MAX_BYTES};
+    let doc: Value = serde_json::from_str(FIXTURES).unwrap();
+    let limits = &doc["limits"];
+    let v = serde_json::json!({"type": "etcd", "cluster": "etcd"});
+    let StoreConfig::Etcd(c) = parse_store_config(Some(&v)).unwrap() else {
+        panic!("not etcd")
+    };
+    assert_eq!(limits["max_value_bytes"].as_u64(), Some(c.max_value_bytes));
+    assert_eq!(limits["part_bytes"].as_u64(), Some(c.part_bytes() as u64));
+    assert_eq!(
+        limits["prefix_max_bytes"].as_u64(),
+        Some(PREFIX_MAX_BYTES as u64)
+    );
+}
