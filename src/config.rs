@@ -10,6 +10,7 @@ use serde_json::Number;
 use sha2::{Digest, Sha256};
 
 use crate::providers::ProviderKind;
+use crate::store::etcd::{parse_store_config, StoreConfig};
 use crate::webhooks::{check_virtual_keys, parse_webhooks, WebhookEndpoint};
 
 /// The accepted values of one numeric setting, both ends included.
@@ -152,6 +153,8 @@ pub struct Config {
     pub max_audio_bytes: usize,
     /// Named webhook endpoints a submit may ask for (SPEC §5).
     pub webhooks: BTreeMap<String, WebhookEndpoint>,
+    /// Where jobs live (SPEC §4): this Envoy's shared data, or etcd.
+    pub store: StoreConfig,
 }
 
 #[derive(Deserialize)]
@@ -200,6 +203,8 @@ struct RawConfig {
     max_audio_bytes: Option<Number>,
     /// SPEC §5; parsed by `webhooks::parse_webhooks`.
     webhooks: Option<serde_json::Value>,
+    /// SPEC §4; parsed by `store::etcd::parse_store_config`.
+    store: Option<serde_json::Value>,
 }
 
 /// The top-level numbers, checked; `job_deadline_s` waits for the providers.
@@ -239,7 +244,9 @@ impl Config {
         };
         let key_names: Vec<&str> = virtual_keys.iter().map(|k| k.name.as_str()).collect();
         check_virtual_keys(&webhooks, &key_names)?;
+        let store = parse_store_config(raw.store.as_ref())?;
         Ok(Config {
+            store,
             providers,
             virtual_keys,
             allow_unauthenticated: raw.allow_unauthenticated,

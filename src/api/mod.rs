@@ -2,6 +2,7 @@
 //! the answer. Pure over `Host`: the host's HTTP context hands it headers and
 //! the body and sends back what it decides.
 
+pub mod etcd;
 pub mod routes;
 
 use serde_json::json;
@@ -13,6 +14,7 @@ use crate::ids::make_id;
 use crate::job::{JobRecord, JobStatus, WebhookJob};
 use crate::platform::{Host, Queue};
 use crate::request::{is_json_content_type, parse_speech_request, parse_ttl, TTL_HEADER};
+use crate::store::slot::HeldView;
 use crate::store::{Keys, Store, StoreError};
 use crate::time::rfc3339;
 use crate::webhooks::{endpoint_for_submit, WEBHOOK_HEADER};
@@ -88,6 +90,8 @@ pub enum Decision {
     Respond(Answer),
     /// A submit: buffer the body, then call `on_submit_body`.
     ReadBody(PendingSubmit),
+    /// Ask the store (etcd) and call `on_store_answer` with its answer.
+    Call(Box<etcd::StoreCall>),
 }
 
 /// What a request shows the API: its headers by lower-case name (raw bytes,
@@ -134,13 +138,20 @@ impl Api<'_> {
         let method = String::from_utf8_lossy(&method);
         check_method(route, &method)?;
         let owner = authenticate(self.config, head.header, head.jwt_claim.as_ref())?;
+        if let (Some(etcd), Some(want)) = (self.etcd(), etcd::Want::of(route, &method)) {
+            let id = match route {
+                Route::Job(id) | Route::Content(id) => id,
+                _ => return Err(ApiError::job_not_found()),
+            };
+            return Ok(self.etcd_read(etcd, id, owner, want));
+        }
         let answer = match route {
             Route::Submit => {
                 let pending = self.submit_headers(head, owner)?;
                 if !end_of_stream {
                     return Ok(Decision::ReadBody(pending));
                 }
-                self.on_submit_body(&pending, &[])
+                return Ok(self.on_submit_body(&pending, &[]));
             }
             Route::Job(id) if method == "DELETE" => self.delete(id, &owner)?,
             Route::Job(id) => self.poll(id, &owner)?,
@@ -177,14 +188,14 @@ impl Api<'_> {
     }
 
     /// The submit's body has arrived: one parse, one write of the job, one enqueue.
-    pub fn on_submit_body(&self, pending: &PendingSubmit, body: &[u8]) -> Answer {
+    pub fn on_submit_body(&self, pending: &PendingSubmit, body: &[u8]) -> Decision {
         match self.submit(pending, body) {
-            Ok(answer) => answer,
-            Err(e) => refused(&Route::Submit, &e),
+            Ok(decision) => decision,
+            Err(e) => Decision::Respond(refused(&Route::Submit, &e)),
         }
     }
 
-    fn submit(&self, pending: &PendingSubmit, body: &[u8]) -> Result<Answer, ApiError> {
+    fn submit(&self, pending: &PendingSubmit, body: &[u8]) -> Result<Decision, ApiError> {
         if body.len() > self.config.max_body_bytes {
             return Err(ApiError::payload_too_large(self.config.max_body_bytes));
         }
@@ -217,6 +228,11 @@ impl Api<'_> {
             });
             record
         };
+        if let Some(etcd) = self.etcd() {
+            let record = make(0);
+            let answer = submitted(&record, model, fallbacks, pending.ttl_s);
+            return self.etcd_submit(etcd, &record, &request, answer);
+        }
         let store = self.store();
         let record = store.insert(&make).map_err(|e| match e {
             StoreError::Full => ApiError::store_full(self.config.max_jobs),
@@ -235,17 +251,12 @@ impl Api<'_> {
             }
             return Err(ApiError::unavailable("the job queue is full; retry later"));
         }
-        let body = json!({"id": record.id, "status": "pending", "created_at": rfc3339(record.created_at_ms)});
-        let mut answer = Answer::json(202, serde_json::to_vec(&body).unwrap_or_default())
-            .with("location", format!("{BASE}/{}", record.id))
-            .with("retry-after", "1");
-        answer.event = Event::Submitted {
-            id: record.id,
+        Ok(Decision::Respond(submitted(
+            &record,
             model,
             fallbacks,
-            ttl_s: pending.ttl_s,
-        };
-        Ok(answer)
+            pending.ttl_s,
+        )))
     }
 
     /// The job if it exists, is unexpired and belongs to `owner`; else the one 404.
@@ -256,9 +267,7 @@ impl Api<'_> {
             .map_err(store_unavailable)?
             .ok_or_else(ApiError::job_not_found)?;
         let view = loaded.view().ok_or_else(ApiError::job_not_found)?;
-        if view.owner != owner.as_bytes() || view.is_expired(self.now_ms) {
-            return Err(ApiError::job_not_found());
-        }
+        check_owned(&view, owner, self.now_ms)?;
         Ok(loaded)
     }
 
@@ -266,53 +275,13 @@ impl Api<'_> {
     fn poll(&self, id: &str, owner: &str) -> Result<Answer, ApiError> {
         let loaded = self.owned(id, owner)?;
         let view = loaded.view().ok_or_else(ApiError::job_not_found)?;
-        let answer = Answer::json(view.status.poll_status(), view.body.to_vec());
-        Ok(if view.status.is_finished() {
-            answer
-        } else {
-            answer.with("retry-after", "1")
-        })
+        Ok(poll_answer(&view))
     }
 
     fn content(&self, id: &str, owner: &str) -> Result<Answer, ApiError> {
-        use base64::Engine;
         let loaded = self.owned(id, owner)?;
         let view = loaded.view().ok_or_else(ApiError::job_not_found)?;
-        match view.status {
-            JobStatus::Pending | JobStatus::Processing => {
-                Ok(Answer::json(202, view.body.to_vec()).with("retry-after", "1"))
-            }
-            JobStatus::Failed => {
-                let record = view
-                    .record()
-                    .ok_or_else(|| ApiError::internal("the job record is unreadable"))?;
-                let error = record
-                    .error
-                    .unwrap_or_else(|| ApiError::internal("the job failed without an error"));
-                Ok(Answer::error(&error))
-            }
-            JobStatus::Completed => {
-                let record = view
-                    .record()
-                    .ok_or_else(|| ApiError::internal("the job record is unreadable"))?;
-                let format = record
-                    .result
-                    .map(|m| m.response_format)
-                    .ok_or_else(|| ApiError::internal("the job has no result"))?;
-                let audio = view
-                    .audio_base64()
-                    .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
-                    .ok_or_else(|| {
-                        ApiError::internal("the job's audio is missing from the store")
-                    })?;
-                Ok(Answer {
-                    status: 200,
-                    headers: vec![("content-type", format.content_type().into())],
-                    body: audio,
-                    event: Event::None,
-                })
-            }
-        }
+        content_answer(&view)
     }
 
     fn delete(&self, id: &str, owner: &str) -> Result<Answer, ApiError> {
@@ -328,6 +297,78 @@ impl Api<'_> {
             // Freed by someone else between our read and our write (it expired).
             Ok(false) => Err(ApiError::job_not_found()),
             Err(e) => Err(store_unavailable(e)),
+        }
+    }
+}
+
+/// The 202 of an accepted submit.
+fn submitted(record: &JobRecord, model: String, fallbacks: usize, ttl_s: u64) -> Answer {
+    let body =
+        json!({"id": record.id, "status": "pending", "created_at": rfc3339(record.created_at_ms)});
+    let mut answer = Answer::json(202, serde_json::to_vec(&body).unwrap_or_default())
+        .with("location", format!("{BASE}/{}", record.id))
+        .with("retry-after", "1");
+    answer.event = Event::Submitted {
+        id: record.id.clone(),
+        model,
+        fallbacks,
+        ttl_s,
+    };
+    answer
+}
+
+/// The one 404 for a job that is someone else's or expired.
+fn check_owned(view: &HeldView, owner: &str, now_ms: u64) -> Result<(), ApiError> {
+    if view.owner != owner.as_bytes() || view.is_expired(now_ms) {
+        return Err(ApiError::job_not_found());
+    }
+    Ok(())
+}
+
+/// A poll's answer: the bytes rendered when the job last changed.
+fn poll_answer(view: &HeldView) -> Answer {
+    let answer = Answer::json(view.status.poll_status(), view.body.to_vec());
+    if view.status.is_finished() {
+        answer
+    } else {
+        answer.with("retry-after", "1")
+    }
+}
+
+/// `/content`: the audio itself, the job JSON while unfinished, or the error.
+fn content_answer(view: &HeldView) -> Result<Answer, ApiError> {
+    use base64::Engine;
+    match view.status {
+        JobStatus::Pending | JobStatus::Processing => {
+            Ok(Answer::json(202, view.body.to_vec()).with("retry-after", "1"))
+        }
+        JobStatus::Failed => {
+            let record = view
+                .record()
+                .ok_or_else(|| ApiError::internal("the job record is unreadable"))?;
+            let error = record
+                .error
+                .unwrap_or_else(|| ApiError::internal("the job failed without an error"));
+            Ok(Answer::error(&error))
+        }
+        JobStatus::Completed => {
+            let record = view
+                .record()
+                .ok_or_else(|| ApiError::internal("the job record is unreadable"))?;
+            let format = record
+                .result
+                .map(|m| m.response_format)
+                .ok_or_else(|| ApiError::internal("the job has no result"))?;
+            let audio = view
+                .audio_base64()
+                .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+                .ok_or_else(|| ApiError::internal("the job's audio is missing from the store"))?;
+            Ok(Answer {
+                status: 200,
+                headers: vec![("content-type", format.content_type().into())],
+                body: audio,
+                event: Event::None,
+            })
         }
     }
 }

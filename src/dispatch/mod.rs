@@ -7,11 +7,12 @@ use crate::config::Config;
 use crate::error::{ApiError, ExtraFields};
 use crate::job::{Completion, JobRecord, JobStatus, NextStep, ResultMeta};
 use crate::platform::{Callout, Host, Queue};
-use crate::providers::{for_kind, UpstreamResponse};
+use crate::providers::{for_kind, SpeechAudio, UpstreamResponse};
 use crate::request::SpeechRequest;
 use crate::store::{Store, StoreError, Timer, Updated};
 
 pub mod chunks;
+pub mod etcd;
 pub mod webhook;
 pub use webhook::{DeliveryResult, WebhookCall};
 
@@ -372,6 +373,57 @@ pub fn too_large_error(bytes: usize, limit: usize) -> ApiError {
     )
 }
 
+/// An attempt's answer as audio, or the error that fails the attempt.
+pub fn read_answer(
+    config: &Config,
+    attempt: &Attempt,
+    outcome: Outcome,
+) -> Result<SpeechAudio, ApiError> {
+    let response = match outcome {
+        Outcome::NoAnswer { elapsed_ms } => {
+            return Err(no_answer_error(
+                &attempt.provider,
+                elapsed_ms,
+                attempt.callout.timeout_ms,
+            ))
+        }
+        Outcome::TooLarge { bytes } => return Err(too_large_error(bytes, config.max_audio_bytes)),
+        Outcome::Answer(response) => response,
+    };
+    if let Some(error) = envoy_local_reply(&response, attempt) {
+        return Err(error);
+    }
+    let provider = config
+        .providers
+        .get(&attempt.provider)
+        .ok_or_else(|| ApiError::upstream(502, "provider is no longer configured"))?;
+    let speech = for_kind(provider.kind).parse(provider, &attempt.request, &response)?;
+    if speech.audio.len() > config.max_audio_bytes {
+        return Err(too_large_error(speech.audio.len(), config.max_audio_bytes));
+    }
+    Ok(speech)
+}
+
+/// The completion of an attempt whose answer was `speech`.
+pub fn completion(
+    attempt: &Attempt,
+    speech: SpeechAudio,
+    started_ms: u64,
+    now_ms: u64,
+) -> Completion {
+    let mut extra = ExtraFields::speech(&attempt.provider, &attempt.model);
+    extra.latency = Some(now_ms.saturating_sub(started_ms));
+    Completion {
+        meta: ResultMeta {
+            response_format: speech.format,
+            extra_fields: extra,
+        },
+        audio: speech.audio,
+        alignment: speech.alignment,
+        normalized_alignment: speech.normalized_alignment,
+    }
+}
+
 /// Applies the answer to `attempt` to its job.
 pub fn finish(
     store: &Store,
@@ -381,48 +433,14 @@ pub fn finish(
     started_ms: u64,
     now_ms: u64,
 ) -> Step {
-    let response = match outcome {
-        Outcome::NoAnswer { elapsed_ms } => {
-            let error = no_answer_error(&attempt.provider, elapsed_ms, attempt.callout.timeout_ms);
-            return attempt_failed(store, config, attempt, error, now_ms);
-        }
-        Outcome::TooLarge { bytes } => {
-            let error = too_large_error(bytes, config.max_audio_bytes);
-            return attempt_failed(store, config, attempt, error, now_ms);
-        }
-        Outcome::Answer(response) => response,
-    };
-    if let Some(error) = envoy_local_reply(&response, attempt) {
-        return attempt_failed(store, config, attempt, error, now_ms);
-    }
-    let Some(provider) = config.providers.get(&attempt.provider) else {
-        let error = ApiError::upstream(502, "provider is no longer configured");
-        return attempt_failed(store, config, attempt, error, now_ms);
-    };
-    let speech = match for_kind(provider.kind).parse(provider, &attempt.request, &response) {
-        Ok(speech) if speech.audio.len() > config.max_audio_bytes => {
-            Err(too_large_error(speech.audio.len(), config.max_audio_bytes))
-        }
-        other => other,
-    };
-    let speech = match speech {
+    let speech = match read_answer(config, attempt, outcome) {
         Ok(speech) => speech,
         Err(error) => return attempt_failed(store, config, attempt, error, now_ms),
     };
     if let Some(index) = attempt.part {
         return chunks::part_done(store, config, attempt, index, speech, started_ms, now_ms);
     }
-    let mut extra = ExtraFields::speech(&attempt.provider, &attempt.model);
-    extra.latency = Some(now_ms.saturating_sub(started_ms));
-    let completion = Completion {
-        meta: ResultMeta {
-            response_format: speech.format,
-            extra_fields: extra,
-        },
-        audio: speech.audio,
-        alignment: speech.alignment,
-        normalized_alignment: speech.normalized_alignment,
-    };
+    let completion = completion(attempt, speech, started_ms, now_ms);
     let random = random16(store);
     let done = store.update(&attempt.id, Some(&completion), &mut |r| {
         if !r.is_running(attempt.attempt) {

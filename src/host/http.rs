@@ -8,10 +8,12 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 
 use super::root::Shared;
+use crate::api::etcd::Then;
 use crate::api::{Answer, Api, Decision, Event, PendingSubmit, RequestHead};
 use crate::auth::ClaimValue;
 use crate::error::ApiError;
 use crate::log_escape::escape_for_log as escape;
+use crate::platform::Host;
 
 enum State {
     /// Not ours: everything passes.
@@ -20,6 +22,12 @@ enum State {
     Answered,
     /// A submit whose body is being buffered.
     Reading(PendingSubmit),
+    /// Waiting on the store's (etcd's) answer to this callout.
+    Waiting {
+        token: u32,
+        then: Then,
+        started_ms: u64,
+    },
 }
 
 pub struct SpeechHttp {
@@ -110,12 +118,94 @@ impl SpeechHttp {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let answer = Self::api(&shared).on_submit_body(&pending, &body);
-        self.send(answer)
+        let decision = Self::api(&shared).on_submit_body(&pending, &body);
+        self.decide(&shared, decision)
+    }
+
+    fn decide(&mut self, shared: &Shared, decision: Decision) -> Action {
+        match decision {
+            Decision::PassThrough => Action::Continue,
+            Decision::Respond(answer) => self.send(answer),
+            Decision::ReadBody(pending) => {
+                self.state = State::Reading(pending);
+                Action::Pause
+            }
+            // Waits the client shares (an etcd read for a poll): a callout from this context.
+            Decision::Call(call) => match shared.host.dispatch(&call.callout) {
+                Ok(token) => {
+                    let started_ms = shared.clock.now_ms(shared.host.as_ref());
+                    self.state = State::Waiting {
+                        token,
+                        then: call.then,
+                        started_ms,
+                    };
+                    Action::Pause
+                }
+                Err(e) => {
+                    warn!("cannot call the job store: {e}");
+                    self.send(Answer::error(&ApiError::unavailable(
+                        "job store unavailable",
+                    )))
+                }
+            },
+        }
     }
 }
 
-impl Context for SpeechHttp {}
+impl Context for SpeechHttp {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _: usize,
+    ) {
+        let (
+            Some(shared),
+            State::Waiting {
+                token,
+                then,
+                started_ms,
+            },
+        ) = (self.shared.clone(), &self.state)
+        else {
+            return;
+        };
+        if *token != token_id {
+            return;
+        }
+        let (then, started_ms) = (then.clone(), *started_ms);
+        self.state = State::Answered;
+        // A failed callout has no headers; asking for ":status" then would panic in the SDK.
+        let status = (num_headers > 0)
+            .then(|| {
+                hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+                    .ok()
+                    .flatten()
+            })
+            .flatten()
+            .and_then(|v| {
+                std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| s.parse::<u16>().ok())
+            });
+        let answer = status.map(|status| {
+            let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            (status, body)
+        });
+        let latency = shared
+            .clock
+            .now_ms(shared.host.as_ref())
+            .saturating_sub(started_ms);
+        let ok = answer.as_ref().is_some_and(|(s, _)| (200..300).contains(s));
+        shared.metrics.store_call("api", ok, latency);
+        let decision = Self::api(&shared).on_store_answer(then, answer);
+        self.decide(&shared, decision);
+    }
+}
 
 impl HttpContext for SpeechHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -138,20 +228,14 @@ impl HttpContext for SpeechHttp {
             header: &header,
             jwt_claim: claim,
         };
-        match Self::api(&shared).on_headers(&head, end_of_stream) {
-            Decision::PassThrough => Action::Continue,
-            Decision::Respond(answer) => self.send(answer),
-            Decision::ReadBody(pending) => {
-                self.state = State::Reading(pending);
-                Action::Pause
-            }
-        }
+        let decision = Self::api(&shared).on_headers(&head, end_of_stream);
+        self.decide(&shared, decision)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         match &self.state {
             State::PassThrough => Action::Continue,
-            State::Answered => Action::Pause,
+            State::Answered | State::Waiting { .. } => Action::Pause,
             State::Reading(_) => {
                 let limit = self.shared.as_ref().map_or(0, |s| s.config.max_body_bytes);
                 if body_size > limit {
@@ -169,7 +253,7 @@ impl HttpContext for SpeechHttp {
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         match &self.state {
             State::PassThrough => Action::Continue,
-            State::Answered => Action::Pause,
+            State::Answered | State::Waiting { .. } => Action::Pause,
             State::Reading(_) => {
                 // Trailers end the stream: the body is complete.
                 let size = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, usize::MAX)

@@ -86,6 +86,18 @@ impl Metrics {
     pub fn expired(&self) {
         self.count("jobs_expired");
     }
+    /// One call to the job store (etcd): counted, failures counted, latency recorded.
+    pub fn store_call(&self, op: &str, ok: bool, latency_ms: u64) {
+        self.count("store_calls");
+        self.count(&format!("store_calls.{op}"));
+        if !ok {
+            self.count("store_failures");
+        }
+        if let Some(id) = self.id(MetricType::Histogram, &format!("{PREFIX}.store_latency_ms")) {
+            let _ = hostcalls::record_metric(id, latency_ms);
+        }
+    }
+
     /// A webhook delivery attempt's end: delivered, retried or failed.
     pub fn webhook(&self, how: &str) {
         self.count(&format!("webhooks_{how}"));

@@ -18,11 +18,13 @@ use super::http::SpeechHttp;
 use super::metrics::SharedMetrics;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::dispatch::etcd::{Action as EtcdAction, EtcdRunner, Tag as EtcdTag};
 use crate::dispatch::{self, Attempt, DeliveryResult, FailReason, Outcome, Step, WebhookCall};
 use crate::error::ApiError;
 use crate::log_escape::escape_for_log as escape;
 use crate::platform::{Host, Queue};
 use crate::providers::UpstreamResponse;
+use crate::store::etcd::StoreConfig;
 use crate::store::{wheel, Keys, Store};
 use crate::webhooks::AttemptOutcome;
 
@@ -36,6 +38,8 @@ const AUDIT_PER_TICK: u32 = 64;
 enum InFlight {
     Speech(Attempt),
     Webhook(WebhookCall),
+    /// A call to etcd for the etcd runner.
+    Store(EtcdTag, u64),
 }
 
 impl InFlight {
@@ -43,6 +47,7 @@ impl InFlight {
         match self {
             InFlight::Speech(a) => a.callout.timeout_ms,
             InFlight::Webhook(w) => w.callout.timeout_ms,
+            InFlight::Store(_, timeout_ms) => *timeout_ms,
         }
     }
 }
@@ -65,6 +70,8 @@ pub struct Root {
     metrics: SharedMetrics,
     in_flight: HashMap<u32, (InFlight, u64)>,
     registered_on_tick: Cell<bool>,
+    /// With the etcd store: what this VM runs of the jobs in etcd.
+    etcd: Option<EtcdRunner>,
 }
 
 /// The filter's namespace in shared data: its root id, so that two filters
@@ -234,6 +241,70 @@ impl Root {
         }
     }
 
+    /// Carries out what the etcd runner asks for.
+    fn act(&mut self, shared: &Shared, actions: Vec<EtcdAction>) {
+        let mut pending = actions;
+        // Each round sends a call or records a failure; a job's chain bounds it.
+        for _ in 0..1024 {
+            let Some(action) = pending.pop() else { return };
+            let now = shared.clock.now_ms(shared.host.as_ref());
+            match action {
+                EtcdAction::Store(tag, callout) => match shared.host.dispatch(&callout) {
+                    Ok(token) => {
+                        self.in_flight
+                            .insert(token, (InFlight::Store(tag, callout.timeout_ms), now));
+                        self.metrics.in_flight(1);
+                    }
+                    Err(e) => {
+                        warn!("cannot call the job store ({}): {e}", tag.name());
+                        self.metrics.store_call(tag.name(), false, 0);
+                        if let (Some(runner), StoreConfig::Etcd(etcd)) =
+                            (self.etcd.as_mut(), &shared.config.store)
+                        {
+                            pending.extend(runner.on_store_answer(
+                                etcd,
+                                &shared.config,
+                                tag,
+                                None,
+                                now,
+                            ));
+                        }
+                    }
+                },
+                EtcdAction::Send(attempt) => match shared.host.dispatch(&attempt.callout) {
+                    Ok(token) => {
+                        info!(
+                            "job {} attempt {} sent to provider {}",
+                            attempt.id, attempt.attempt, attempt.provider
+                        );
+                        self.in_flight
+                            .insert(token, (InFlight::Speech(*attempt), now));
+                        self.metrics.in_flight(1);
+                    }
+                    Err(e) => {
+                        warn!(
+                            "job {} provider {}: cannot call cluster {}: {e}",
+                            attempt.id, attempt.provider, attempt.callout.cluster
+                        );
+                        if let (Some(runner), StoreConfig::Etcd(etcd)) =
+                            (self.etcd.as_mut(), &shared.config.store)
+                        {
+                            let outcome = Outcome::NoAnswer { elapsed_ms: 0 };
+                            pending.extend(runner.on_provider_answer(
+                                etcd,
+                                &shared.config,
+                                &attempt,
+                                outcome,
+                                now,
+                            ));
+                        }
+                    }
+                },
+                EtcdAction::Report(step) => self.report(shared, step),
+            }
+        }
+    }
+
     fn deliver(&mut self, shared: &Shared, call: WebhookCall) {
         let now = shared.clock.now_ms(shared.host.as_ref());
         match shared.host.dispatch(&call.callout) {
@@ -364,6 +435,19 @@ impl Context for Root {
                 self.webhook_answered(&shared, &call, outcome, now);
                 return self.drain();
             }
+            InFlight::Store(tag, _) => {
+                let ok = status.is_some_and(|s| (200..300).contains(&s));
+                self.metrics
+                    .store_call(tag.name(), ok, now.saturating_sub(started));
+                let answer = status.map(|s| (s, body));
+                if let (Some(runner), StoreConfig::Etcd(etcd)) =
+                    (self.etcd.as_mut(), &shared.config.store)
+                {
+                    let actions = runner.on_store_answer(etcd, &shared.config, tag, answer, now);
+                    self.act(&shared, actions);
+                }
+                return;
+            }
         };
         let outcome = match status {
             Some(_) if body_size > limit => Outcome::TooLarge { bytes: body_size },
@@ -390,6 +474,11 @@ impl Context for Root {
             ),
         }
         self.metrics.attempt(&attempt.provider, how, latency);
+        if let (Some(runner), StoreConfig::Etcd(etcd)) = (self.etcd.as_mut(), &shared.config.store)
+        {
+            let actions = runner.on_provider_answer(etcd, &shared.config, &attempt, outcome, now);
+            return self.act(&shared, actions);
+        }
         let step = dispatch::finish(
             &Self::store(&shared),
             &shared.config,
@@ -435,6 +524,11 @@ impl RootContext for Root {
         self.register_queues(&host);
         let clock = Rc::new(Clock::default());
         clock.sync(host.as_ref(), &keys.clock());
+        if let StoreConfig::Etcd(_) = config.store {
+            let mut random = [0u8; 16];
+            let _ = host.random(&mut random);
+            self.etcd = Some(EtcdRunner::new(random));
+        }
         self.shared = Some(Shared {
             config: Rc::new(config),
             keys,
@@ -467,6 +561,11 @@ impl RootContext for Root {
             .sync(shared.host.as_ref(), &shared.keys.clock());
         let now = shared.clock.now_ms(shared.host.as_ref());
         self.forget_overdue_callouts(now);
+        if let (Some(runner), StoreConfig::Etcd(etcd)) = (self.etcd.as_mut(), &shared.config.store)
+        {
+            let actions = runner.tick(etcd, &shared.config, now);
+            return self.act(&shared, actions);
+        }
         self.drain();
         self.run_timers(&shared);
     }

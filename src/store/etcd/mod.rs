@@ -19,6 +19,7 @@
 //!   the audio prefix, the claim and the pending entry.
 
 pub mod config;
+pub mod jobs;
 pub mod keys;
 pub mod request;
 pub mod response;

@@ -1,0 +1,552 @@
+//! Running jobs kept in etcd (SPEC §4), from the root context of any replica.
+//!
+//! Each VM holds an etcd lease (kept alive every few seconds) and scans the
+//! pending index for work. It claims a job with a transaction that puts
+//! `claims/<id>` under its lease only if no claim exists, and reads the job in
+//! the same step. It then runs the attempts (fallbacks in order) as on shared
+//! data, and ends the job with one transaction that holds only while its
+//! claim does: the finished record under a lease of the job's TTL (its parts
+//! written before under the same lease), the pending entry and the claim
+//! removed. A replica that dies takes its lease with it: its claims lapse and
+//! another replica takes the jobs over (a late answer of the dead claim's is
+//! refused by that transaction). Jobs past their deadline are failed by
+//! whoever holds them, or claims them next.
+
+use std::collections::HashMap;
+
+use super::{build_call, completion, read_answer, Attempt, FailReason, Outcome, Step};
+use crate::api::etcd::StoreAnswer;
+use crate::config::Config;
+use crate::job::{render, JobRecord, NextStep};
+use crate::platform::Callout;
+use crate::store::etcd::jobs::{self, decode_job, CLAIM_TTL_S, SCAN_LIMIT};
+use crate::store::etcd::response::{
+    check_status, parse_lease_grant, parse_lease_keepalive, parse_range, parse_txn,
+};
+use crate::store::etcd::{request as req, EtcdConfig};
+use crate::store::slot::{self, SlotView};
+
+/// Time between scans of the pending index.
+const SCAN_EVERY_MS: u64 = 500;
+/// Extra life of a finished job's keys past its TTL (polls answer 404 from the
+/// expiry in the record; etcd removes the keys a moment later).
+const TTL_MARGIN_S: u64 = 1;
+
+/// What a store call was for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tag {
+    Grant,
+    KeepAlive,
+    Scan,
+    Claim(String),
+    TtlLease(String),
+    Part(String, u32),
+    Finish(String),
+}
+
+impl Tag {
+    /// For stats: which kind of store call.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Tag::Grant => "lease_grant",
+            Tag::KeepAlive => "lease_keepalive",
+            Tag::Scan => "scan",
+            Tag::Claim(_) => "claim",
+            Tag::TtlLease(_) => "ttl_lease",
+            Tag::Part(..) => "put_part",
+            Tag::Finish(_) => "finish",
+        }
+    }
+}
+
+/// What the root is to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Store(Tag, Callout),
+    Send(Box<Attempt>),
+    Report(Step),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    None,
+    Granting,
+    Held {
+        id: i64,
+        renew_at_ms: u64,
+        renewing: bool,
+    },
+}
+
+/// A job this VM holds, and where it is.
+struct Running {
+    record: JobRecord,
+    started_ms: u64,
+    ending: Option<Ending>,
+}
+
+/// A finished job on its way into etcd.
+struct Ending {
+    value: Vec<u8>,
+    parts: Vec<Vec<u8>>,
+    parts_left: usize,
+    ttl_lease: Option<i64>,
+    /// A store call of this ending is under way.
+    busy: bool,
+    step: Step,
+}
+
+pub struct EtcdRunner {
+    owner: Vec<u8>,
+    lease: Lease,
+    scanning: bool,
+    next_scan_ms: u64,
+    jobs: HashMap<String, Running>,
+}
+
+fn ok_body(answer: &StoreAnswer) -> Option<&[u8]> {
+    answer
+        .as_ref()
+        .and_then(|(status, body)| check_status(*status, body).ok())
+}
+
+impl EtcdRunner {
+    /// `random` names this VM's claims.
+    pub fn new(random: [u8; 16]) -> EtcdRunner {
+        EtcdRunner {
+            owner: format!("replica-{}", hex::encode(random)).into_bytes(),
+            lease: Lease::None,
+            scanning: false,
+            next_scan_ms: 0,
+            jobs: HashMap::new(),
+        }
+    }
+
+    /// Jobs this VM holds now.
+    pub fn running(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Lease upkeep, deadlines, endings to retry, and a scan for work.
+    pub fn tick(&mut self, etcd: &EtcdConfig, config: &Config, now_ms: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        match self.lease {
+            Lease::None => {
+                self.lease = Lease::Granting;
+                out.push(Action::Store(
+                    Tag::Grant,
+                    etcd.callout(&req::lease_grant(CLAIM_TTL_S)),
+                ));
+            }
+            Lease::Held {
+                id,
+                renew_at_ms,
+                renewing: false,
+            } if now_ms >= renew_at_ms => {
+                self.lease = Lease::Held {
+                    id,
+                    renew_at_ms,
+                    renewing: true,
+                };
+                out.push(Action::Store(
+                    Tag::KeepAlive,
+                    etcd.callout(&req::lease_keepalive(id)),
+                ));
+            }
+            _ => {}
+        }
+        let late: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, r)| r.ending.is_none() && r.record.is_past_deadline(now_ms))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in late {
+            if let Some(run) = self.jobs.get_mut(&id) {
+                run.record.fail_past_deadline(now_ms, config.job_deadline_s);
+                let step = Step::Failed {
+                    id: id.clone(),
+                    status: 504,
+                    reason: FailReason::Deadline,
+                };
+                self.end_with(etcd, &id, None, step);
+            }
+        }
+        let retry: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, r)| r.ending.as_ref().is_some_and(|e| !e.busy))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in retry {
+            out.extend(self.resume_ending(etcd, &id));
+        }
+        if let Lease::Held { .. } = self.lease {
+            if !self.scanning
+                && now_ms >= self.next_scan_ms
+                && self.jobs.len() < config.max_in_flight
+            {
+                self.scanning = true;
+                self.next_scan_ms = now_ms + SCAN_EVERY_MS;
+                let scan = req::range_prefix(&etcd.layout().pending_prefix(), SCAN_LIMIT);
+                out.push(Action::Store(Tag::Scan, etcd.callout(&scan)));
+            }
+        }
+        out
+    }
+
+    pub fn on_store_answer(
+        &mut self,
+        etcd: &EtcdConfig,
+        config: &Config,
+        tag: Tag,
+        answer: StoreAnswer,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let body = ok_body(&answer);
+        match tag {
+            Tag::Grant => {
+                self.lease = match body.and_then(|b| parse_lease_grant(b).ok()) {
+                    Some(grant) => Lease::Held {
+                        id: grant.id,
+                        renew_at_ms: now_ms + renew_after_ms(grant.ttl),
+                        renewing: false,
+                    },
+                    None => Lease::None,
+                };
+                Vec::new()
+            }
+            Tag::KeepAlive => {
+                if let Lease::Held { id, .. } = self.lease {
+                    self.lease = match body.map(parse_lease_keepalive) {
+                        Some(Ok(Some(ttl))) => Lease::Held {
+                            id,
+                            renew_at_ms: now_ms + renew_after_ms(ttl),
+                            renewing: false,
+                        },
+                        // The lease is gone (etcd forgot it): our claims with it.
+                        Some(Ok(None)) => Lease::None,
+                        // No answer: try again on the next tick.
+                        _ => Lease::Held {
+                            id,
+                            renew_at_ms: now_ms,
+                            renewing: false,
+                        },
+                    };
+                }
+                Vec::new()
+            }
+            Tag::Scan => {
+                self.scanning = false;
+                self.claim_pending(etcd, config, body)
+            }
+            Tag::Claim(id) => self.claimed(etcd, config, &id, body, now_ms),
+            Tag::TtlLease(id) => {
+                let lease = body.and_then(|b| parse_lease_grant(b).ok()).map(|g| g.id);
+                if let Some(ending) = self.jobs.get_mut(&id).and_then(|r| r.ending.as_mut()) {
+                    ending.busy = false;
+                    ending.ttl_lease = lease;
+                }
+                self.resume_ending(etcd, &id)
+            }
+            Tag::Part(id, _) => {
+                let Some(ending) = self.jobs.get_mut(&id).and_then(|r| r.ending.as_mut()) else {
+                    return Vec::new();
+                };
+                if body.is_some() {
+                    ending.parts_left = ending.parts_left.saturating_sub(1);
+                    if ending.parts_left == 0 {
+                        ending.busy = false;
+                        return self.resume_ending(etcd, &id);
+                    }
+                } else {
+                    // Written again, all of them, on the next tick.
+                    ending.parts_left = ending.parts.len();
+                    ending.busy = false;
+                    ending.ttl_lease = None;
+                }
+                Vec::new()
+            }
+            Tag::Finish(id) => match body.map(parse_txn) {
+                Some(Ok(txn)) => {
+                    let run = self.jobs.remove(&id);
+                    match (txn.succeeded, run.and_then(|r| r.ending)) {
+                        (true, Some(ending)) => vec![Action::Report(ending.step)],
+                        // The claim lapsed and another replica has the job: drop this answer.
+                        _ => Vec::new(),
+                    }
+                }
+                _ => {
+                    if let Some(ending) = self.jobs.get_mut(&id).and_then(|r| r.ending.as_mut()) {
+                        ending.busy = false;
+                    }
+                    Vec::new()
+                }
+            },
+        }
+    }
+
+    /// Claims pending jobs this VM does not hold, as many as it has room for.
+    fn claim_pending(
+        &mut self,
+        etcd: &EtcdConfig,
+        config: &Config,
+        body: Option<&[u8]>,
+    ) -> Vec<Action> {
+        let (Some(range), Lease::Held { id: lease, .. }) =
+            (body.and_then(|b| parse_range(b).ok()), self.lease)
+        else {
+            return Vec::new();
+        };
+        let layout = etcd.layout();
+        let room = config.max_in_flight.saturating_sub(self.jobs.len());
+        range
+            .kvs
+            .iter()
+            .filter_map(|kv| layout.id_of(&kv.key))
+            .filter(|id| !self.jobs.contains_key(*id))
+            .take(room)
+            .map(|id| {
+                Action::Store(
+                    Tag::Claim(id.to_string()),
+                    etcd.callout(&jobs::claim(&layout, id, &self.owner, lease)),
+                )
+            })
+            .collect()
+    }
+
+    /// A claim came back: run the job, or end it if it is already late.
+    fn claimed(
+        &mut self,
+        etcd: &EtcdConfig,
+        config: &Config,
+        id: &str,
+        body: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let Some(txn) = body.and_then(|b| parse_txn(b).ok()).filter(|t| t.succeeded) else {
+            return Vec::new();
+        };
+        let Some(kv) = txn.range_kv(1) else {
+            return Vec::new();
+        };
+        let Some(payload) = decode_job(&kv.value).and_then(|j| j.whole) else {
+            return Vec::new();
+        };
+        let SlotView::Held(view) = slot::decode(payload) else {
+            return Vec::new();
+        };
+        let Some(mut record) = view.record() else {
+            return Vec::new();
+        };
+        if record.status.is_finished() {
+            return Vec::new();
+        }
+        // A job taken over from a replica that died starts over on its chain.
+        record.status = crate::job::JobStatus::Pending;
+        record.claim(now_ms, 0);
+        self.jobs.insert(
+            id.to_string(),
+            Running {
+                record,
+                started_ms: now_ms,
+                ending: None,
+            },
+        );
+        if self
+            .jobs
+            .get(id)
+            .is_some_and(|r| r.record.is_past_deadline(now_ms))
+        {
+            if let Some(run) = self.jobs.get_mut(id) {
+                run.record.fail_past_deadline(now_ms, config.job_deadline_s);
+            }
+            self.end_with(
+                etcd,
+                id,
+                None,
+                Step::Failed {
+                    id: id.to_string(),
+                    status: 504,
+                    reason: FailReason::Deadline,
+                },
+            );
+            return Vec::new();
+        }
+        self.next_attempt(etcd, config, id, now_ms)
+    }
+
+    /// Builds the job's current attempt; an attempt that cannot be built fails
+    /// at once and the next fallback is tried.
+    fn next_attempt(
+        &mut self,
+        etcd: &EtcdConfig,
+        config: &Config,
+        id: &str,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let Some(run) = self.jobs.get_mut(id) else {
+            return Vec::new();
+        };
+        for _ in 0..=run.record.chain.len() {
+            let Some(request) = run.record.request.clone() else {
+                break;
+            };
+            match build_call(config, &run.record, request) {
+                Ok(attempt) => {
+                    run.started_ms = now_ms;
+                    return vec![Action::Send(Box::new(attempt))];
+                }
+                Err(error) => {
+                    let status = error.status_code;
+                    let reason = FailReason::of(&error);
+                    if run.record.record_failure(now_ms, error) == NextStep::Failed {
+                        self.end_with(
+                            etcd,
+                            id,
+                            None,
+                            Step::Failed {
+                                id: id.to_string(),
+                                status,
+                                reason,
+                            },
+                        );
+                        return Vec::new();
+                    }
+                }
+            }
+        }
+        Vec::new()
+    }
+
+    /// A provider's answer (or its absence) for one of this VM's jobs.
+    pub fn on_provider_answer(
+        &mut self,
+        etcd: &EtcdConfig,
+        config: &Config,
+        attempt: &Attempt,
+        outcome: Outcome,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let Some(run) = self.jobs.get_mut(&attempt.id) else {
+            return Vec::new();
+        };
+        if run.ending.is_some() || !run.record.is_running(attempt.attempt) {
+            return Vec::new();
+        }
+        match read_answer(config, attempt, outcome) {
+            Ok(speech) => {
+                let done = completion(attempt, speech, run.started_ms, now_ms);
+                run.record.complete(now_ms, done.meta.clone());
+                let rendered = render(&run.record, Some(&done));
+                let step = Step::Completed {
+                    id: attempt.id.clone(),
+                };
+                self.end_with(etcd, &attempt.id, Some(rendered), step);
+                self.resume_ending(etcd, &attempt.id)
+            }
+            Err(error) => {
+                let (status, reason) = (error.status_code, FailReason::of(&error));
+                match run.record.record_failure(now_ms, error) {
+                    NextStep::TryNext => self.next_attempt(etcd, config, &attempt.id, now_ms),
+                    NextStep::Failed => {
+                        self.end_with(
+                            etcd,
+                            &attempt.id,
+                            None,
+                            Step::Failed {
+                                id: attempt.id.clone(),
+                                status,
+                                reason,
+                            },
+                        );
+                        self.resume_ending(etcd, &attempt.id)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes the finished job's bytes, once: its record and its parts. They
+    /// are written by `resume_ending`, now or on a later tick.
+    fn end_with(
+        &mut self,
+        etcd: &EtcdConfig,
+        id: &str,
+        rendered: Option<crate::job::Rendered>,
+        step: Step,
+    ) {
+        let Some(run) = self.jobs.get_mut(id) else {
+            return;
+        };
+        let rendered = rendered.unwrap_or_else(|| render(&run.record, None));
+        let Some(payload) = slot::encode_held(0, &run.record, &rendered) else {
+            return;
+        };
+        let expires = run.record.expires_at_ms().unwrap_or(0);
+        let (value, parts) = jobs::encode_job(
+            &payload,
+            run.record.owner.as_bytes(),
+            expires,
+            etcd.part_bytes(),
+        );
+        let parts: Vec<Vec<u8>> = parts.into_iter().map(<[u8]>::to_vec).collect();
+        run.ending = Some(Ending {
+            value,
+            parts_left: parts.len(),
+            parts,
+            ttl_lease: None,
+            busy: false,
+            step,
+        });
+    }
+
+    /// The next store call of a job's ending: a TTL lease, its parts, then the
+    /// transaction that ends it.
+    fn resume_ending(&mut self, etcd: &EtcdConfig, id: &str) -> Vec<Action> {
+        let layout = etcd.layout();
+        let owner = self.owner.clone();
+        let Some(run) = self.jobs.get_mut(id) else {
+            return Vec::new();
+        };
+        let ttl_s = run.record.ttl_s.saturating_add(TTL_MARGIN_S);
+        let Some(ending) = run.ending.as_mut() else {
+            return Vec::new();
+        };
+        if ending.busy {
+            return Vec::new();
+        }
+        ending.busy = true;
+        let Some(lease) = ending.ttl_lease else {
+            let ttl = i64::try_from(ttl_s).unwrap_or(i64::MAX);
+            return vec![Action::Store(
+                Tag::TtlLease(id.to_string()),
+                etcd.callout(&req::lease_grant(ttl)),
+            )];
+        };
+        if ending.parts_left > 0 {
+            return ending
+                .parts
+                .iter()
+                .enumerate()
+                .map(|(n, part)| {
+                    let n = u32::try_from(n).unwrap_or(u32::MAX);
+                    Action::Store(
+                        Tag::Part(id.to_string(), n),
+                        etcd.callout(&jobs::put_part(&layout, id, n, part, lease)),
+                    )
+                })
+                .collect();
+        }
+        let finish = jobs::finish(&layout, id, &owner, &ending.value, lease);
+        vec![Action::Store(
+            Tag::Finish(id.to_string()),
+            etcd.callout(&finish),
+        )]
+    }
+}
+
+/// When to renew a lease of `ttl` seconds: at a third of it.
+fn renew_after_ms(ttl: i64) -> u64 {
+    u64::try_from(ttl).unwrap_or(0).saturating_mul(1000) / 3
+}

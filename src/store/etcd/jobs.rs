@@ -1,0 +1,174 @@
+//! Jobs in etcd (SPEC §4): what each key holds, and the transactions that
+//! move a job from submit to its end.
+//!
+//! - `jobs/<id>`: `E`, the number of parts (u32), the expiry (ms, u64; 0 while
+//!   the job runs), the owner (u16 length, bytes) — enough to answer 404s and
+//!   DELETE without the rest — then, when it fits in one value, the job as a
+//!   slot holds it (`store::slot`: header, record, rendered poll answer). A
+//!   larger one lives in `audio/<id>/<n>`.
+//! - `pending/<id>`: the job's deadline (ms, u64); any replica scans this
+//!   index for work.
+//! - `claims/<id>`: the replica running the job, under that replica's lease:
+//!   when the replica dies, the lease lapses, the claim goes, and another
+//!   replica takes the job.
+//!
+//! A finished job's keys carry a lease of its TTL, so etcd removes them when
+//! it expires. Every key lives under the configured prefix.
+
+use super::keys::{split_audio, Layout};
+use super::request::{self as req, Compare, CompareResult, CompareTarget, Op, Request, Txn};
+
+/// How long a replica's claims outlive it (its lease, kept alive every few seconds).
+pub const CLAIM_TTL_S: i64 = 10;
+/// Pending jobs one scan looks at.
+pub const SCAN_LIMIT: i64 = 64;
+
+/// A stored job's head, and where the rest of its bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredJob<'a> {
+    pub expires_at_ms: u64,
+    pub owner: &'a [u8],
+    /// The whole job, or `None` when it is in `parts` parts.
+    pub whole: Option<&'a [u8]>,
+    pub parts: u32,
+}
+
+impl StoredJob<'_> {
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms != 0 && now_ms >= self.expires_at_ms
+    }
+}
+
+/// The `jobs/<id>` value and the parts, for a job encoded as `payload`.
+pub fn encode_job<'p>(
+    payload: &'p [u8],
+    owner: &[u8],
+    expires_at_ms: u64,
+    part_bytes: usize,
+) -> (Vec<u8>, Vec<&'p [u8]>) {
+    let owner_len = u16::try_from(owner.len()).unwrap_or(u16::MAX);
+    let owner = owner.get(..usize::from(owner_len)).unwrap_or(owner);
+    let head = 1 + 4 + 8 + 2 + owner.len();
+    let parts = if head + payload.len() <= part_bytes {
+        Vec::new()
+    } else {
+        split_audio(payload, part_bytes)
+    };
+    let mut v = Vec::with_capacity(head + if parts.is_empty() { payload.len() } else { 0 });
+    v.push(b'E');
+    v.extend_from_slice(&u32::try_from(parts.len()).unwrap_or(u32::MAX).to_le_bytes());
+    v.extend_from_slice(&expires_at_ms.to_le_bytes());
+    v.extend_from_slice(&owner_len.to_le_bytes());
+    v.extend_from_slice(owner);
+    if parts.is_empty() {
+        v.extend_from_slice(payload);
+    }
+    (v, parts)
+}
+
+pub fn decode_job(value: &[u8]) -> Option<StoredJob<'_>> {
+    let (tag, rest) = value.split_first()?;
+    if *tag != b'E' {
+        return None;
+    }
+    let parts = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+    let expires_at_ms = u64::from_le_bytes(rest.get(4..12)?.try_into().ok()?);
+    let owner_len = usize::from(u16::from_le_bytes(rest.get(12..14)?.try_into().ok()?));
+    let (owner, payload) = rest.get(14..)?.split_at_checked(owner_len)?;
+    Some(StoredJob {
+        expires_at_ms,
+        owner,
+        whole: (parts == 0).then_some(payload),
+        parts,
+    })
+}
+
+/// A new job, stored only if no job has that id: the record and its pending entry.
+pub fn submit(layout: &Layout, id: &str, job_value: &[u8], deadline_ms: u64) -> Request {
+    Txn::new()
+        .when(Compare::absent(&layout.job(id)))
+        .then(Op::put(&layout.job(id), job_value, None))
+        .then(Op::put(
+            &layout.pending(id),
+            &deadline_ms.to_le_bytes(),
+            None,
+        ))
+        .request()
+}
+
+/// Forgets a job if it is still as read (`mod_revision`): every key it has.
+pub fn delete(layout: &Layout, id: &str, mod_revision: i64) -> Request {
+    Txn::new()
+        .when(Compare::unchanged(&layout.job(id), mod_revision))
+        .then(Op::delete(&layout.job(id)))
+        .then(Op::delete_prefix(&layout.audio(id)))
+        .then(Op::delete(&layout.pending(id)))
+        .then(Op::delete(&layout.claim(id)))
+        .request()
+}
+
+/// Claims a job for `owner` under its lease, and reads the job in the same step.
+pub fn claim(layout: &Layout, id: &str, owner: &[u8], lease: i64) -> Request {
+    Txn::new()
+        .when(Compare::absent(&layout.claim(id)))
+        .then(Op::put(&layout.claim(id), owner, Some(lease)))
+        .then(Op::range(&layout.job(id)))
+        .request()
+}
+
+/// The job's end, written only while `owner` still holds the claim: the
+/// finished record (its parts were written before, under the same lease),
+/// out of the pending index, the claim released.
+pub fn finish(
+    layout: &Layout,
+    id: &str,
+    owner: &[u8],
+    job_value: &[u8],
+    ttl_lease: i64,
+) -> Request {
+    Txn::new()
+        .when(Compare::new(
+            &layout.claim(id),
+            CompareResult::Equal,
+            CompareTarget::Value(owner.to_vec()),
+        ))
+        .then(Op::put(&layout.job(id), job_value, Some(ttl_lease)))
+        .then(Op::delete(&layout.pending(id)))
+        .then(Op::delete(&layout.claim(id)))
+        .request()
+}
+
+/// One part of a large job, under the job's TTL lease.
+pub fn put_part(layout: &Layout, id: &str, n: u32, part: &[u8], ttl_lease: i64) -> Request {
+    req::put(&layout.audio_part(id, n), part, Some(ttl_lease))
+}
+
+/// The deadline kept in a pending entry.
+pub fn pending_deadline(value: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(value.get(..8)?.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_jobs_are_whole_and_large_ones_in_parts() {
+        let (v, parts) = encode_job(b"abc", b"vk:a", 0, 100);
+        assert!(parts.is_empty());
+        let job = decode_job(&v).unwrap();
+        assert_eq!(
+            (job.whole, job.owner, job.parts),
+            (Some(&b"abc"[..]), &b"vk:a"[..], 0)
+        );
+        let big = vec![7u8; 250];
+        let (v, parts) = encode_job(&big, b"vk:a", 99, 100);
+        assert_eq!(parts.len(), 3);
+        let job = decode_job(&v).unwrap();
+        assert_eq!((job.whole, job.parts, job.expires_at_ms), (None, 3, 99));
+        assert!(job.is_expired(99) && !job.is_expired(98));
+        assert_eq!(parts.concat(), big);
+        assert_eq!(decode_job(b"X"), None);
+        assert_eq!(pending_deadline(&42u64.to_le_bytes()), Some(42));
+    }
+}
