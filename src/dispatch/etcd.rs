@@ -162,15 +162,7 @@ impl EtcdRunner {
             .map(|(id, _)| id.clone())
             .collect();
         for id in late {
-            if let Some(run) = self.jobs.get_mut(&id) {
-                run.record.fail_past_deadline(now_ms, config.job_deadline_s);
-                let step = Step::Failed {
-                    id: id.clone(),
-                    status: 504,
-                    reason: FailReason::Deadline,
-                };
-                self.end_with(etcd, &id, None, step);
-            }
+            self.fail_late(etcd, config, &id, now_ms);
         }
         let retry: Vec<String> = self
             .jobs
@@ -358,22 +350,18 @@ impl EtcdRunner {
             .get(id)
             .is_some_and(|r| r.record.is_past_deadline(now_ms))
         {
-            if let Some(run) = self.jobs.get_mut(id) {
-                run.record.fail_past_deadline(now_ms, config.job_deadline_s);
-            }
-            self.end_with(
-                etcd,
-                id,
-                None,
-                Step::Failed {
-                    id: id.to_string(),
-                    status: 504,
-                    reason: FailReason::Deadline,
-                },
-            );
+            self.fail_late(etcd, config, id, now_ms);
             return Vec::new();
         }
         self.next_attempt(etcd, config, id, now_ms)
+    }
+
+    /// Ends a job that ran past its deadline as failed (504).
+    fn fail_late(&mut self, etcd: &EtcdConfig, config: &Config, id: &str, now_ms: u64) {
+        let Some(run) = self.jobs.get_mut(id) else { return };
+        run.record.fail_past_deadline(now_ms, config.job_deadline_s);
+        let step = Step::Failed { id: id.to_string(), status: 504, reason: FailReason::Deadline };
+        self.end_with(etcd, id, None, step);
     }
 
     /// Builds the job's current attempt; an attempt that cannot be built fails
