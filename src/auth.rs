@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use crate::config::{sha256_of, Config, JwtOwner};
 use crate::error::ApiError;
 
-pub const KEY_PREFIX: &str = "sk-bf-";
+pub use crate::config::KEY_PREFIX;
 
 /// The owner recorded for jobs made without a key when `allow_unauthenticated` is on.
 pub const ANONYMOUS: &str = "";

@@ -5,11 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Number;
 use sha2::{Digest, Sha256};
 
-use crate::providers::ProviderKind;
 use crate::store::etcd::{parse_store_config, StoreConfig};
 use crate::webhooks::{check_virtual_keys, parse_webhooks, WebhookEndpoint};
 
@@ -42,7 +41,7 @@ impl Range {
 }
 
 /// Job slots are addressed with 20 bits of the job id, so that 102 random bits remain.
-pub const MAX_JOBS_LIMIT: u32 = 1 << 20;
+pub use crate::ids::MAX_JOBS_LIMIT;
 
 pub const DEFAULT_RESULT_TTL_S: Range = Range::new("default_result_ttl_s", 1, 2_592_000);
 pub const MAX_RESULT_TTL_S: Range = Range::new("max_result_ttl_s", 1, 2_592_000);
@@ -81,6 +80,45 @@ pub const DEFAULT_AZURE_API_VERSION: &str = "2025-03-01-preview";
 pub const DEFAULT_MAX_FALLBACKS: u64 = 5;
 pub const DEFAULT_MAX_AUDIO_BYTES: u64 = 26_214_400;
 pub const DEFAULT_MAX_PARALLEL_CHUNKS: u64 = 3;
+
+/// Virtual keys start with this (SPEC §1).
+pub const KEY_PREFIX: &str = "sk-bf-";
+
+/// A provider's `type`: which API it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProviderKind {
+    OpenAi,
+    Azure,
+    ElevenLabs,
+    Gemini,
+}
+
+impl ProviderKind {
+    pub fn from_name(name: &str) -> Option<ProviderKind> {
+        match name {
+            "openai" => Some(ProviderKind::OpenAi),
+            "azure" => Some(ProviderKind::Azure),
+            "elevenlabs" => Some(ProviderKind::ElevenLabs),
+            "gemini" => Some(ProviderKind::Gemini),
+            _ => None,
+        }
+    }
+
+    pub fn default_base_path(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "/v1",
+            ProviderKind::Azure | ProviderKind::ElevenLabs | ProviderKind::Gemini => "",
+        }
+    }
+
+    /// Longest input one call takes by default (SPEC §3): the provider's own cap.
+    pub fn default_max_input_chars(self) -> u64 {
+        match self {
+            ProviderKind::OpenAi | ProviderKind::Azure => 4096,
+            ProviderKind::ElevenLabs | ProviderKind::Gemini => 5000,
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProviderConfig {
@@ -465,10 +503,10 @@ fn parse_key(i: usize, k: RawKey) -> Result<VirtualKey, String> {
     }
     let sha256 = match (k.value, k.sha256) {
         (Some(v), None) => {
-            if !v.starts_with(crate::auth::KEY_PREFIX) || v.len() <= crate::auth::KEY_PREFIX.len() {
+            if !v.starts_with(KEY_PREFIX) || v.len() <= KEY_PREFIX.len() {
                 return Err(format!(
                     "{at}.value: virtual keys start with {}",
-                    crate::auth::KEY_PREFIX
+                    KEY_PREFIX
                 ));
             }
             sha256_of(v.as_bytes())

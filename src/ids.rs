@@ -6,7 +6,8 @@
 
 use uuid::{Builder, Uuid};
 
-use crate::config::MAX_JOBS_LIMIT;
+/// Job slots are addressed with 20 bits of the job id, so that 102 random bits remain.
+pub const MAX_JOBS_LIMIT: u32 = 1 << 20;
 
 pub fn make_id(random: [u8; 16], slot: u32) -> String {
     let mut bytes = *Builder::from_random_bytes(random).as_uuid().as_bytes();

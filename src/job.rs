@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ApiError, AttemptSummary, ExtraFields};
-use crate::request::{AudioFormat, ModelRef, SpeechRequest};
+use crate::speech::{AudioFormat, ModelRef, SpeechRequest};
 use crate::time::rfc3339;
 use crate::webhooks::{Delivery, DeliveryStatus};
 
@@ -496,7 +496,7 @@ mod tests {
             .iter()
             .map(|(p, m)| (p.as_str(), m.as_str()))
             .collect();
-        crate::request::sample_request(&chain)
+        crate::speech::sample_request(&chain)
     }
 
     fn job(n: usize) -> JobRecord {

@@ -19,6 +19,7 @@ pub mod redact;
 pub mod request;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod sim;
+pub mod speech;
 pub mod store;
 pub mod time;
 pub mod webhooks;

@@ -9,10 +9,10 @@ use crate::api::routes::Route;
 use crate::error::ApiError;
 use crate::job::{render, JobRecord};
 use crate::platform::Callout;
-use crate::request::SpeechRequest;
+use crate::speech::SpeechRequest;
 use crate::store::etcd::jobs::{self, decode_job};
 use crate::store::etcd::response::{check_status, parse_range, parse_txn};
-use crate::store::etcd::{request as req, EtcdConfig, StoreConfig};
+use crate::store::etcd::{request as req, EtcdConfig, StoreAnswer, StoreConfig};
 use crate::store::slot::{self, SlotView};
 
 /// What a read of a job is for.
@@ -62,9 +62,6 @@ pub enum Then {
     /// The job was deleted (if it was still as read).
     Deleted { id: String },
 }
-
-/// The answer to a store call: its status and body, or none at all.
-pub type StoreAnswer = Option<(u16, Vec<u8>)>;
 
 fn unavailable() -> ApiError {
     ApiError::unavailable("job store unavailable")

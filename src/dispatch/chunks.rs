@@ -13,7 +13,7 @@ use crate::config::{Config, ProviderConfig};
 use crate::error::{ApiError, ExtraFields};
 use crate::job::{Completion, JobRecord, PartPlan, ResultMeta};
 use crate::providers::{effective_format, for_kind, SpeechAudio};
-use crate::request::SpeechRequest;
+use crate::speech::SpeechRequest;
 use crate::store::parts::Part;
 use crate::store::{Store, Updated};
 

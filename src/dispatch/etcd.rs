@@ -15,7 +15,6 @@
 use std::collections::HashMap;
 
 use super::{build_call, completion, read_answer, Attempt, FailReason, Outcome, Step};
-use crate::api::etcd::StoreAnswer;
 use crate::config::Config;
 use crate::job::{render, JobRecord, NextStep};
 use crate::platform::Callout;
@@ -23,7 +22,7 @@ use crate::store::etcd::jobs::{self, decode_job, CLAIM_TTL_S, SCAN_LIMIT};
 use crate::store::etcd::response::{
     check_status, parse_lease_grant, parse_lease_keepalive, parse_range, parse_txn,
 };
-use crate::store::etcd::{request as req, EtcdConfig};
+use crate::store::etcd::{request as req, EtcdConfig, StoreAnswer};
 use crate::store::slot::{self, SlotView};
 
 /// Time between scans of the pending index.
@@ -358,9 +357,15 @@ impl EtcdRunner {
 
     /// Ends a job that ran past its deadline as failed (504).
     fn fail_late(&mut self, etcd: &EtcdConfig, config: &Config, id: &str, now_ms: u64) {
-        let Some(run) = self.jobs.get_mut(id) else { return };
+        let Some(run) = self.jobs.get_mut(id) else {
+            return;
+        };
         run.record.fail_past_deadline(now_ms, config.job_deadline_s);
-        let step = Step::Failed { id: id.to_string(), status: 504, reason: FailReason::Deadline };
+        let step = Step::Failed {
+            id: id.to_string(),
+            status: 504,
+            reason: FailReason::Deadline,
+        };
         self.end_with(etcd, id, None, step);
     }
 

@@ -8,7 +8,7 @@ use crate::error::{ApiError, ExtraFields};
 use crate::job::{Completion, JobRecord, JobStatus, NextStep, ResultMeta};
 use crate::platform::{Callout, Host, Queue};
 use crate::providers::{for_kind, SpeechAudio, UpstreamResponse};
-use crate::request::SpeechRequest;
+use crate::speech::SpeechRequest;
 use crate::store::{Store, StoreError, Timer, Updated};
 
 pub mod chunks;
@@ -184,7 +184,7 @@ fn current_provider<'c, 'r>(
     record: &'r JobRecord,
 ) -> Result<
     (
-        &'r crate::request::ModelRef,
+        &'r crate::speech::ModelRef,
         &'c crate::config::ProviderConfig,
     ),
     ApiError,

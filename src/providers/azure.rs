@@ -7,7 +7,7 @@ use super::{check_model_in_path, encode_component, single_voice, Auth};
 use super::{Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
-use crate::request::SpeechRequest;
+use crate::speech::SpeechRequest;
 
 pub struct Azure;
 

@@ -10,7 +10,7 @@ use super::{effective_format, encode_component, ensure_success, pcm16_as, reques
 use super::{single_voice, Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
-use crate::request::{AudioFormat, SpeechRequest};
+use crate::speech::{AudioFormat, SpeechRequest};
 
 pub struct ElevenLabs;
 

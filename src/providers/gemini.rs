@@ -10,7 +10,7 @@ use super::{encode_component, ensure_success, pcm16_as, request_headers, Auth};
 use super::{Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
-use crate::request::{AudioFormat, SpeechRequest, Voice};
+use crate::speech::{AudioFormat, SpeechRequest, Voice};
 
 pub struct Gemini;
 

@@ -4,52 +4,19 @@
 
 use base64::Engine;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use serde::{Deserialize, Serialize};
+
 use serde_json::Value;
 
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
-use crate::request::{AudioFormat, SpeechRequest, Voice};
+use crate::speech::{AudioFormat, SpeechRequest, Voice};
 
 mod azure;
 mod elevenlabs;
 mod gemini;
 mod openai;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ProviderKind {
-    OpenAi,
-    Azure,
-    ElevenLabs,
-    Gemini,
-}
-
-impl ProviderKind {
-    pub fn from_name(name: &str) -> Option<ProviderKind> {
-        match name {
-            "openai" => Some(ProviderKind::OpenAi),
-            "azure" => Some(ProviderKind::Azure),
-            "elevenlabs" => Some(ProviderKind::ElevenLabs),
-            "gemini" => Some(ProviderKind::Gemini),
-            _ => None,
-        }
-    }
-
-    pub fn default_base_path(self) -> &'static str {
-        match self {
-            ProviderKind::OpenAi => "/v1",
-            ProviderKind::Azure | ProviderKind::ElevenLabs | ProviderKind::Gemini => "",
-        }
-    }
-
-    /// Longest input one call takes by default (SPEC §3): the provider's own cap.
-    pub fn default_max_input_chars(self) -> u64 {
-        match self {
-            ProviderKind::OpenAi | ProviderKind::Azure => 4096,
-            ProviderKind::ElevenLabs | ProviderKind::Gemini => 5000,
-        }
-    }
-}
+pub use crate::config::ProviderKind;
 
 /// What the worker sends through the provider's Envoy cluster.
 #[derive(Debug, Clone, PartialEq)]

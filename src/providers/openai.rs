@@ -8,7 +8,7 @@ use super::{
 use super::{Provider, SpeechAudio, UpstreamRequest, UpstreamResponse};
 use crate::config::ProviderConfig;
 use crate::error::ApiError;
-use crate::request::SpeechRequest;
+use crate::speech::SpeechRequest;
 
 pub struct OpenAi;
 
@@ -96,7 +96,8 @@ impl Provider for OpenAi {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::request::{parse_speech_request, AudioFormat};
+    use crate::request::parse_speech_request;
+    use crate::speech::AudioFormat;
 
     fn setup(extra: &str) -> (Config, SpeechRequest) {
         let c = Config::parse(

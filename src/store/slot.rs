@@ -157,7 +157,7 @@ mod tests {
 
     #[test]
     fn held_slots_round_trip_and_truncations_read_as_missing() {
-        let request = crate::request::sample_request(&[("p", "m")]);
+        let request = crate::speech::sample_request(&[("p", "m")]);
         let id = "0b9c7c4e-8a47-4a39-9d1c-2f0f2a3b8e51".to_string();
         let record = JobRecord::new(id.clone(), "vk:a".into(), 5, 60, 90, request);
         let rendered = render(&record, None);

@@ -7,11 +7,11 @@ use std::rc::Rc;
 
 use super::*;
 use crate::ids::make_id;
-use crate::request::SpeechRequest;
 use crate::sim::{SimHost, SimShared};
+use crate::speech::SpeechRequest;
 
 fn request() -> SpeechRequest {
-    crate::request::sample_request(&[("p", "m")])
+    crate::speech::sample_request(&[("p", "m")])
 }
 
 fn insert(store: &Store, host: &SimHost) -> Result<JobRecord, StoreError> {
@@ -169,7 +169,7 @@ fn racing_submits_never_share_a_slot() {
 fn delete_racing_completion_or_expiry_frees_once() {
     let completion = crate::job::Completion {
         meta: crate::job::ResultMeta {
-            response_format: crate::request::AudioFormat::Mp3,
+            response_format: crate::speech::AudioFormat::Mp3,
             extra_fields: Default::default(),
         },
         audio: vec![7; 64],

@@ -24,6 +24,9 @@ pub mod keys;
 pub mod request;
 pub mod response;
 
+/// The answer to a call to etcd: its status and body, or none at all.
+pub type StoreAnswer = Option<(u16, Vec<u8>)>;
+
 pub use config::{parse_store_config, EtcdConfig, StoreConfig};
 pub use keys::{join_parts, parts_needed, split_audio, Layout};
 pub use request::{Compare, CompareResult, CompareTarget, Op, Request, Txn};
