@@ -345,22 +345,42 @@ fn envoy_local_reply(response: &UpstreamResponse, attempt: &Attempt) -> Option<A
     None
 }
 
-/// How one attempt went, for stats: success, error, timeout or unreachable.
-pub fn attempt_outcome(outcome: &Outcome, attempt: &Attempt) -> &'static str {
+/// How one attempt went, for stats and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptResult {
+    Success,
+    /// The provider answered an error (or an answer the gateway refused).
+    Error,
+    Timeout,
+    Unreachable,
+}
+
+impl AttemptResult {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttemptResult::Success => "success",
+            AttemptResult::Error => "error",
+            AttemptResult::Timeout => "timeout",
+            AttemptResult::Unreachable => "unreachable",
+        }
+    }
+}
+
+pub fn attempt_result(outcome: &Outcome, attempt: &Attempt) -> AttemptResult {
     let error = match outcome {
         Outcome::NoAnswer { elapsed_ms } => {
             no_answer_error(&attempt.provider, *elapsed_ms, attempt.callout.timeout_ms)
         }
-        Outcome::TooLarge { .. } => return "error",
+        Outcome::TooLarge { .. } => return AttemptResult::Error,
         Outcome::Answer(response) => match envoy_local_reply(response, attempt) {
             Some(e) => e,
-            None if (200..300).contains(&response.status) => return "success",
-            None => return "error",
+            None if (200..300).contains(&response.status) => return AttemptResult::Success,
+            None => return AttemptResult::Error,
         },
     };
     match FailReason::of(&error) {
-        FailReason::Timeout => "timeout",
-        _ => "unreachable",
+        FailReason::Timeout => AttemptResult::Timeout,
+        _ => AttemptResult::Unreachable,
     }
 }
 

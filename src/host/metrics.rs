@@ -11,7 +11,7 @@ use log::warn;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
-use crate::dispatch::FailReason;
+use crate::dispatch::{AttemptResult, FailReason};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -120,8 +120,8 @@ impl Metrics {
         };
         self.count(&format!("jobs_rejected.{reason}"));
     }
-    pub fn attempt(&self, provider: &str, outcome: &str, latency_ms: u64) {
-        self.count(&format!("provider.{provider}.attempts.{outcome}"));
+    pub fn attempt(&self, provider: &str, outcome: AttemptResult, latency_ms: u64) {
+        self.count(&format!("provider.{provider}.attempts.{}", outcome.name()));
         if let Some(id) = self.id(
             MetricType::Histogram,
             &format!("{PREFIX}.provider.{provider}.latency_ms"),

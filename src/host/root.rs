@@ -18,15 +18,14 @@ use super::http::SpeechHttp;
 use super::metrics::SharedMetrics;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::dispatch::etcd::{Action as EtcdAction, EtcdRunner, Tag as EtcdTag};
-use crate::dispatch::{self, Attempt, DeliveryResult, FailReason, Outcome, Step, WebhookCall};
-use crate::error::ApiError;
+use crate::dispatch::etcd::{EtcdRunner, Tag as EtcdTag};
+use crate::dispatch::{Attempt, WebhookCall};
 use crate::log_escape::escape_for_log as escape;
 use crate::platform::{Host, Queue};
-use crate::providers::UpstreamResponse;
 use crate::store::etcd::StoreConfig;
 use crate::store::{wheel, Keys, Store};
-use crate::webhooks::AttemptOutcome;
+
+mod runner;
 
 const TICK: Duration = Duration::from_millis(200);
 /// Due timers one tick handles at most; the rest wait for the next tick.
@@ -104,286 +103,6 @@ impl Root {
             shared.generation,
         )
     }
-
-    /// Takes queued jobs while there is room for more callouts.
-    fn drain(&mut self) {
-        let Some(shared) = self.shared.clone() else {
-            return;
-        };
-        while self.in_flight.len() < shared.config.max_in_flight {
-            let id = match shared.host.dequeue(Queue::Jobs) {
-                Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
-                Ok(None) => break,
-                Err(e) => {
-                    warn!("cannot read the job queue: {e}");
-                    break;
-                }
-            };
-            let now = shared.clock.now_ms(shared.host.as_ref());
-            let step = dispatch::start(&Self::store(&shared), &shared.config, &id, now);
-            if step != Step::Nothing {
-                self.metrics.pending(-1);
-            }
-            self.follow(&shared, step);
-        }
-    }
-
-    /// Sends the next attempt, or logs and counts how the job ended.
-    fn follow(&mut self, shared: &Shared, step: Step) {
-        let mut pending = vec![step];
-        // Each round sends a call or fails an attempt, so the chains bound it.
-        for _ in 0..256 {
-            let Some(step) = pending.pop() else { return };
-            match step {
-                Step::Send(attempt) => {
-                    if let Some(next) = self.send(shared, *attempt) {
-                        pending.push(next);
-                    }
-                }
-                Step::SendAll(attempts) => {
-                    for attempt in attempts {
-                        if let Some(next) = self.send(shared, attempt) {
-                            // One part could not go: the attempt has failed; the rest are stale.
-                            pending.push(next);
-                            break;
-                        }
-                    }
-                }
-                Step::Deliver(call) => self.deliver(shared, *call),
-                other => self.report(shared, other),
-            }
-        }
-    }
-
-    /// Sends one provider call; if Envoy refuses it, what comes of the failed attempt.
-    fn send(&mut self, shared: &Shared, attempt: Attempt) -> Option<Step> {
-        let now = shared.clock.now_ms(shared.host.as_ref());
-        match shared.host.dispatch(&attempt.callout) {
-            Ok(token) => {
-                let part = attempt
-                    .part
-                    .map(|p| format!(" part {p}"))
-                    .unwrap_or_default();
-                info!(
-                    "job {} attempt {}{part} sent to provider {} (model {})",
-                    attempt.id,
-                    attempt.attempt,
-                    attempt.provider,
-                    escape(&attempt.model)
-                );
-                self.in_flight
-                    .insert(token, (InFlight::Speech(attempt), now));
-                self.metrics.in_flight(1);
-                None
-            }
-            Err(e) => {
-                warn!(
-                    "job {} provider {}: cannot call cluster {}: {e}",
-                    attempt.id, attempt.provider, attempt.callout.cluster
-                );
-                self.metrics.attempt(&attempt.provider, "unreachable", 0);
-                let error = ApiError::upstream(
-                    502,
-                    format!(
-                        "provider {} is unreachable: Envoy cannot call cluster {}",
-                        attempt.provider, attempt.callout.cluster
-                    ),
-                );
-                Some(dispatch::attempt_failed(
-                    &Self::store(shared),
-                    &shared.config,
-                    &attempt,
-                    error,
-                    now,
-                ))
-            }
-        }
-    }
-
-    fn report(&self, shared: &Shared, step: Step) {
-        match step {
-            Step::Completed { id } => {
-                info!("job {id} completed");
-                self.metrics.completed();
-            }
-            Step::Failed { id, status, reason } => {
-                match reason {
-                    FailReason::Deadline => warn!(
-                        "job {id} failed: past its deadline of {} s",
-                        shared.config.job_deadline_s
-                    ),
-                    _ => warn!("job {id} failed with status {status} ({})", reason.name()),
-                }
-                self.metrics.failed(reason);
-            }
-            Step::Requeued { id } => {
-                self.metrics.pending(1);
-                warn!("job {id}: queued again (its answer never arrived, or its queue entry was lost)");
-            }
-            Step::Expired { id } => {
-                info!("job {id} expired and was freed");
-                self.metrics.expired();
-                self.metrics.held(-1);
-            }
-            Step::Send(_) | Step::SendAll(_) | Step::Deliver(_) | Step::Nothing => {}
-        }
-    }
-
-    /// Timers that are due, then a few slots of the audit walk.
-    fn run_timers(&mut self, shared: &Shared) {
-        let store = Self::store(shared);
-        let now = shared.clock.now_ms(shared.host.as_ref());
-        let mut timers = store.due_timers(now, TIMERS_PER_TICK);
-        timers.extend(store.audit_step(AUDIT_PER_TICK));
-        for timer in timers {
-            let step = dispatch::on_timer(shared.host.as_ref(), &store, &shared.config, timer, now);
-            self.follow(shared, step);
-        }
-    }
-
-    /// Carries out what the etcd runner asks for.
-    fn act(&mut self, shared: &Shared, actions: Vec<EtcdAction>) {
-        let mut pending = actions;
-        // Each round sends a call or records a failure; a job's chain bounds it.
-        for _ in 0..1024 {
-            let Some(action) = pending.pop() else { return };
-            let now = shared.clock.now_ms(shared.host.as_ref());
-            match action {
-                EtcdAction::Store(tag, callout) => match shared.host.dispatch(&callout) {
-                    Ok(token) => {
-                        self.in_flight
-                            .insert(token, (InFlight::Store(tag, callout.timeout_ms), now));
-                        self.metrics.in_flight(1);
-                    }
-                    Err(e) => {
-                        warn!("cannot call the job store ({}): {e}", tag.name());
-                        self.metrics.store_call(tag.name(), false, 0);
-                        if let (Some(runner), StoreConfig::Etcd(etcd)) =
-                            (self.etcd.as_mut(), &shared.config.store)
-                        {
-                            pending.extend(runner.on_store_answer(
-                                etcd,
-                                &shared.config,
-                                tag,
-                                None,
-                                now,
-                            ));
-                        }
-                    }
-                },
-                EtcdAction::Send(attempt) => match shared.host.dispatch(&attempt.callout) {
-                    Ok(token) => {
-                        info!(
-                            "job {} attempt {} sent to provider {}",
-                            attempt.id, attempt.attempt, attempt.provider
-                        );
-                        self.in_flight
-                            .insert(token, (InFlight::Speech(*attempt), now));
-                        self.metrics.in_flight(1);
-                    }
-                    Err(e) => {
-                        warn!(
-                            "job {} provider {}: cannot call cluster {}: {e}",
-                            attempt.id, attempt.provider, attempt.callout.cluster
-                        );
-                        if let (Some(runner), StoreConfig::Etcd(etcd)) =
-                            (self.etcd.as_mut(), &shared.config.store)
-                        {
-                            let outcome = Outcome::NoAnswer { elapsed_ms: 0 };
-                            pending.extend(runner.on_provider_answer(
-                                etcd,
-                                &shared.config,
-                                &attempt,
-                                outcome,
-                                now,
-                            ));
-                        }
-                    }
-                },
-                EtcdAction::Report(step) => self.report(shared, step),
-            }
-        }
-    }
-
-    fn deliver(&mut self, shared: &Shared, call: WebhookCall) {
-        let now = shared.clock.now_ms(shared.host.as_ref());
-        match shared.host.dispatch(&call.callout) {
-            Ok(token) => {
-                info!(
-                    "job {} webhook {} sent to endpoint {}",
-                    call.id, call.webhook_id, call.endpoint
-                );
-                self.in_flight.insert(token, (InFlight::Webhook(call), now));
-                self.metrics.in_flight(1);
-            }
-            Err(e) => {
-                warn!(
-                    "job {} webhook to {}: cannot call cluster {}: {e}",
-                    call.id, call.endpoint, call.callout.cluster
-                );
-                self.webhook_answered(shared, &call, AttemptOutcome::Unreachable, now);
-            }
-        }
-    }
-
-    fn webhook_answered(
-        &mut self,
-        shared: &Shared,
-        call: &WebhookCall,
-        outcome: AttemptOutcome,
-        now: u64,
-    ) {
-        // Jitter lengthens a retry's wait by up to a second, never shortens it.
-        let mut random = [0u8; 2];
-        let _ = shared.host.random(&mut random);
-        let jitter = u64::from(u16::from_le_bytes(random)) % 1000;
-        let result = dispatch::webhook::answered(
-            &Self::store(shared),
-            &shared.config,
-            call,
-            outcome,
-            jitter,
-            now,
-        );
-        match result {
-            Some(DeliveryResult::Delivered) => {
-                info!(
-                    "job {} webhook {} delivered to {}",
-                    call.id, call.webhook_id, call.endpoint
-                );
-                self.metrics.webhook("delivered");
-            }
-            Some(DeliveryResult::Retrying) => {
-                warn!(
-                    "job {} webhook {} to {}: {outcome:?}; will retry",
-                    call.id, call.webhook_id, call.endpoint
-                );
-                self.metrics.webhook("retried");
-            }
-            Some(DeliveryResult::Failed) => {
-                warn!(
-                    "job {} webhook {} to {}: {outcome:?}; given up",
-                    call.id, call.webhook_id, call.endpoint
-                );
-                self.metrics.webhook("failed");
-            }
-            None => {}
-        }
-    }
-
-    /// Envoy ends every callout by its timeout; should an answer still never
-    /// come, the lease timer has ended that attempt and its room is freed here.
-    fn forget_overdue_callouts(&mut self, now: u64) {
-        let before = self.in_flight.len();
-        self.in_flight.retain(|_, (call, started)| {
-            now.saturating_sub(*started)
-                <= call.timeout_ms().saturating_add(dispatch::LEASE_GRACE_MS)
-        });
-        let forgotten = before - self.in_flight.len();
-        if forgotten > 0 {
-            self.metrics.in_flight(-(forgotten as i64));
-        }
-    }
 }
 
 impl Context for Root {
@@ -401,94 +120,50 @@ impl Context for Root {
             return;
         };
         self.metrics.in_flight(-1);
-        let now = shared.clock.now_ms(shared.host.as_ref());
-        // A failed callout has no headers; asking for ":status" then would panic in the SDK.
-        let headers = if num_headers > 0 {
-            hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let status = headers
-            .iter()
-            .find(|(k, _)| k == ":status")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-            .and_then(|s| s.parse::<u16>().ok());
         // Bounded before it is read: base64 in JSON answers takes 4/3 of the audio.
         let limit = shared.config.max_audio_bytes.saturating_mul(4) / 3 + 64 * 1024;
-        let body = if body_size > 0 && body_size <= limit {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let attempt = match call {
-            InFlight::Speech(attempt) => attempt,
-            InFlight::Webhook(call) => {
-                let outcome = dispatch::webhook::outcome(
-                    status,
-                    &body,
-                    now.saturating_sub(started),
-                    call.callout.timeout_ms,
-                );
-                self.webhook_answered(&shared, &call, outcome, now);
-                return self.drain();
-            }
-            InFlight::Store(tag, _) => {
-                let ok = status.is_some_and(|s| (200..300).contains(&s));
-                self.metrics
-                    .store_call(tag.name(), ok, now.saturating_sub(started));
-                let answer = status.map(|s| (s, body));
-                if let (Some(runner), StoreConfig::Etcd(etcd)) =
-                    (self.etcd.as_mut(), &shared.config.store)
-                {
-                    let actions = runner.on_store_answer(etcd, &shared.config, tag, answer, now);
-                    self.act(&shared, actions);
-                }
-                return;
-            }
-        };
-        let outcome = match status {
-            Some(_) if body_size > limit => Outcome::TooLarge { bytes: body_size },
-            Some(status) => Outcome::Answer(UpstreamResponse {
-                status,
-                headers: &headers,
-                body: &body,
-            }),
-            None => Outcome::NoAnswer {
-                elapsed_ms: now.saturating_sub(started),
-            },
-        };
-        let latency = now.saturating_sub(started);
-        let how = dispatch::attempt_outcome(&outcome, &attempt);
-        match (how, status) {
-            ("success", _) => {}
-            ("error", Some(status)) => warn!(
-                "job {} provider {} answered {status}",
-                attempt.id, attempt.provider
-            ),
-            _ => warn!(
-                "job {} provider {}: {how} after {latency} ms",
-                attempt.id, attempt.provider
-            ),
-        }
-        self.metrics.attempt(&attempt.provider, how, latency);
-        if let (Some(runner), StoreConfig::Etcd(etcd)) = (self.etcd.as_mut(), &shared.config.store)
-        {
-            let actions = runner.on_provider_answer(etcd, &shared.config, &attempt, outcome, now);
-            return self.act(&shared, actions);
-        }
-        let step = dispatch::finish(
-            &Self::store(&shared),
-            &shared.config,
-            &attempt,
-            outcome,
-            started,
-            now,
-        );
-        self.follow(&shared, step);
-        self.drain();
+        let answer = read_callout_answer(num_headers, body_size, limit);
+        self.answered(&shared, call, answer, started);
+    }
+}
+
+/// A callout's answer: its status (none if it failed), headers and body (not
+/// read when larger than `limit`).
+pub struct CalloutAnswer {
+    pub status: Option<u16>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    pub body_size: usize,
+    pub too_large: bool,
+}
+
+fn read_callout_answer(num_headers: usize, body_size: usize, limit: usize) -> CalloutAnswer {
+    // A failed callout has no headers; asking for ":status" then would panic in the SDK.
+    let headers = if num_headers > 0 {
+        hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let status = headers
+        .iter()
+        .find(|(k, _)| k == ":status")
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        .and_then(|s| s.parse::<u16>().ok());
+    let too_large = body_size > limit;
+    let body = if body_size > 0 && !too_large {
+        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    CalloutAnswer {
+        status,
+        headers,
+        body,
+        body_size,
+        too_large,
     }
 }
 
