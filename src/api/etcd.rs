@@ -98,7 +98,7 @@ impl Api<'_> {
     }
 
     /// Stores a new job: its record and its entry in the pending index, in one
-    /// transaction. Long input and webhooks run on shared data only (for now).
+    /// transaction. Long input runs on shared data only (for now).
     pub(super) fn etcd_submit(
         &self,
         etcd: &EtcdConfig,
@@ -106,12 +106,6 @@ impl Api<'_> {
         request: &SpeechRequest,
         answer: Answer,
     ) -> Result<Decision, ApiError> {
-        if record.webhook.is_some() {
-            return Err(ApiError::invalid(
-                crate::webhooks::WEBHOOK_HEADER,
-                "webhooks are not available with the etcd store",
-            ));
-        }
         if let Some(p) = request
             .chain
             .iter()

@@ -14,16 +14,20 @@
 
 use std::collections::HashMap;
 
+use super::webhook::{self, DeliveryResult, WebhookCall};
 use super::{build_call, completion, read_answer, Attempt, FailReason, Outcome, Step};
 use crate::config::Config;
-use crate::job::{render, JobRecord, NextStep};
+use crate::job::{render, retail, JobRecord, NextStep, Rendered};
 use crate::platform::Callout;
-use crate::store::etcd::jobs::{self, decode_job, CLAIM_TTL_S, SCAN_LIMIT};
+use crate::store::etcd::jobs::{
+    self, decode_job, parse_pending, Pending, Release, CLAIM_TTL_S, SCAN_LIMIT,
+};
 use crate::store::etcd::response::{
     check_status, parse_lease_grant, parse_lease_keepalive, parse_range, parse_txn,
 };
 use crate::store::etcd::{request as req, EtcdConfig, StoreAnswer};
 use crate::store::slot::{self, SlotView};
+use crate::webhooks::{AttemptOutcome, Next};
 
 /// Time between scans of the pending index.
 const SCAN_EVERY_MS: u64 = 500;
@@ -63,6 +67,8 @@ impl Tag {
 pub enum Action {
     Store(Tag, Callout),
     Send(Box<Attempt>),
+    /// Send this webhook delivery attempt.
+    Deliver(Box<WebhookCall>),
     Report(Step),
 }
 
@@ -81,10 +87,12 @@ enum Lease {
 struct Running {
     record: JobRecord,
     started_ms: u64,
+    /// A finished job's poll answer (kept for its webhook's updates).
+    body: Option<Rendered>,
     ending: Option<Ending>,
 }
 
-/// A finished job on its way into etcd.
+/// A job on its way back into etcd.
 struct Ending {
     value: Vec<u8>,
     parts: Vec<Vec<u8>>,
@@ -93,6 +101,23 @@ struct Ending {
     /// A store call of this ending is under way.
     busy: bool,
     step: Step,
+    how: EndAs,
+}
+
+/// How an ending leaves the job (see `jobs::Release`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndAs {
+    Done,
+    DeliverAt(u64),
+    Forget,
+}
+
+/// The random part of a job's webhook id, the same on every replica.
+fn webhook_random(id: &str) -> [u8; 16] {
+    let digest = crate::config::sha256_of(id.as_bytes());
+    let mut out = [0u8; 16];
+    out.iter_mut().zip(digest.iter()).for_each(|(o, d)| *o = *d);
+    out
 }
 
 pub struct EtcdRunner {
@@ -170,7 +195,7 @@ impl EtcdRunner {
             .map(|(id, _)| id.clone())
             .collect();
         for id in retry {
-            out.extend(self.resume_ending(etcd, &id));
+            out.extend(self.resume_ending(etcd, &id, now_ms));
         }
         if let Lease::Held { .. } = self.lease {
             if !self.scanning
@@ -229,7 +254,7 @@ impl EtcdRunner {
             }
             Tag::Scan => {
                 self.scanning = false;
-                self.claim_pending(etcd, config, body)
+                self.claim_pending(etcd, config, body, now_ms)
             }
             Tag::Claim(id) => self.claimed(etcd, config, &id, body, now_ms),
             Tag::TtlLease(id) => {
@@ -238,7 +263,7 @@ impl EtcdRunner {
                     ending.busy = false;
                     ending.ttl_lease = lease;
                 }
-                self.resume_ending(etcd, &id)
+                self.resume_ending(etcd, &id, now_ms)
             }
             Tag::Part(id, _) => {
                 let Some(ending) = self.jobs.get_mut(&id).and_then(|r| r.ending.as_mut()) else {
@@ -248,7 +273,7 @@ impl EtcdRunner {
                     ending.parts_left = ending.parts_left.saturating_sub(1);
                     if ending.parts_left == 0 {
                         ending.busy = false;
-                        return self.resume_ending(etcd, &id);
+                        return self.resume_ending(etcd, &id, now_ms);
                     }
                 } else {
                     // Written again, all of them, on the next tick.
@@ -283,6 +308,7 @@ impl EtcdRunner {
         etcd: &EtcdConfig,
         config: &Config,
         body: Option<&[u8]>,
+        now_ms: u64,
     ) -> Vec<Action> {
         let (Some(range), Lease::Held { id: lease, .. }) =
             (body.and_then(|b| parse_range(b).ok()), self.lease)
@@ -294,6 +320,11 @@ impl EtcdRunner {
         range
             .kvs
             .iter()
+            // A delivery waits until its next attempt is due; a job to run does not wait.
+            .filter(|kv| match parse_pending(&kv.value) {
+                Some((Pending::Deliver, due_ms)) => due_ms <= now_ms,
+                _ => true,
+            })
             .filter_map(|kv| layout.id_of(&kv.key))
             .filter(|id| !self.jobs.contains_key(*id))
             .take(room)
@@ -331,19 +362,36 @@ impl EtcdRunner {
             return Vec::new();
         };
         if record.status.is_finished() {
-            return Vec::new();
+            // Pending for its webhook: the next attempt is due (else let go of it as it is).
+            let due = record.pending_delivery().is_some_and(|d| d.due(now_ms));
+            let body = Rendered {
+                body: view.body.to_vec(),
+                audio_at: view.audio_at,
+                tail_at: view.tail_at,
+            };
+            let run = Running {
+                record,
+                started_ms: now_ms,
+                body: Some(body),
+                ending: None,
+            };
+            self.jobs.insert(id.to_string(), run);
+            if due {
+                return self.start_delivery(etcd, config, id, now_ms);
+            }
+            self.end_with(etcd, id, None, Step::Nothing, now_ms);
+            return self.resume_ending(etcd, id, now_ms);
         }
         // A job taken over from a replica that died starts over on its chain.
         record.status = crate::job::JobStatus::Pending;
         record.claim(now_ms, 0);
-        self.jobs.insert(
-            id.to_string(),
-            Running {
-                record,
-                started_ms: now_ms,
-                ending: None,
-            },
-        );
+        let run = Running {
+            record,
+            started_ms: now_ms,
+            body: None,
+            ending: None,
+        };
+        self.jobs.insert(id.to_string(), run);
         if self
             .jobs
             .get(id)
@@ -361,12 +409,13 @@ impl EtcdRunner {
             return;
         };
         run.record.fail_past_deadline(now_ms, config.job_deadline_s);
+        webhook::on_job_end(config, &mut run.record, None, webhook_random(id), now_ms);
         let step = Step::Failed {
             id: id.to_string(),
             status: 504,
             reason: FailReason::Deadline,
         };
-        self.end_with(etcd, id, None, step);
+        self.end_with(etcd, id, None, step, now_ms);
     }
 
     /// Builds the job's current attempt; an attempt that cannot be built fails
@@ -394,16 +443,19 @@ impl EtcdRunner {
                     let status = error.status_code;
                     let reason = FailReason::of(&error);
                     if run.record.record_failure(now_ms, error) == NextStep::Failed {
-                        self.end_with(
-                            etcd,
-                            id,
+                        webhook::on_job_end(
+                            config,
+                            &mut run.record,
                             None,
-                            Step::Failed {
-                                id: id.to_string(),
-                                status,
-                                reason,
-                            },
+                            webhook_random(id),
+                            now_ms,
                         );
+                        let step = Step::Failed {
+                            id: id.to_string(),
+                            status,
+                            reason,
+                        };
+                        self.end_with(etcd, id, None, step, now_ms);
                         return Vec::new();
                     }
                 }
@@ -431,51 +483,84 @@ impl EtcdRunner {
             Ok(speech) => {
                 let done = completion(attempt, speech, run.started_ms, now_ms);
                 run.record.complete(now_ms, done.meta.clone());
+                webhook::on_job_end(
+                    config,
+                    &mut run.record,
+                    Some(&done),
+                    webhook_random(&attempt.id),
+                    now_ms,
+                );
                 let rendered = render(&run.record, Some(&done));
                 let step = Step::Completed {
                     id: attempt.id.clone(),
                 };
-                self.end_with(etcd, &attempt.id, Some(rendered), step);
-                self.resume_ending(etcd, &attempt.id)
+                self.end_with(etcd, &attempt.id, Some(rendered), step, now_ms);
+                self.resume_ending(etcd, &attempt.id, now_ms)
             }
             Err(error) => {
                 let (status, reason) = (error.status_code, FailReason::of(&error));
                 match run.record.record_failure(now_ms, error) {
                     NextStep::TryNext => self.next_attempt(etcd, config, &attempt.id, now_ms),
                     NextStep::Failed => {
-                        self.end_with(
-                            etcd,
-                            &attempt.id,
+                        webhook::on_job_end(
+                            config,
+                            &mut run.record,
                             None,
-                            Step::Failed {
-                                id: attempt.id.clone(),
-                                status,
-                                reason,
-                            },
+                            webhook_random(&attempt.id),
+                            now_ms,
                         );
-                        self.resume_ending(etcd, &attempt.id)
+                        let step = Step::Failed {
+                            id: attempt.id.clone(),
+                            status,
+                            reason,
+                        };
+                        self.end_with(etcd, &attempt.id, None, step, now_ms);
+                        self.resume_ending(etcd, &attempt.id, now_ms)
                     }
                 }
             }
         }
     }
 
-    /// Makes the finished job's bytes, once: its record and its parts. They
-    /// are written by `resume_ending`, now or on a later tick.
+    /// Makes the job's bytes, once per ending: its record and its parts, and
+    /// how it is left (finished for good, pending for its webhook, or gone).
+    /// They are written by `resume_ending`, now or on a later tick.
     fn end_with(
         &mut self,
         etcd: &EtcdConfig,
         id: &str,
-        rendered: Option<crate::job::Rendered>,
+        rendered: Option<Rendered>,
         step: Step,
+        now_ms: u64,
     ) {
         let Some(run) = self.jobs.get_mut(id) else {
             return;
         };
-        let rendered = rendered.unwrap_or_else(|| render(&run.record, None));
+        let expired = run.record.is_expired(now_ms);
+        let how = match run.record.pending_delivery() {
+            Some(d) => EndAs::DeliverAt(d.next_attempt_at_ms),
+            None if expired => EndAs::Forget,
+            None => EndAs::Done,
+        };
+        let rendered = if expired {
+            // Past its TTL: only the delivery's state is kept, not the audio.
+            run.record.result_dropped = true;
+            Rendered {
+                body: b"{}".to_vec(),
+                audio_at: None,
+                tail_at: 1,
+            }
+        } else {
+            match (rendered, &run.body) {
+                (Some(r), _) => r,
+                (None, Some(old)) => retail(&old.body, old.audio_at, old.tail_at, &run.record),
+                (None, None) => render(&run.record, None),
+            }
+        };
         let Some(payload) = slot::encode_held(0, &run.record, &rendered) else {
             return;
         };
+        run.body = Some(rendered);
         let expires = run.record.expires_at_ms().unwrap_or(0);
         let (value, parts) = jobs::encode_job(
             &payload,
@@ -491,18 +576,24 @@ impl EtcdRunner {
             ttl_lease: None,
             busy: false,
             step,
+            how,
         });
     }
 
-    /// The next store call of a job's ending: a TTL lease, its parts, then the
-    /// transaction that ends it.
-    fn resume_ending(&mut self, etcd: &EtcdConfig, id: &str) -> Vec<Action> {
+    /// The next store call of a job's ending: a TTL lease (for a job finished
+    /// for good), its parts, then the transaction that lets go of it.
+    fn resume_ending(&mut self, etcd: &EtcdConfig, id: &str, now_ms: u64) -> Vec<Action> {
         let layout = etcd.layout();
         let owner = self.owner.clone();
         let Some(run) = self.jobs.get_mut(id) else {
             return Vec::new();
         };
-        let ttl_s = run.record.ttl_s.saturating_add(TTL_MARGIN_S);
+        let remaining_s = run
+            .record
+            .expires_at_ms()
+            .unwrap_or(now_ms)
+            .saturating_sub(now_ms)
+            .div_ceil(1000);
         let Some(ending) = run.ending.as_mut() else {
             return Vec::new();
         };
@@ -510,32 +601,105 @@ impl EtcdRunner {
             return Vec::new();
         }
         ending.busy = true;
-        let Some(lease) = ending.ttl_lease else {
-            let ttl = i64::try_from(ttl_s).unwrap_or(i64::MAX);
-            return vec![Action::Store(
-                Tag::TtlLease(id.to_string()),
-                etcd.callout(&req::lease_grant(ttl)),
-            )];
+        let release = match ending.how {
+            EndAs::Forget => Release::Forget,
+            EndAs::DeliverAt(due) => Release::DeliverAt(due),
+            EndAs::Done => match ending.ttl_lease {
+                Some(ttl_lease) => Release::Done { ttl_lease },
+                None => {
+                    let ttl =
+                        i64::try_from(remaining_s.saturating_add(TTL_MARGIN_S)).unwrap_or(i64::MAX);
+                    return vec![Action::Store(
+                        Tag::TtlLease(id.to_string()),
+                        etcd.callout(&req::lease_grant(ttl)),
+                    )];
+                }
+            },
         };
-        if ending.parts_left > 0 {
+        if ending.parts_left > 0 && ending.how != EndAs::Forget {
             return ending
                 .parts
                 .iter()
                 .enumerate()
                 .map(|(n, part)| {
                     let n = u32::try_from(n).unwrap_or(u32::MAX);
-                    Action::Store(
-                        Tag::Part(id.to_string(), n),
-                        etcd.callout(&jobs::put_part(&layout, id, n, part, lease)),
-                    )
+                    let put = jobs::put_part(&layout, id, n, part, ending.ttl_lease);
+                    Action::Store(Tag::Part(id.to_string(), n), etcd.callout(&put))
                 })
                 .collect();
         }
-        let finish = jobs::finish(&layout, id, &owner, &ending.value, lease);
+        let finish = jobs::release(&layout, id, &owner, &ending.value, release);
         vec![Action::Store(
             Tag::Finish(id.to_string()),
             etcd.callout(&finish),
         )]
+    }
+
+    /// A finished job's webhook attempt is due: mark it under way and build it.
+    fn start_delivery(
+        &mut self,
+        etcd: &EtcdConfig,
+        config: &Config,
+        id: &str,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let Some(run) = self.jobs.get_mut(id) else {
+            return Vec::new();
+        };
+        let expired = run.record.is_expired(now_ms);
+        let Some(webhook) = run.record.webhook.as_mut() else {
+            return Vec::new();
+        };
+        let endpoint = config.webhooks.get(&webhook.endpoint);
+        let Some(delivery) = webhook.delivery.as_mut() else {
+            return Vec::new();
+        };
+        let Some(endpoint) = endpoint else {
+            // The endpoint left the configuration: give the delivery up.
+            delivery.status = crate::webhooks::DeliveryStatus::Failed;
+            self.end_with(etcd, id, None, Step::Nothing, now_ms);
+            return self.resume_ending(etcd, id, now_ms);
+        };
+        delivery.begin_attempt(now_ms, endpoint);
+        let delivery = delivery.clone();
+        let call = webhook::call_for(endpoint, id, webhook, &delivery, expired, now_ms);
+        vec![Action::Deliver(Box::new(call))]
+    }
+
+    /// A delivery attempt ended: record it, and let go of the job (pending
+    /// again for a retry, or done).
+    pub fn on_webhook_answer(
+        &mut self,
+        etcd: &EtcdConfig,
+        config: &Config,
+        call: &WebhookCall,
+        outcome: AttemptOutcome,
+        jitter_ms: u64,
+        now_ms: u64,
+    ) -> (Vec<Action>, Option<DeliveryResult>) {
+        let Some(run) = self.jobs.get_mut(&call.id) else {
+            return (Vec::new(), None);
+        };
+        let Some(endpoint) = config.webhooks.get(&call.endpoint) else {
+            return (Vec::new(), None);
+        };
+        let Some(delivery) = run
+            .record
+            .webhook
+            .as_mut()
+            .and_then(|w| w.delivery.as_mut())
+        else {
+            return (Vec::new(), None);
+        };
+        let result = match delivery.on_result(outcome, now_ms, endpoint, jitter_ms) {
+            Next::RetryAt(_) => DeliveryResult::Retrying,
+            Next::Done if delivery.status == crate::webhooks::DeliveryStatus::Delivered => {
+                DeliveryResult::Delivered
+            }
+            Next::Done => DeliveryResult::Failed,
+        };
+        self.end_with(etcd, &call.id, None, Step::Nothing, now_ms);
+        (self.resume_ending(etcd, &call.id, now_ms), Some(result))
     }
 }
 

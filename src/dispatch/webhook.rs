@@ -9,12 +9,13 @@
 //! without its audio, until the delivery ends.
 
 use crate::config::Config;
-use crate::job::{push_result, Completion, JobRecord, JobStatus};
+use crate::job::{push_result, Completion, JobRecord, JobStatus, WebhookJob};
 use crate::platform::Callout;
 use crate::store::{Loaded, Store, Updated};
 use crate::time::rfc3339;
 use crate::webhooks::{
     envelope, expired_envelope, sign, webhook_id, AttemptOutcome, Delivery, Event, JobEnd, Next,
+    WebhookEndpoint,
 };
 
 /// One delivery attempt ready to go out.
@@ -141,8 +142,21 @@ pub fn begin(store: &Store, config: &Config, loaded: &Loaded, now_ms: u64) -> Op
     if let Some(slot) = crate::ids::slot_of(&id) {
         store.schedule(slot, epoch, record.next_timer_ms(), now_ms);
     }
+    Some(call_for(endpoint, &id, webhook, delivery, expired, now_ms))
+}
+
+/// The attempt's call: the body made when the job ended (the expired form
+/// once the job has expired), signed now with every secret.
+pub fn call_for(
+    endpoint: &WebhookEndpoint,
+    id: &str,
+    webhook: &WebhookJob,
+    delivery: &Delivery,
+    expired: bool,
+    now_ms: u64,
+) -> WebhookCall {
     let body = if expired {
-        expired_envelope(delivery.event, &delivery.created_at, &id)
+        expired_envelope(delivery.event, &delivery.created_at, id)
     } else {
         webhook.body.clone().unwrap_or_default().into_bytes()
     };
@@ -160,8 +174,8 @@ pub fn begin(store: &Store, config: &Config, loaded: &Loaded, now_ms: u64) -> Op
         ),
     ];
     headers.extend(endpoint.headers.iter().cloned());
-    Some(WebhookCall {
-        id,
+    WebhookCall {
+        id: id.to_string(),
         endpoint: endpoint.name.clone(),
         webhook_id: delivery.webhook_id.clone(),
         callout: Callout {
@@ -170,7 +184,7 @@ pub fn begin(store: &Store, config: &Config, loaded: &Loaded, now_ms: u64) -> Op
             body,
             timeout_ms: endpoint.attempt_timeout_seconds.saturating_mul(1000).max(1),
         },
-    })
+    }
 }
 
 /// Records how an attempt went; frees the job once an expired job's delivery ends.

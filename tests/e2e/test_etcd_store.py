@@ -179,3 +179,37 @@ def test_an_unreachable_etcd_is_a_503_and_service_resumes_by_itself(replicas, mo
             r.stop()
     finally:
         own.stop()
+
+
+def test_webhooks_are_delivered_from_etcd_by_any_replica(replicas, mock, etcd):
+    from test_webhooks import SECRET, endpoint
+    from webhook_receiver import Receiver
+
+    receiver = Receiver([SECRET])
+    try:
+        hooks = {"billing": endpoint(retry_backoff_initial_seconds=2, retry_backoff_max_seconds=2)}
+        r = replicas(webhooks=hooks)
+        r.clusters.append(cluster("hooks", receiver.port))
+        (_, ca), (_, cb) = r.start(), r.start()
+        mock.add_rule(path_prefix="/v1/audio/speech", body=b"AUDIO")
+        receiver.script = [500, 200]
+        job = submit(ca, headers={"x-bf-async-webhook": "billing"})
+        first, second = eventually(lambda: len(got := receiver.got()) >= 2 and got, 20, what="two attempts")
+        assert first["verified"][0] and second["verified"][0]
+        assert first["headers"]["webhook-id"] == second["headers"]["webhook-id"]
+        assert first["body"] == second["body"], "the body is made once, when the job ends"
+        assert json.loads(first["body"])["data"]["job_id"] == job
+        webhook = eventually(lambda: (w := cb.poll(job).json().get("webhook", {})).get("status") == "delivered" and w,
+                             10, what="the delivery's state in etcd")
+        assert (webhook["attempts"], webhook["last_status_code"]) == (2, 200)
+        assert base64.b64decode(cb.poll(job).json()["result"]["audio"]) == b"AUDIO"
+
+        # Expired before its retry: the expired form, then every key goes.
+        receiver.script = [500, 200]
+        short = submit(cb, headers={"x-bf-async-webhook": "billing", "x-bf-async-job-result-ttl": "1"})
+        third, fourth = eventually(lambda: len(got := receiver.got()) >= 4 and got[2:], 20, what="two more attempts")
+        assert json.loads(fourth["body"])["data"] == {"job_id": short, "status": "completed", "result_expired": True}
+        assert ca.poll(short).status == 404
+        eventually(lambda: not any(short in k for k in keys_under(etcd, r.prefix)), 10, what="the expired job's keys gone")
+    finally:
+        receiver.stop()

@@ -213,6 +213,7 @@ impl Root {
                         }
                     }
                 },
+                EtcdAction::Deliver(call) => self.deliver(shared, *call),
                 EtcdAction::Report(step) => self.report(shared, step),
             }
         }
@@ -250,14 +251,22 @@ impl Root {
         let mut random = [0u8; 2];
         let _ = shared.host.random(&mut random);
         let jitter = u64::from(u16::from_le_bytes(random)) % 1000;
-        let result = dispatch::webhook::answered(
-            &Self::store(shared),
-            &shared.config,
-            call,
-            outcome,
-            jitter,
-            now,
-        );
+        let result = match (self.etcd.as_mut(), &shared.config.store) {
+            (Some(runner), StoreConfig::Etcd(etcd)) => {
+                let (actions, result) =
+                    runner.on_webhook_answer(etcd, &shared.config, call, outcome, jitter, now);
+                self.act(shared, actions);
+                result
+            }
+            _ => dispatch::webhook::answered(
+                &Self::store(shared),
+                &shared.config,
+                call,
+                outcome,
+                jitter,
+                now,
+            ),
+        };
         match result {
             Some(DeliveryResult::Delivered) => {
                 info!(

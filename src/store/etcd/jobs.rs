@@ -6,8 +6,9 @@
 //!   DELETE without the rest — then, when it fits in one value, the job as a
 //!   slot holds it (`store::slot`: header, record, rendered poll answer). A
 //!   larger one lives in `audio/<id>/<n>`.
-//! - `pending/<id>`: the job's deadline (ms, u64); any replica scans this
-//!   index for work.
+//! - `pending/<id>`: work for any replica, found by scanning this index: `J`
+//!   and the job's deadline (ms, u64) for a job to run, or `D` and when its
+//!   webhook's next attempt is due, for a finished job whose delivery goes on.
 //! - `claims/<id>`: the replica running the job, under that replica's lease:
 //!   when the replica dies, the lease lapses, the claim goes, and another
 //!   replica takes the job.
@@ -90,10 +91,38 @@ pub fn submit(layout: &Layout, id: &str, job_value: &[u8], deadline_ms: u64) -> 
         .then(Op::put(&layout.job(id), job_value, None))
         .then(Op::put(
             &layout.pending(id),
-            &deadline_ms.to_le_bytes(),
+            &pending(Pending::Run, deadline_ms),
             None,
         ))
         .request()
+}
+
+/// What a pending entry asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// A job to run; the time is its deadline.
+    Run,
+    /// A finished job's webhook; the time is when its next attempt is due.
+    Deliver,
+}
+
+pub fn pending(kind: Pending, at_ms: u64) -> Vec<u8> {
+    let mut v = vec![match kind {
+        Pending::Run => b'J',
+        Pending::Deliver => b'D',
+    }];
+    v.extend_from_slice(&at_ms.to_le_bytes());
+    v
+}
+
+pub fn parse_pending(value: &[u8]) -> Option<(Pending, u64)> {
+    let (tag, rest) = value.split_first()?;
+    let kind = match tag {
+        b'J' => Pending::Run,
+        b'D' => Pending::Deliver,
+        _ => return None,
+    };
+    Some((kind, u64::from_le_bytes(rest.get(..8)?.try_into().ok()?)))
 }
 
 /// Forgets a job if it is still as read (`mod_revision`): every key it has.
@@ -107,45 +136,66 @@ pub fn delete(layout: &Layout, id: &str, mod_revision: i64) -> Request {
         .request()
 }
 
-/// Claims a job for `owner` under its lease, and reads the job in the same step.
+/// Claims a job for `owner` under its lease, and reads the job in the same
+/// step — only while it is still pending (a scan may be older than the job's
+/// end) and no one else holds it.
 pub fn claim(layout: &Layout, id: &str, owner: &[u8], lease: i64) -> Request {
     Txn::new()
         .when(Compare::absent(&layout.claim(id)))
+        .when(Compare::new(
+            &layout.pending(id),
+            CompareResult::Greater,
+            CompareTarget::CreateRevision(0),
+        ))
         .then(Op::put(&layout.claim(id), owner, Some(lease)))
         .then(Op::range(&layout.job(id)))
         .request()
 }
 
-/// The job's end, written only while `owner` still holds the claim: the
-/// finished record (its parts were written before, under the same lease),
-/// out of the pending index, the claim released.
-pub fn finish(
-    layout: &Layout,
-    id: &str,
-    owner: &[u8],
-    job_value: &[u8],
-    ttl_lease: i64,
-) -> Request {
-    Txn::new()
-        .when(Compare::new(
-            &layout.claim(id),
-            CompareResult::Equal,
-            CompareTarget::Value(owner.to_vec()),
-        ))
-        .then(Op::put(&layout.job(id), job_value, Some(ttl_lease)))
-        .then(Op::delete(&layout.pending(id)))
-        .then(Op::delete(&layout.claim(id)))
-        .request()
+/// How a job's keys are left when its holder lets go of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Finished for good: its keys under the lease of its TTL.
+    Done { ttl_lease: i64 },
+    /// Finished, its webhook still to deliver: no lease yet, and pending
+    /// again for whoever is first when the next attempt is due.
+    DeliverAt(u64),
+    /// Expired while its delivery went on, which has now ended: every key goes.
+    Forget,
 }
 
-/// One part of a large job, under the job's TTL lease.
-pub fn put_part(layout: &Layout, id: &str, n: u32, part: &[u8], ttl_lease: i64) -> Request {
-    req::put(&layout.audio_part(id, n), part, Some(ttl_lease))
+/// Lets go of a job, only while `owner` still holds the claim: the record
+/// as it now stands (its parts were written before), the pending entry, and
+/// the claim released.
+pub fn release(layout: &Layout, id: &str, owner: &[u8], job_value: &[u8], how: Release) -> Request {
+    let txn = Txn::new().when(Compare::new(
+        &layout.claim(id),
+        CompareResult::Equal,
+        CompareTarget::Value(owner.to_vec()),
+    ));
+    let txn = match how {
+        Release::Done { ttl_lease } => txn
+            .then(Op::put(&layout.job(id), job_value, Some(ttl_lease)))
+            .then(Op::delete(&layout.pending(id))),
+        Release::DeliverAt(due_ms) => {
+            txn.then(Op::put(&layout.job(id), job_value, None))
+                .then(Op::put(
+                    &layout.pending(id),
+                    &pending(Pending::Deliver, due_ms),
+                    None,
+                ))
+        }
+        Release::Forget => txn
+            .then(Op::delete(&layout.job(id)))
+            .then(Op::delete_prefix(&layout.audio(id)))
+            .then(Op::delete(&layout.pending(id))),
+    };
+    txn.then(Op::delete(&layout.claim(id))).request()
 }
 
-/// The deadline kept in a pending entry.
-pub fn pending_deadline(value: &[u8]) -> Option<u64> {
-    Some(u64::from_le_bytes(value.get(..8)?.try_into().ok()?))
+/// One part of a large job, under the job's TTL lease once it has one.
+pub fn put_part(layout: &Layout, id: &str, n: u32, part: &[u8], lease: Option<i64>) -> Request {
+    req::put(&layout.audio_part(id, n), part, lease)
 }
 
 #[cfg(test)]
@@ -169,6 +219,14 @@ mod tests {
         assert!(job.is_expired(99) && !job.is_expired(98));
         assert_eq!(parts.concat(), big);
         assert_eq!(decode_job(b"X"), None);
-        assert_eq!(pending_deadline(&42u64.to_le_bytes()), Some(42));
+        assert_eq!(
+            parse_pending(&pending(Pending::Deliver, 42)),
+            Some((Pending::Deliver, 42))
+        );
+        assert_eq!(
+            parse_pending(&pending(Pending::Run, 7)),
+            Some((Pending::Run, 7))
+        );
+        assert_eq!(parse_pending(b"x"), None);
     }
 }
