@@ -9,7 +9,6 @@ use crate::api::routes::Route;
 use crate::error::ApiError;
 use crate::job::{render, JobRecord};
 use crate::platform::Callout;
-use crate::speech::SpeechRequest;
 use crate::store::etcd::jobs::{self, decode_job};
 use crate::store::etcd::response::{check_status, parse_range, parse_txn};
 use crate::store::etcd::{request as req, EtcdConfig, StoreAnswer, StoreConfig};
@@ -98,28 +97,13 @@ impl Api<'_> {
     }
 
     /// Stores a new job: its record and its entry in the pending index, in one
-    /// transaction. Long input runs on shared data only (for now).
+    /// transaction.
     pub(super) fn etcd_submit(
         &self,
         etcd: &EtcdConfig,
         record: &JobRecord,
-        request: &SpeechRequest,
         answer: Answer,
     ) -> Result<Decision, ApiError> {
-        if let Some(p) = request
-            .chain
-            .iter()
-            .filter_map(|m| self.config.providers.get(&m.provider))
-            .find(|p| request.input.chars().count() > p.max_input_chars)
-        {
-            return Err(ApiError::invalid(
-                "input",
-                format!(
-                    "with the etcd store, input is limited to what provider {} takes at once ({} characters)",
-                    p.name, p.max_input_chars
-                ),
-            ));
-        }
         let payload = slot::encode_held(0, record, &render(record, None))
             .ok_or_else(|| ApiError::internal("the job record does not fit"))?;
         let (value, parts) =

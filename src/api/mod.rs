@@ -231,7 +231,7 @@ impl Api<'_> {
         if let Some(etcd) = self.etcd() {
             let record = make(0);
             let answer = submitted(&record, model, fallbacks, pending.ttl_s);
-            return self.etcd_submit(etcd, &record, &request, answer);
+            return self.etcd_submit(etcd, &record, answer);
         }
         let store = self.store();
         let record = store.insert(&make).map_err(|e| match e {

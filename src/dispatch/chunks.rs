@@ -27,7 +27,7 @@ fn texts<'r>(provider: &ProviderConfig, request: &'r SpeechRequest) -> Vec<&'r s
 }
 
 /// The call for part `index` of the record's current attempt.
-fn part_attempt(
+pub(super) fn part_attempt(
     config: &Config,
     record: &JobRecord,
     request: &SpeechRequest,
@@ -168,6 +168,56 @@ pub fn part_done(
     }
 }
 
+/// The parts of a long input as one completion: one file of the requested
+/// format, the alignments joined with each part's time offset.
+pub fn join_parts(
+    config: &Config,
+    attempt: &Attempt,
+    request: &SpeechRequest,
+    parts: &[Part],
+    started_ms: u64,
+    now_ms: u64,
+) -> Result<Completion, ApiError> {
+    let provider = config
+        .providers
+        .get(&attempt.provider)
+        .ok_or_else(|| ApiError::upstream(502, "provider is no longer configured"))?;
+    let kind = for_kind(provider.kind);
+    let format = effective_format(kind, request);
+    let f = JoinFormat::from_response_format(format.name())
+        .ok_or_else(|| ApiError::upstream(502, format!("{} cannot be joined", format.name())))?;
+    let audios: Vec<Vec<u8>> = parts.iter().map(|p| p.audio.clone()).collect();
+    let audio = audio::join(f, &audios, config.max_audio_bytes)
+        .map_err(|e| ApiError::upstream(502, format!("the parts could not be joined: {e}")))?;
+    let durations: Vec<f64> = parts
+        .iter()
+        .map(|p| audio::duration_seconds(f, &p.audio, kind.pcm_sample_rate()).unwrap_or(0.0))
+        .collect();
+    let offsets = alignment::offsets_from_durations(&durations);
+    let join_alignments = |pick: &dyn Fn(&Part) -> Option<serde_json::Value>| -> Result<Option<serde_json::Value>, ApiError> {
+        if parts.iter().all(|p| pick(p).is_none()) {
+            return Ok(None);
+        }
+        let all: Vec<serde_json::Value> = parts.iter().map(|p| pick(p).unwrap_or(serde_json::Value::Null)).collect();
+        alignment::join_alignments(&all, &offsets)
+            .map(Some)
+            .map_err(|e| ApiError::upstream(502, format!("the alignments could not be joined: {e}")))
+    };
+    let alignment = join_alignments(&|p: &Part| p.alignment.clone())?;
+    let normalized_alignment = join_alignments(&|p: &Part| p.normalized_alignment.clone())?;
+    let mut extra = ExtraFields::speech(&attempt.provider, &attempt.model);
+    extra.latency = Some(now_ms.saturating_sub(started_ms));
+    Ok(Completion {
+        meta: ResultMeta {
+            response_format: format,
+            extra_fields: extra,
+        },
+        audio,
+        alignment,
+        normalized_alignment,
+    })
+}
+
 /// Every part is in: one file, the alignments joined, the job completed.
 fn join(
     store: &Store,
@@ -179,9 +229,6 @@ fn join(
     now_ms: u64,
 ) -> Step {
     let Some(slot) = crate::ids::slot_of(&attempt.id) else {
-        return Step::Nothing;
-    };
-    let Some(provider) = config.providers.get(&attempt.provider) else {
         return Step::Nothing;
     };
     let parts = match store.parts(slot, &attempt.id, attempt.attempt, total) {
@@ -205,45 +252,9 @@ fn join(
             )
         }
     };
-    let kind = for_kind(provider.kind);
-    let format = effective_format(kind, request);
-    let joined = JoinFormat::from_response_format(format.name())
-        .ok_or_else(|| ApiError::upstream(502, format!("{} cannot be joined", format.name())))
-        .and_then(|f| {
-            let audios: Vec<Vec<u8>> = parts.iter().map(|p| p.audio.clone()).collect();
-            let audio = audio::join(f, &audios, config.max_audio_bytes)
-                .map_err(|e| ApiError::upstream(502, format!("the parts could not be joined: {e}")))?;
-            let offsets = alignment::offsets_from_durations(
-                &parts.iter().map(|p| audio::duration_seconds(f, &p.audio, kind.pcm_sample_rate()).unwrap_or(0.0)).collect::<Vec<_>>(),
-            );
-            let join_alignments = |pick: &dyn Fn(&Part) -> Option<serde_json::Value>| -> Result<Option<serde_json::Value>, ApiError> {
-                let found: Vec<serde_json::Value> = parts.iter().filter_map(pick).collect();
-                if found.is_empty() {
-                    return Ok(None);
-                }
-                let all: Vec<serde_json::Value> = parts.iter().map(|p| pick(p).unwrap_or(serde_json::Value::Null)).collect();
-                alignment::join_alignments(&all, &offsets)
-                    .map(Some)
-                    .map_err(|e| ApiError::upstream(502, format!("the alignments could not be joined: {e}")))
-            };
-            let a = join_alignments(&|p: &Part| p.alignment.clone())?;
-            let n = join_alignments(&|p: &Part| p.normalized_alignment.clone())?;
-            Ok((audio, a, n))
-        });
-    let (audio, alignment, normalized_alignment) = match joined {
-        Ok(j) => j,
+    let completion = match join_parts(config, attempt, request, &parts, started_ms, now_ms) {
+        Ok(c) => c,
         Err(error) => return attempt_failed(store, config, attempt, error, now_ms),
-    };
-    let mut extra = ExtraFields::speech(&attempt.provider, &attempt.model);
-    extra.latency = Some(now_ms.saturating_sub(started_ms));
-    let completion = Completion {
-        meta: ResultMeta {
-            response_format: format,
-            extra_fields: extra,
-        },
-        audio,
-        alignment,
-        normalized_alignment,
     };
     let random = random16(store);
     let done = store.update(&attempt.id, Some(&completion), &mut |r| {

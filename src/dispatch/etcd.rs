@@ -12,11 +12,16 @@
 //! refused by that transaction). Jobs past their deadline are failed by
 //! whoever holds them, or claims them next.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::webhook::{self, DeliveryResult, WebhookCall};
-use super::{build_call, completion, read_answer, Attempt, FailReason, Outcome, Step};
+use super::{
+    build_call, chunks, completion, current_provider, read_answer, Attempt, FailReason, Outcome,
+    Step,
+};
 use crate::config::Config;
+use crate::error::ApiError;
+use crate::job::Completion;
 use crate::job::{render, retail, JobRecord, NextStep, Rendered};
 use crate::platform::Callout;
 use crate::store::etcd::jobs::{
@@ -26,6 +31,7 @@ use crate::store::etcd::response::{
     check_status, parse_lease_grant, parse_lease_keepalive, parse_range, parse_txn,
 };
 use crate::store::etcd::{request as req, EtcdConfig, StoreAnswer};
+use crate::store::parts::Part;
 use crate::store::slot::{self, SlotView};
 use crate::webhooks::{AttemptOutcome, Next};
 
@@ -89,7 +95,17 @@ struct Running {
     started_ms: u64,
     /// A finished job's poll answer (kept for its webhook's updates).
     body: Option<Rendered>,
+    /// A long input's parts so far (SPEC §6).
+    long: Option<LongRun>,
     ending: Option<Ending>,
+}
+
+/// A long input's attempt: its parts, those back, the next to send.
+struct LongRun {
+    attempt: usize,
+    total: u32,
+    next: u32,
+    parts: BTreeMap<u32, Part>,
 }
 
 /// A job on its way back into etcd.
@@ -373,6 +389,7 @@ impl EtcdRunner {
                 record,
                 started_ms: now_ms,
                 body: Some(body),
+                long: None,
                 ending: None,
             };
             self.jobs.insert(id.to_string(), run);
@@ -389,6 +406,7 @@ impl EtcdRunner {
             record,
             started_ms: now_ms,
             body: None,
+            long: None,
             ending: None,
         };
         self.jobs.insert(id.to_string(), run);
@@ -434,6 +452,34 @@ impl EtcdRunner {
             let Some(request) = run.record.request.clone() else {
                 break;
             };
+            let provider = current_provider(config, &run.record).ok().map(|(_, p)| p);
+            if let Some(provider) = provider.filter(|p| chunks::needs_parts(p, &request)) {
+                let total = u32::try_from(
+                    crate::audio::split_text(&request.input, provider.max_input_chars).len(),
+                )
+                .unwrap_or(u32::MAX);
+                let first = total.min(
+                    u32::try_from(provider.max_parallel_chunks)
+                        .unwrap_or(1)
+                        .max(1),
+                );
+                let calls: Result<Vec<Attempt>, ApiError> = (0..first)
+                    .map(|i| chunks::part_attempt(config, &run.record, &request, i))
+                    .collect();
+                if let Ok(calls) = calls {
+                    run.started_ms = now_ms;
+                    run.long = Some(LongRun {
+                        attempt: run.record.attempt,
+                        total,
+                        next: first,
+                        parts: BTreeMap::new(),
+                    });
+                    return calls
+                        .into_iter()
+                        .map(|c| Action::Send(Box::new(c)))
+                        .collect();
+                }
+            }
             match build_call(config, &run.record, request) {
                 Ok(attempt) => {
                     run.started_ms = now_ms;
@@ -473,52 +519,133 @@ impl EtcdRunner {
         outcome: Outcome,
         now_ms: u64,
     ) -> Vec<Action> {
-        let Some(run) = self.jobs.get_mut(&attempt.id) else {
+        let Some(run) = self.jobs.get(&attempt.id) else {
             return Vec::new();
         };
         if run.ending.is_some() || !run.record.is_running(attempt.attempt) {
             return Vec::new();
         }
-        match read_answer(config, attempt, outcome) {
-            Ok(speech) => {
-                let done = completion(attempt, speech, run.started_ms, now_ms);
-                run.record.complete(now_ms, done.meta.clone());
-                webhook::on_job_end(
-                    config,
-                    &mut run.record,
-                    Some(&done),
-                    webhook_random(&attempt.id),
+        let started_ms = run.started_ms;
+        match (read_answer(config, attempt, outcome), attempt.part) {
+            (Ok(speech), None) => {
+                let done = completion(attempt, speech, started_ms, now_ms);
+                self.complete(etcd, config, &attempt.id, done, now_ms)
+            }
+            (Ok(speech), Some(index)) => {
+                self.part_done(etcd, config, attempt, index, speech, now_ms)
+            }
+            (Err(error), _) => self.attempt_failed(etcd, config, &attempt.id, error, now_ms),
+        }
+    }
+
+    fn complete(
+        &mut self,
+        etcd: &EtcdConfig,
+        config: &Config,
+        id: &str,
+        done: Completion,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let Some(run) = self.jobs.get_mut(id) else {
+            return Vec::new();
+        };
+        run.long = None;
+        run.record.complete(now_ms, done.meta.clone());
+        webhook::on_job_end(
+            config,
+            &mut run.record,
+            Some(&done),
+            webhook_random(id),
+            now_ms,
+        );
+        let rendered = render(&run.record, Some(&done));
+        self.end_with(
+            etcd,
+            id,
+            Some(rendered),
+            Step::Completed { id: id.to_string() },
+            now_ms,
+        );
+        self.resume_ending(etcd, id, now_ms)
+    }
+
+    /// The attempt failed (one of its parts, for a long input): the next
+    /// fallback, every part again, or the job's end.
+    fn attempt_failed(
+        &mut self,
+        etcd: &EtcdConfig,
+        config: &Config,
+        id: &str,
+        error: ApiError,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let Some(run) = self.jobs.get_mut(id) else {
+            return Vec::new();
+        };
+        run.long = None;
+        let (status, reason) = (error.status_code, FailReason::of(&error));
+        match run.record.record_failure(now_ms, error) {
+            NextStep::TryNext => self.next_attempt(etcd, config, id, now_ms),
+            NextStep::Failed => {
+                webhook::on_job_end(config, &mut run.record, None, webhook_random(id), now_ms);
+                self.end_with(
+                    etcd,
+                    id,
+                    None,
+                    Step::Failed {
+                        id: id.to_string(),
+                        status,
+                        reason,
+                    },
                     now_ms,
                 );
-                let rendered = render(&run.record, Some(&done));
-                let step = Step::Completed {
-                    id: attempt.id.clone(),
-                };
-                self.end_with(etcd, &attempt.id, Some(rendered), step, now_ms);
-                self.resume_ending(etcd, &attempt.id, now_ms)
+                self.resume_ending(etcd, id, now_ms)
             }
-            Err(error) => {
-                let (status, reason) = (error.status_code, FailReason::of(&error));
-                match run.record.record_failure(now_ms, error) {
-                    NextStep::TryNext => self.next_attempt(etcd, config, &attempt.id, now_ms),
-                    NextStep::Failed => {
-                        webhook::on_job_end(
-                            config,
-                            &mut run.record,
-                            None,
-                            webhook_random(&attempt.id),
-                            now_ms,
-                        );
-                        let step = Step::Failed {
-                            id: attempt.id.clone(),
-                            status,
-                            reason,
-                        };
-                        self.end_with(etcd, &attempt.id, None, step, now_ms);
-                        self.resume_ending(etcd, &attempt.id, now_ms)
-                    }
-                }
-            }
+        }
+    }
+
+    /// A part of a long input came back: keep it, send the next, or join them
+    /// all. Parts wait in this replica's memory: should it die, its claim
+    /// lapses and another replica makes the job again from the start.
+    fn part_done(
+        &mut self,
+        etcd: &EtcdConfig,
+        config: &Config,
+        attempt: &Attempt,
+        index: u32,
+        speech: crate::providers::SpeechAudio,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let Some(run) = self.jobs.get_mut(&attempt.id) else {
+            return Vec::new();
+        };
+        let Some(long) = run.long.as_mut().filter(|l| l.attempt == attempt.attempt) else {
+            return Vec::new();
+        };
+        let part = Part {
+            audio: speech.audio,
+            alignment: speech.alignment,
+            normalized_alignment: speech.normalized_alignment,
+        };
+        long.parts.insert(index, part);
+        let Some(request) = run.record.request.clone() else {
+            return Vec::new();
+        };
+        if long.next < long.total {
+            let next = long.next;
+            long.next += 1;
+            return match chunks::part_attempt(config, &run.record, &request, next) {
+                Ok(call) => vec![Action::Send(Box::new(call))],
+                Err(error) => self.attempt_failed(etcd, config, &attempt.id, error, now_ms),
+            };
+        }
+        if u32::try_from(long.parts.len()).unwrap_or(u32::MAX) < long.total {
+            return Vec::new();
+        }
+        let parts: Vec<Part> = std::mem::take(&mut long.parts).into_values().collect();
+        match chunks::join_parts(config, attempt, &request, &parts, run.started_ms, now_ms) {
+            Ok(done) => self.complete(etcd, config, &attempt.id, done, now_ms),
+            Err(error) => self.attempt_failed(etcd, config, &attempt.id, error, now_ms),
         }
     }
 

@@ -213,3 +213,24 @@ def test_webhooks_are_delivered_from_etcd_by_any_replica(replicas, mock, etcd):
         eventually(lambda: not any(short in k for k in keys_under(etcd, r.prefix)), 10, what="the expired job's keys gone")
     finally:
         receiver.stop()
+
+
+def test_a_long_input_is_joined_into_one_file_over_etcd(replicas, mock):
+    providers = {"openai": {"type": "openai", "cluster": "mock", "base_path": "/v1", "timeout_ms": 5000,
+                            "max_input_chars": 100, "max_parallel_chunks": 2}}
+    r = replicas(providers=providers)
+    (_, ca), (_, cb) = r.start(), r.start()
+
+    def echo(record):
+        data = record["json"]["input"].encode()
+        return 200, {"content-type": "audio/pcm"}, data + b" " * (len(data) % 2)
+
+    mock.add_rule(path_prefix="/v1/audio/speech", body=echo, delay=0.1)
+    text = " ".join(f"{i} The quick brown fox jumps over the lazy dog." for i in range(20))
+    job = submit(ca, {"model": "openai/tts-1", "input": text, "voice": "a", "response_format": "pcm"})
+    done = cb.wait(job, timeout=30).json()
+    assert done["status"] == "completed", done
+    inputs = sorted((s["json"]["input"] for s in mock.recorded()), key=text.index)
+    assert len(inputs) > 5 and all(len(i) <= 100 for i in inputs)
+    audio = cb.call("GET", f"{SPEECH}/{job}/content").body
+    assert audio.replace(b" ", b"") == "".join(inputs).replace(" ", "").encode(), "the parts, in order, as one file"
