@@ -14,13 +14,15 @@ pub const ANONYMOUS: &str = "";
 /// `header` returns a request header's raw bytes by lower-case name.
 pub fn presented_key(header: &dyn Fn(&str) -> Option<Vec<u8>>) -> Option<Vec<u8>> {
     let mut first_seen: Option<Vec<u8>> = None;
-    let candidates = [
-        header("authorization").and_then(|v| strip_bearer(&v)),
-        header("x-bf-vk"),
-        header("x-api-key"),
-        header("api-key"),
-    ];
-    for value in candidates.into_iter().flatten() {
+    // Read lazily: each header is a host call, and most requests carry their
+    // key in the first.
+    let candidates = ["authorization", "x-bf-vk", "x-api-key", "api-key"]
+        .into_iter()
+        .filter_map(|name| match name {
+            "authorization" => header(name).and_then(|v| strip_bearer(&v)),
+            _ => header(name),
+        });
+    for value in candidates {
         let value = <[u8]>::trim_ascii(&value).to_vec();
         if value.is_empty() {
             continue;
