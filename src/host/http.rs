@@ -9,6 +9,7 @@ use proxy_wasm::types::{Action, BufferType, MapType};
 
 use super::root::Shared;
 use crate::api::etcd::Then;
+use crate::api::routes::{route, Route};
 use crate::api::{Answer, Api, Decision, Event, PendingSubmit, RequestHead};
 use crate::auth::ClaimValue;
 use crate::error::ApiError;
@@ -209,12 +210,12 @@ impl Context for SpeechHttp {
 
 impl HttpContext for SpeechHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // Other traffic passes at the cost of one header read.
+        let path = header(":path").unwrap_or_default();
+        if route(&path) == Route::PassThrough {
+            return Action::Continue;
+        }
         let Some(shared) = self.shared.clone() else {
-            // Not configured: only our own paths are refused.
-            let path = header(":path").unwrap_or_default();
-            if crate::api::routes::route(&path) == crate::api::routes::Route::PassThrough {
-                return Action::Continue;
-            }
             return self.send(Answer::error(&ApiError::internal(
                 "the async speech filter has no configuration",
             )));
@@ -224,8 +225,15 @@ impl HttpContext for SpeechHttp {
             let metadata = hostcalls::get_property(vec!["metadata"]).ok().flatten()?;
             ClaimValue::from_metadata(&metadata, j)
         });
+        let read = |name: &str| {
+            if name == ":path" {
+                Some(path.clone())
+            } else {
+                header(name)
+            }
+        };
         let head = RequestHead {
-            header: &header,
+            header: &read,
             jwt_claim: claim,
         };
         let decision = Self::api(&shared).on_headers(&head, end_of_stream);
