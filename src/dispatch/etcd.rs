@@ -202,7 +202,7 @@ impl EtcdRunner {
             .map(|(id, _)| id.clone())
             .collect();
         for id in late {
-            self.fail_late(etcd, config, &id, now_ms);
+            out.extend(self.fail_late(etcd, config, &id, now_ms));
         }
         let retry: Vec<String> = self
             .jobs
@@ -415,25 +415,29 @@ impl EtcdRunner {
             .get(id)
             .is_some_and(|r| r.record.is_past_deadline(now_ms))
         {
-            self.fail_late(etcd, config, id, now_ms);
-            return Vec::new();
+            return self.fail_late(etcd, config, id, now_ms);
         }
         self.next_attempt(etcd, config, id, now_ms)
     }
 
     /// Ends a job that ran past its deadline as failed (504).
-    fn fail_late(&mut self, etcd: &EtcdConfig, config: &Config, id: &str, now_ms: u64) {
+    fn fail_late(
+        &mut self,
+        etcd: &EtcdConfig,
+        config: &Config,
+        id: &str,
+        now_ms: u64,
+    ) -> Vec<Action> {
         let Some(run) = self.jobs.get_mut(id) else {
-            return;
+            return Vec::new();
         };
         run.record.fail_past_deadline(now_ms, config.job_deadline_s);
-        webhook::on_job_end(config, &mut run.record, None, webhook_random(id), now_ms);
         let step = Step::Failed {
             id: id.to_string(),
             status: 504,
             reason: FailReason::Deadline,
         };
-        self.end_with(etcd, id, None, step, now_ms);
+        self.end_job(etcd, config, id, None, step, now_ms)
     }
 
     /// Builds the job's current attempt; an attempt that cannot be built fails
@@ -489,20 +493,12 @@ impl EtcdRunner {
                     let status = error.status_code;
                     let reason = FailReason::of(&error);
                     if run.record.record_failure(now_ms, error) == NextStep::Failed {
-                        webhook::on_job_end(
-                            config,
-                            &mut run.record,
-                            None,
-                            webhook_random(id),
-                            now_ms,
-                        );
                         let step = Step::Failed {
                             id: id.to_string(),
                             status,
                             reason,
                         };
-                        self.end_with(etcd, id, None, step, now_ms);
-                        return Vec::new();
+                        return self.end_job(etcd, config, id, None, step, now_ms);
                     }
                 }
             }
@@ -551,21 +547,34 @@ impl EtcdRunner {
         };
         run.long = None;
         run.record.complete(now_ms, done.meta.clone());
-        webhook::on_job_end(
-            config,
-            &mut run.record,
-            Some(&done),
-            webhook_random(id),
-            now_ms,
-        );
-        let rendered = render(&run.record, Some(&done));
-        self.end_with(
+        self.end_job(
             etcd,
+            config,
             id,
-            Some(rendered),
+            Some(&done),
             Step::Completed { id: id.to_string() },
             now_ms,
-        );
+        )
+    }
+
+    /// The job has just ended (`done` holds its audio if it completed): its
+    /// webhook's delivery and body are made, its answer rendered, and it goes
+    /// back into etcd.
+    fn end_job(
+        &mut self,
+        etcd: &EtcdConfig,
+        config: &Config,
+        id: &str,
+        done: Option<&Completion>,
+        step: Step,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let Some(run) = self.jobs.get_mut(id) else {
+            return Vec::new();
+        };
+        webhook::on_job_end(config, &mut run.record, done, webhook_random(id), now_ms);
+        let rendered = render(&run.record, done);
+        self.end_with(etcd, id, Some(rendered), step, now_ms);
         self.resume_ending(etcd, id, now_ms)
     }
 
@@ -587,19 +596,12 @@ impl EtcdRunner {
         match run.record.record_failure(now_ms, error) {
             NextStep::TryNext => self.next_attempt(etcd, config, id, now_ms),
             NextStep::Failed => {
-                webhook::on_job_end(config, &mut run.record, None, webhook_random(id), now_ms);
-                self.end_with(
-                    etcd,
-                    id,
-                    None,
-                    Step::Failed {
-                        id: id.to_string(),
-                        status,
-                        reason,
-                    },
-                    now_ms,
-                );
-                self.resume_ending(etcd, id, now_ms)
+                let step = Step::Failed {
+                    id: id.to_string(),
+                    status,
+                    reason,
+                };
+                self.end_job(etcd, config, id, None, step, now_ms)
             }
         }
     }

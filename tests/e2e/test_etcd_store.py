@@ -234,3 +234,14 @@ def test_a_long_input_is_joined_into_one_file_over_etcd(replicas, mock):
     assert len(inputs) > 5 and all(len(i) <= 100 for i in inputs)
     audio = cb.call("GET", f"{SPEECH}/{job}/content").body
     assert audio.replace(b" ", b"") == "".join(inputs).replace(" ", "").encode(), "the parts, in order, as one file"
+
+
+def test_a_job_that_outlives_its_deadline_fails_over_etcd(replicas, mock):
+    r = replicas(job_deadline_s=2)
+    (_, ca), (_, cb) = r.start(), r.start()
+    mock.add_rule(path_prefix="/v1/audio/speech", hang=True)
+    job = submit(ca)
+    done = cb.wait(job, timeout=15).json()
+    assert (done["status"], done["status_code"]) == ("failed", 504), done
+    assert "deadline of 2 s" in done["error"]["error"]["message"]
+    assert done["error"]["extra_fields"]["provider"] == "openai"
