@@ -39,6 +39,14 @@ e2e: build
 test: build unit lint e2e
 
 bench: build
+	@command -v wrk >/dev/null || { echo "bench: installing wrk from Debian"; \
+	  SUDO=""; [ "$$(id -u)" -ne 0 ] && SUDO="sudo"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
+	$(VENV)/bin/python bench/bench.py $(BENCH_ARGS)
+
+# The earlier soak alone, with the Python mock provider (concurrency 2).
+.PHONY: bench-soak
+bench-soak: build
 	$(VENV)/bin/python bench/soak.py
 
 clean:
