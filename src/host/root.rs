@@ -69,8 +69,22 @@ pub struct Root {
     metrics: SharedMetrics,
     in_flight: HashMap<u32, (InFlight, u64)>,
     registered_on_tick: Cell<bool>,
+    /// Ticks since the log level was last taken from Envoy.
+    ticks: u32,
     /// With the etcd store: what this VM runs of the jobs in etcd.
     etcd: Option<EtcdRunner>,
+}
+
+/// How often (in ticks) the log level is taken from Envoy again: an operator
+/// may change it at run time through the admin's `/logging`.
+const LOG_LEVEL_EVERY_TICKS: u32 = 25;
+
+/// Logs at Envoy's level for the `wasm` component, so that lines Envoy would
+/// drop are not even formatted (four info lines per job otherwise).
+fn follow_envoy_log_level() {
+    if let Ok(level) = hostcalls::get_log_level() {
+        proxy_wasm::set_log_level(level);
+    }
 }
 
 /// The filter's namespace in shared data: its root id, so that two filters
@@ -169,6 +183,7 @@ fn read_callout_answer(num_headers: usize, body_size: usize, limit: usize) -> Ca
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
+        follow_envoy_log_level();
         let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
             .ok()
             .flatten()
@@ -226,6 +241,10 @@ impl RootContext for Root {
         let Some(shared) = self.shared.clone() else {
             return;
         };
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks.is_multiple_of(LOG_LEVEL_EVERY_TICKS) {
+            follow_envoy_log_level();
+        }
         // Register again from a live worker: the VM that registered during
         // configuration may have been the throw-away canary.
         if !self.registered_on_tick.replace(true) {
