@@ -13,8 +13,12 @@ For each Wasm runtime this Envoy build accepts (V8, WAMR, wasmtime), one run:
 - wrk (one thread, keep-alive connections) drives each scenario for a few
   seconds, the scenarios in alternation, for a few rounds; a figure is the
   median over the rounds, and each ratio is taken within the run;
+- a third listener C whose filter keeps its jobs in a real etcd (Debian's
+  etcd-server, started here on free loopback ports, as the tests do): submit
+  and poll through etcd, p50/p99 and rate, next to the same on shared data;
 - then jobs per second end to end against the plain route's requests per
-  second, and the 50,000-job soak (its own Envoy, max_jobs 5,000, 1 s TTL).
+  second (and the same through etcd), and the 50,000-job soak (its own
+  Envoy, max_jobs 5,000, 1 s TTL).
 
 Prints a table, writes bench/results/<time>.json, exits 0. Goals that are
 missed are shown as FAIL in the table, not as an exit status: this is a
@@ -43,6 +47,7 @@ ENVOY = ROOT / ".venv" / "bin" / "envoy"
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "async_speech.wasm"
 LUA = ROOT / "bench" / "wrk"
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
 KEY = "sk-bf-bench"
 SPEECH = "/v1/async/audio/speech"
@@ -365,7 +370,9 @@ def submit_count(port, count, ttl, connections, max_seconds=600, filler="/direct
 
 
 class Run:
-    def __init__(self, runtime, args, workdir, mock_port, sizes):
+    def __init__(self, runtime, args, workdir, mock_port, sizes, etcd_port):
+        self.etcd_port = etcd_port
+        self.port_c = free_port()
         self.runtime = runtime
         self.args = args
         self.workdir = workdir
@@ -381,11 +388,14 @@ class Run:
         # B holds HELD jobs plus what the submit rounds add while they run.
         a = wasm_filter("bench_a", self.runtime, plugin_config(120_000))
         b = wasm_filter("bench_b", self.runtime, plugin_config(self.args.held + 60_000))
+        store = {"type": "etcd", "cluster": "etcd", "prefix": f"/bench-{os.getpid()}-{time.time_ns()}/", "timeout_ms": 2000}
+        c = wasm_filter("bench_c", self.runtime, plugin_config(1000, store=store))
         return {
             "admin": admin(admin_port),
             "static_resources": {
-                "listeners": [listener("a", self.port_a, routes, [a, BUFFER]), listener("b", self.port_b, routes, [b, BUFFER])],
-                "clusters": [cluster("mock", self.mock_port)],
+                "listeners": [listener("a", self.port_a, routes, [a, BUFFER]), listener("b", self.port_b, routes, [b, BUFFER]),
+                              listener("c", self.port_c, routes, [c, BUFFER])],
+                "clusters": [cluster("mock", self.mock_port), cluster("etcd", self.etcd_port)],
             },
         }
 
@@ -397,8 +407,8 @@ class Run:
             log(f"  warning: store did not settle within {timeout} s: {s}")
         return s
 
-    def scenarios(self, poll_id):
-        a, b, c = self.port_a, self.port_b, self.args.connections
+    def scenarios(self, poll_id, etcd_poll_id):
+        a, b, c, e = self.port_a, self.port_b, self.args.connections, self.port_c
         return {
             "direct_small": lambda d: wrk(a, "/direct/small", d, c),
             "direct_small_post": lambda d: wrk(a, "/direct/small", d, c, "POST", BODY),
@@ -408,6 +418,8 @@ class Run:
             "submit_empty": lambda d: wrk(a, SPEECH, d, c, "POST", BODY, ttl="1"),
             "submit_100k": lambda d: wrk(b, SPEECH, d, c, "POST", BODY, ttl="1"),
             "sync_route": lambda d: wrk(a, "/sync", d, c, "POST", BODY),
+            "etcd_submit": lambda d: wrk(e, SPEECH, d, c, "POST", BODY, ttl="1"),
+            "etcd_poll": lambda d: wrk(e, f"{SPEECH}/{etcd_poll_id}", d, c),
         }
 
     def go(self):
@@ -446,12 +458,13 @@ class Run:
             held_b = s.get("jobs_held", 0)
 
             poll_id, submit_body, poll_body = completed_job(self.port_a)
+            etcd_poll_id = completed_job(self.port_c)[0]
             held_base = held_b + 1
             res["answer_sizes"] = {"submit": len(submit_body), "poll": len(poll_body),
                                    "poll_404": len(http(self.port_a, "GET", f"{SPEECH}/{UNKNOWN_ID}")[1])}
             self.settle(held_base)
 
-            scen = self.scenarios(poll_id)
+            scen = self.scenarios(poll_id, etcd_poll_id)
             names = list(scen)
             rounds = {n: [] for n in names}
             for r in range(self.args.rounds):
@@ -489,6 +502,17 @@ class Run:
                 sync.append(out)
                 log(f"  round {r + 1} sync_route     {out['rps']:9.0f} req/s")
             res["e2e"] = {"rounds": e2e, "jobs_per_s": statistics.median(x["jobs_per_s"] for x in e2e)}
+            # The same through etcd (fewer jobs: each takes a few etcd round trips).
+            before = env.stats()
+            t0 = time.monotonic()
+            n = max(1, self.args.e2e_jobs // 4)
+            out = submit_count(self.port_c, n, "1", self.args.connections)
+            target = finished(before) + n
+            s, ok = wait_until(env, lambda s: finished(s) >= target, 300, interval=0.02)
+            elapsed = time.monotonic() - t0
+            done = s.get("jobs_completed", 0) - before.get("jobs_completed", 0)
+            res["e2e_etcd"] = {"jobs": n, "completed": done, "seconds": elapsed, "jobs_per_s": done / elapsed}
+            log(f"  etcd end-to-end        {done / elapsed:9.0f} jobs/s ({done} completed in {elapsed:.1f} s)")
             res["e2e_sync"] = summarize(sync)
             res["rss_end_kib"] = env.rss_kib()
             res["wasm_errors"] = [l for l in env.log().splitlines() if "error" in l.lower()][:20]
@@ -588,6 +612,14 @@ def table(res):
         sc["submit_100k"]["p50_ms"], sc["submit_100k"]["p99_ms"])
     e2e, sync = res["e2e"]["jobs_per_s"], res["e2e_sync"]["rps"]
     row("jobs end to end", e2e, "sync route", sync, "≥ 0.8", e2e >= 0.8 * sync, unit="jobs/s")
+    if "etcd_submit" in sc:
+        row("etcd store: submit", s("etcd_submit"), "shared-data submit", s("submit_empty"), "", None,
+            sc["etcd_submit"]["p50_ms"], sc["etcd_submit"]["p99_ms"])
+        row("etcd store: poll completed", s("etcd_poll"), "shared-data poll", s("poll_completed"), "", None,
+            sc["etcd_poll"]["p50_ms"], sc["etcd_poll"]["p99_ms"])
+    if "e2e_etcd" in res:
+        x = res["e2e_etcd"]["jobs_per_s"]
+        row("etcd store: jobs end to end", x, "shared-data jobs", e2e, "", None, unit="jobs/s")
     per_job = res["rss_per_held_job_bytes"]
     rows.append(("RSS per held job (1 KiB audio)", f"{per_job:,.0f} B", "", "", f"{per_job / 1024:.2f} × audio", "", ""))
     if "soak" in res:
@@ -605,7 +637,8 @@ def table(res):
 
 def probe_sizes(workdir, mock_port):
     """The sizes of a real 202 and a real completed poll answer, for the direct_response bodies."""
-    run = Run(RUNTIMES[0], argparse.Namespace(connections=1, held=1), workdir, mock_port, {"submit": 100, "poll": 1600})
+    run = Run(RUNTIMES[0], argparse.Namespace(connections=1, held=1), workdir, mock_port, {"submit": 100, "poll": 1600},
+              etcd_port=free_port())
     run.envoy.start()
     try:
         _, submit_body, poll_body = completed_job(run.port_a, "1")
@@ -656,6 +689,9 @@ def main():
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     mock_port = free_port()
     mock = Envoy("mock", lambda admin_port: mock_bootstrap(mock_port, admin_port), workdir).start()
+    from etcd_harness import Etcd  # tests/e2e: a real etcd on free loopback ports, stopped by pid
+
+    etcd = Etcd().start()
     results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "envoy": subprocess.run(
         [str(ENVOY), "--version"], capture_output=True, text=True).stdout.strip(), "args": vars(args),
         "cpus": os.cpu_count(), "runs": []}
@@ -668,12 +704,13 @@ def main():
         for rt in runtimes:
             log(f"== {rt}")
             try:
-                results["runs"].append(Run(rt, args, workdir, mock_port, sizes).go())
+                results["runs"].append(Run(rt, args, workdir, mock_port, sizes, etcd.client_port).go())
             except Exception as e:  # a runtime that fails to run the filter is reported, not fatal
                 log(f"  {rt} failed: {e}")
                 results["runs"].append({"runtime": rt, "error": str(e)[:3000]})
     finally:
         mock.stop()
+        etcd.stop()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_path = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out_path.write_text(json.dumps(results, indent=1))

@@ -35,7 +35,8 @@ use crate::store::parts::Part;
 use crate::store::slot::{self, SlotView};
 use crate::webhooks::{AttemptOutcome, Next};
 
-/// Time between scans of the pending index.
+/// Time between scans of the pending index while it has little in it; a scan
+/// that came back full is followed by the next at once (on the next tick).
 const SCAN_EVERY_MS: u64 = 500;
 /// Extra life of a finished job's keys past its TTL (polls answer 404 from the
 /// expiry in the record; etcd removes the keys a moment later).
@@ -270,6 +271,12 @@ impl EtcdRunner {
             }
             Tag::Scan => {
                 self.scanning = false;
+                let full = body.and_then(|b| parse_range(b).ok()).is_some_and(|r| {
+                    r.more || i64::try_from(r.kvs.len()).unwrap_or(0) >= SCAN_LIMIT
+                });
+                if full {
+                    self.next_scan_ms = now_ms;
+                }
                 self.claim_pending(etcd, config, body, now_ms)
             }
             Tag::Claim(id) => self.claimed(etcd, config, &id, body, now_ms),

@@ -73,8 +73,11 @@ impl SpeechHttp {
                     ttl_s,
                 } => {
                     m.submitted();
-                    m.held(1);
-                    m.pending(1);
+                    // With etcd, expiry is etcd's: these gauges count this Envoy's store only.
+                    if shared.config.store == crate::store::etcd::StoreConfig::SharedData {
+                        m.held(1);
+                        m.pending(1);
+                    }
                     info!(
                         "job {id} submitted: model {}, {fallbacks} fallbacks, ttl {ttl_s} s",
                         escape(model)
@@ -90,7 +93,9 @@ impl SpeechHttp {
                 }
                 Event::Deleted { id } => {
                     m.deleted();
-                    m.held(-1);
+                    if shared.config.store == crate::store::etcd::StoreConfig::SharedData {
+                        m.held(-1);
+                    }
                     info!("job {id} deleted by its owner");
                 }
                 Event::None => {}

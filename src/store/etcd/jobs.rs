@@ -22,7 +22,7 @@ use super::request::{self as req, Compare, CompareResult, CompareTarget, Op, Req
 /// How long a replica's claims outlive it (its lease, kept alive every few seconds).
 pub const CLAIM_TTL_S: i64 = 10;
 /// Pending jobs one scan looks at.
-pub const SCAN_LIMIT: i64 = 64;
+pub const SCAN_LIMIT: i64 = 128;
 
 /// A stored job's head, and where the rest of its bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
