@@ -30,11 +30,11 @@ def test_stats_count_known_traffic(make_envoy, mock):
     assert client.submit(speech(speed=9)).status == 400
     assert client.call("DELETE", f"/v1/async/audio/speech/{done[0]}").status == 204
 
-    # The sweep (about once a second) sets the gauges: wait for one to show
+    # The gauges move as jobs are submitted, sent and answered: wait for them to show
     # what is held now, after the DELETE (5 were held before it).
     gauges = ("jobs_held", "jobs_pending", "jobs_in_flight")
     eventually(lambda: [stats(envoy).get(g) for g in gauges] == [4, 0, 0], timeout=10, interval=0.1,
-               what=lambda: f"a sweep to set {gauges} to 4, 0, 0; they are {[stats(envoy).get(g) for g in gauges]}")
+               what=lambda: f"the gauges {gauges} to be 4, 0, 0; they are {[stats(envoy).get(g) for g in gauges]}")
     s = stats(envoy)
     assert s["jobs_submitted"] == 5
     assert s["jobs_completed"] == 2

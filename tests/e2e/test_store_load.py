@@ -1,4 +1,4 @@
-"""The job store under pressure: admission, expiry sweep, deadlines, bursts."""
+"""The job store under pressure: admission, expiry by timer, deadlines, bursts."""
 
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,9 +36,9 @@ def test_expired_jobs_are_swept_without_anyone_polling(make_envoy, mock):
     for job_id in ids:
         assert client.wait(job_id).json()["status"] == "completed"
     assert client.submit(speech()).status == 503
-    # No polls from here on: only the periodic sweep can free the three slots.
+    # No polls from here on: only the expiry timers can free the three slots.
     eventually(lambda: stats(envoy).get("jobs_expired", 0) >= 3, timeout=10, interval=0.2,
-               what="the sweep to expire the three jobs")
+               what="the expiry timers to free the three jobs")
     assert stats(envoy)["jobs_expired"] == 3
     for _ in range(3):
         assert client.submit(speech()).status == 202
