@@ -22,7 +22,7 @@ use super::{
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::job::Completion;
-use crate::job::{render, retail, JobRecord, NextStep, Rendered};
+use crate::job::{render, retail, JobRecord, NextStep, PartPlan, Rendered};
 use crate::platform::Callout;
 use crate::store::etcd::jobs::{
     self, decode_job, parse_pending, Pending, Release, CLAIM_TTL_S, SCAN_LIMIT,
@@ -50,6 +50,8 @@ pub enum Tag {
     Scan,
     Claim(String),
     TtlLease(String),
+    /// A running job's state shown to polls (best effort).
+    Progress(String),
     Part(String, u32),
     Finish(String),
 }
@@ -63,6 +65,7 @@ impl Tag {
             Tag::Scan => "scan",
             Tag::Claim(_) => "claim",
             Tag::TtlLease(_) => "ttl_lease",
+            Tag::Progress(_) => "progress",
             Tag::Part(..) => "put_part",
             Tag::Finish(_) => "finish",
         }
@@ -280,6 +283,8 @@ impl EtcdRunner {
                 self.claim_pending(etcd, config, body, now_ms)
             }
             Tag::Claim(id) => self.claimed(etcd, config, &id, body, now_ms),
+            // Best effort: a poll shows `pending` a little longer if it did not land.
+            Tag::Progress(_) => Vec::new(),
             Tag::TtlLease(id) => {
                 let lease = body.and_then(|b| parse_lease_grant(b).ok()).map(|g| g.id);
                 if let Some(ending) = self.jobs.get_mut(&id).and_then(|r| r.ending.as_mut()) {
@@ -427,6 +432,29 @@ impl EtcdRunner {
         self.next_attempt(etcd, config, id, now_ms)
     }
 
+    /// Shows a running job as it now stands (`processing`, and for a long
+    /// input its `progress`) to polls on any replica.
+    fn show_running(&mut self, etcd: &EtcdConfig, id: &str) -> Option<Action> {
+        let run = self.jobs.get_mut(id)?;
+        run.record.parts = run.long.as_ref().map(|l| PartPlan {
+            attempt: l.attempt,
+            total: l.total,
+            done: l.parts.keys().copied().collect(),
+            next: l.next,
+        });
+        let payload = slot::encode_held(0, &run.record, &render(&run.record, None))?;
+        let (value, parts) =
+            jobs::encode_job(&payload, run.record.owner.as_bytes(), 0, etcd.part_bytes());
+        if !parts.is_empty() {
+            return None;
+        }
+        let request = jobs::show_running(&etcd.layout(), id, &self.owner, &value);
+        Some(Action::Store(
+            Tag::Progress(id.to_string()),
+            etcd.callout(&request),
+        ))
+    }
+
     /// Ends a job that ran past its deadline as failed (504).
     fn fail_late(
         &mut self,
@@ -485,16 +513,20 @@ impl EtcdRunner {
                         next: first,
                         parts: BTreeMap::new(),
                     });
-                    return calls
+                    let mut out: Vec<Action> = calls
                         .into_iter()
                         .map(|c| Action::Send(Box::new(c)))
                         .collect();
+                    out.extend(self.show_running(etcd, id));
+                    return out;
                 }
             }
             match build_call(config, &run.record, request) {
                 Ok(attempt) => {
                     run.started_ms = now_ms;
-                    return vec![Action::Send(Box::new(attempt))];
+                    let mut out = vec![Action::Send(Box::new(attempt))];
+                    out.extend(self.show_running(etcd, id));
+                    return out;
                 }
                 Err(error) => {
                     let status = error.status_code;
@@ -644,7 +676,11 @@ impl EtcdRunner {
             let next = long.next;
             long.next += 1;
             return match chunks::part_attempt(config, &run.record, &request, next) {
-                Ok(call) => vec![Action::Send(Box::new(call))],
+                Ok(call) => {
+                    let mut out = vec![Action::Send(Box::new(call))];
+                    out.extend(self.show_running(etcd, &attempt.id));
+                    out
+                }
                 Err(error) => self.attempt_failed(etcd, config, &attempt.id, error, now_ms),
             };
         }

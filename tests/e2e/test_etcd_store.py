@@ -228,6 +228,8 @@ def test_a_long_input_is_joined_into_one_file_over_etcd(replicas, mock):
     mock.add_rule(path_prefix="/v1/audio/speech", body=echo, delay=0.1)
     text = " ".join(f"{i} The quick brown fox jumps over the lazy dog." for i in range(20))
     job = submit(ca, {"model": "openai/tts-1", "input": text, "voice": "a", "response_format": "pcm"})
+    running = eventually(lambda: (j := cb.poll(job).json()).get("progress") and j, 10, what="progress from etcd")
+    assert running["status"] == "processing" and running["progress"]["chunks_total"] > 5, running
     done = cb.wait(job, timeout=30).json()
     assert done["status"] == "completed", done
     inputs = sorted((s["json"]["input"] for s in mock.recorded()), key=text.index)

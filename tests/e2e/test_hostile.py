@@ -222,10 +222,10 @@ def test_503_exactly_at_max_jobs_then_room_again_after_expiry(make_envoy, mock):
     assert full.status == 503 and full.headers.get("retry-after"), full
     for j in jobs:
         client.wait(j)
-    # This one keeps its place (default TTL), so exactly four more fit.
-    eventually(lambda: client.submit(BASIC).status == 202, timeout=10, what="a place once the jobs expired")
-    more = [client.submit(BASIC) for _ in range(5)]
-    assert [r.status for r in more] == [202] * 4 + [503]
+    # Every one expired and its slot freed by its timer (nobody polls): five places again, exactly.
+    eventually(lambda: stats(envoy).get("jobs_held") == 0, timeout=10, what="every job expired and freed")
+    more = [client.submit(BASIC) for _ in range(6)]
+    assert [r.status for r in more] == [202] * 5 + [503]
     assert eventually(lambda: stats(envoy).get("jobs_held") == 5, timeout=5, what="the held gauge to be exact")
 
 

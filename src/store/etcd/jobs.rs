@@ -193,6 +193,19 @@ pub fn release(layout: &Layout, id: &str, owner: &[u8], job_value: &[u8], how: R
     txn.then(Op::delete(&layout.claim(id))).request()
 }
 
+/// A running job's record as it now stands (`processing`, its progress),
+/// written only while `owner` holds the claim; best effort.
+pub fn show_running(layout: &Layout, id: &str, owner: &[u8], job_value: &[u8]) -> Request {
+    Txn::new()
+        .when(Compare::new(
+            &layout.claim(id),
+            CompareResult::Equal,
+            CompareTarget::Value(owner.to_vec()),
+        ))
+        .then(Op::put(&layout.job(id), job_value, None))
+        .request()
+}
+
 /// One part of a large job, under the job's TTL lease once it has one.
 pub fn put_part(layout: &Layout, id: &str, n: u32, part: &[u8], lease: Option<i64>) -> Request {
     req::put(&layout.audio_part(id, n), part, lease)
