@@ -254,7 +254,7 @@ impl RootContext for Root {
             .clock
             .sync(shared.host.as_ref(), &shared.keys.clock());
         let now = shared.clock.now_ms(shared.host.as_ref());
-        self.forget_overdue_callouts(now);
+        self.forget_overdue_callouts(&shared, now);
         if let (Some(runner), StoreConfig::Etcd(etcd)) = (self.etcd.as_mut(), &shared.config.store)
         {
             let actions = runner.tick(etcd, &shared.config, now);

@@ -295,15 +295,47 @@ impl Root {
 
     /// Envoy ends every callout by its timeout; should an answer still never
     /// come, the lease timer has ended that attempt and its room is freed here.
-    pub(super) fn forget_overdue_callouts(&mut self, now: u64) {
-        let before = self.in_flight.len();
-        self.in_flight.retain(|_, (call, started)| {
-            now.saturating_sub(*started)
-                <= call.timeout_ms().saturating_add(dispatch::LEASE_GRACE_MS)
-        });
-        let forgotten = before - self.in_flight.len();
-        if forgotten > 0 {
-            self.metrics.in_flight(-(forgotten as i64));
+    pub(super) fn forget_overdue_callouts(&mut self, shared: &Shared, now: u64) {
+        let overdue: Vec<u32> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (call, started))| {
+                now.saturating_sub(*started)
+                    > call.timeout_ms().saturating_add(dispatch::LEASE_GRACE_MS)
+            })
+            .map(|(token, _)| *token)
+            .collect();
+        for token in overdue {
+            let Some((call, _)) = self.in_flight.remove(&token) else {
+                continue;
+            };
+            self.metrics.in_flight(-1);
+            // The etcd runner must hear of it, or a job could wait on this call for ever
+            // (a provider call that never ends is bounded by the job's deadline instead).
+            let (Some(runner), StoreConfig::Etcd(etcd)) =
+                (self.etcd.as_mut(), &shared.config.store)
+            else {
+                continue;
+            };
+            let actions = match call {
+                InFlight::Store(tag, _) => {
+                    runner.on_store_answer(etcd, &shared.config, tag, None, now)
+                }
+                InFlight::Webhook(call) => {
+                    runner
+                        .on_webhook_answer(
+                            etcd,
+                            &shared.config,
+                            &call,
+                            AttemptOutcome::Timeout,
+                            0,
+                            now,
+                        )
+                        .0
+                }
+                InFlight::Speech(_) => Vec::new(),
+            };
+            self.act(shared, actions);
         }
     }
 
