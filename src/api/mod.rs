@@ -2,7 +2,6 @@
 //! the answer. Pure over `Host`: the host's HTTP context hands it headers and
 //! the body and sends back what it decides.
 
-pub mod etcd;
 pub mod routes;
 
 use serde_json::json;
@@ -12,10 +11,11 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::ids::make_id;
 use crate::job::{JobRecord, JobStatus, WebhookJob};
-use crate::platform::{Host, Queue};
+use crate::platform::Host;
 use crate::request::{is_json_content_type, parse_speech_request, parse_ttl, TTL_HEADER};
-use crate::store::slot::HeldView;
-use crate::store::{Keys, Store, StoreError};
+use crate::store::jobs::{Done, Jobs, Resume, Step};
+use crate::store::slot::{self, HeldView, SlotView};
+use crate::store::{Keys, StoreError};
 use crate::time::rfc3339;
 use crate::webhooks::{endpoint_for_submit, WEBHOOK_HEADER};
 use routes::{route, Route, BASE};
@@ -90,8 +90,37 @@ pub enum Decision {
     Respond(Answer),
     /// A submit: buffer the body, then call `on_submit_body`.
     ReadBody(PendingSubmit),
-    /// Ask the store (etcd) and call `on_store_answer` with its answer.
-    Call(Box<etcd::StoreCall>),
+    /// Make this call for the store, then call `on_store_answer` with its answer.
+    Call(Box<StoreCall>),
+}
+
+/// A call the store needs before the request can be answered, and where the
+/// request stands meanwhile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreCall {
+    pub callout: crate::platform::Callout,
+    pub then: Then,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Then {
+    op: Op,
+    resume: Resume,
+}
+
+/// What the request is doing.
+#[derive(Debug, Clone, PartialEq)]
+enum Op {
+    Submit {
+        model: String,
+        fallbacks: usize,
+        ttl_s: u64,
+    },
+    Poll,
+    Content,
+    Delete {
+        id: String,
+    },
 }
 
 /// What a request shows the API: its headers by lower-case name (raw bytes,
@@ -111,10 +140,6 @@ pub struct Api<'a> {
 }
 
 impl Api<'_> {
-    fn store(&self) -> Store<'_> {
-        Store::new(self.host, self.keys, self.config.max_jobs, self.generation)
-    }
-
     /// Decides on a request from its headers alone (all but submit bodies).
     pub fn on_headers(&self, head: &RequestHead, end_of_stream: bool) -> Decision {
         let path = (head.header)(":path").unwrap_or_default();
@@ -138,27 +163,22 @@ impl Api<'_> {
         let method = String::from_utf8_lossy(&method);
         check_method(route, &method)?;
         let owner = authenticate(self.config, head.header, head.jwt_claim.as_ref())?;
-        if let (Some(etcd), Some(want)) = (self.etcd(), etcd::Want::of(route, &method)) {
-            let id = match route {
-                Route::Job(id) | Route::Content(id) => id,
-                _ => return Err(ApiError::job_not_found()),
-            };
-            return Ok(self.etcd_read(etcd, id, owner, want));
-        }
-        let answer = match route {
+        Ok(match route {
             Route::Submit => {
                 let pending = self.submit_headers(head, owner)?;
                 if !end_of_stream {
                     return Ok(Decision::ReadBody(pending));
                 }
-                return Ok(self.on_submit_body(&pending, &[]));
+                self.on_submit_body(&pending, &[])
             }
-            Route::Job(id) if method == "DELETE" => self.delete(id, &owner)?,
-            Route::Job(id) => self.poll(id, &owner)?,
-            Route::Content(id) => self.content(id, &owner)?,
+            Route::Job(id) if method == "DELETE" => self.follow(
+                self.jobs().delete(id, owner.as_bytes()),
+                Op::Delete { id: id.clone() },
+            ),
+            Route::Job(id) => self.follow(self.jobs().read(id, owner.as_bytes()), Op::Poll),
+            Route::Content(id) => self.follow(self.jobs().read(id, owner.as_bytes()), Op::Content),
             Route::PassThrough | Route::Unknown => return Err(ApiError::job_not_found()),
-        };
-        Ok(Decision::Respond(answer))
+        })
     }
 
     fn submit_headers(&self, head: &RequestHead, owner: String) -> Result<PendingSubmit, ApiError> {
@@ -228,75 +248,85 @@ impl Api<'_> {
             });
             record
         };
-        if let Some(etcd) = self.etcd() {
-            let record = make(0);
-            let answer = submitted(&record, model, fallbacks, pending.ttl_s);
-            return self.etcd_submit(etcd, &record, answer);
-        }
-        let store = self.store();
-        let record = store.insert(&make).map_err(|e| match e {
-            StoreError::Full => ApiError::store_full(self.config.max_jobs),
-            StoreError::Busy(why) => {
-                ApiError::unavailable(format!("the job store is busy ({why}); retry later"))
-            }
-        })?;
-        if self
-            .host
-            .enqueue(Queue::Jobs, record.id.as_bytes())
-            .is_err()
-        {
-            // Give the slot back; the job never existed for the client.
-            if let Ok(Some(loaded)) = store.load(&record.id) {
-                let _ = store.free(loaded, &|_| true);
-            }
-            return Err(ApiError::unavailable("the job queue is full; retry later"));
-        }
-        Ok(Decision::Respond(submitted(
-            &record,
+        let op = Op::Submit {
             model,
             fallbacks,
-            pending.ttl_s,
-        )))
+            ttl_s: pending.ttl_s,
+        };
+        Ok(self.follow(self.jobs().insert(&make), op))
     }
 
-    /// The job if it exists, is unexpired and belongs to `owner`; else the one 404.
-    fn owned(&self, id: &str, owner: &str) -> Result<crate::store::Loaded, ApiError> {
-        let loaded = self
-            .store()
-            .load(id)
-            .map_err(store_unavailable)?
-            .ok_or_else(ApiError::job_not_found)?;
-        let view = loaded.view().ok_or_else(ApiError::job_not_found)?;
-        check_owned(&view, owner, self.now_ms)?;
-        Ok(loaded)
+    fn jobs(&self) -> Jobs<'_> {
+        Jobs {
+            host: self.host,
+            keys: self.keys,
+            store: &self.config.store,
+            max_jobs: self.config.max_jobs,
+            generation: self.generation,
+            now_ms: self.now_ms,
+        }
     }
 
-    /// The fast path: the answer was rendered when the job last changed.
-    fn poll(&self, id: &str, owner: &str) -> Result<Answer, ApiError> {
-        let loaded = self.owned(id, owner)?;
-        let view = loaded.view().ok_or_else(ApiError::job_not_found)?;
-        Ok(poll_answer(&view))
+    /// Goes on with a request once the store's call has been answered.
+    pub fn on_store_answer(&self, then: Then, answer: crate::store::etcd::StoreAnswer) -> Decision {
+        self.follow(self.jobs().resume(then.resume, answer), then.op)
     }
 
-    fn content(&self, id: &str, owner: &str) -> Result<Answer, ApiError> {
-        let loaded = self.owned(id, owner)?;
-        let view = loaded.view().ok_or_else(ApiError::job_not_found)?;
-        content_answer(&view)
+    /// The store's next step: a call to make, or the answer.
+    fn follow(&self, step: Step, op: Op) -> Decision {
+        match step {
+            Step::Call(callout, resume) => Decision::Call(Box::new(StoreCall {
+                callout,
+                then: Then { op, resume },
+            })),
+            Step::Done(done) => {
+                let route = if matches!(op, Op::Submit { .. }) {
+                    Route::Submit
+                } else {
+                    Route::Unknown
+                };
+                match self.answer(op, done) {
+                    Ok(answer) => Decision::Respond(answer),
+                    Err(e) => Decision::Respond(refused(&route, &e)),
+                }
+            }
+        }
     }
 
-    fn delete(&self, id: &str, owner: &str) -> Result<Answer, ApiError> {
-        let loaded = self.owned(id, owner)?;
-        let id_bytes = id.as_bytes().to_vec();
-        match self.store().free(loaded, &|v| v.id == id_bytes.as_slice()) {
-            Ok(true) => Ok(Answer {
+    fn answer(&self, op: Op, done: Result<Done, StoreError>) -> Result<Answer, ApiError> {
+        match (op, done.map_err(|e| self.store_error(e))?) {
+            (
+                Op::Submit {
+                    model,
+                    fallbacks,
+                    ttl_s,
+                },
+                Done::Inserted(record),
+            ) => Ok(submitted(&record, model, fallbacks, ttl_s)),
+            (Op::Poll, Done::Read(Some(bytes))) => match slot::decode(&bytes) {
+                SlotView::Held(view) => Ok(poll_answer(&view)),
+                _ => Err(ApiError::job_not_found()),
+            },
+            (Op::Content, Done::Read(Some(bytes))) => match slot::decode(&bytes) {
+                SlotView::Held(view) => content_answer(&view),
+                _ => Err(ApiError::job_not_found()),
+            },
+            (Op::Delete { id }, Done::Deleted(true)) => Ok(Answer {
                 status: 204,
                 headers: vec![],
                 body: vec![],
-                event: Event::Deleted { id: id.to_string() },
+                event: Event::Deleted { id },
             }),
-            // Freed by someone else between our read and our write (it expired).
-            Ok(false) => Err(ApiError::job_not_found()),
-            Err(e) => Err(store_unavailable(e)),
+            // Unknown, expired, someone else's, or freed by someone else since it was read.
+            _ => Err(ApiError::job_not_found()),
+        }
+    }
+
+    fn store_error(&self, e: StoreError) -> ApiError {
+        match e {
+            StoreError::Full => ApiError::store_full(self.config.max_jobs),
+            StoreError::TooLarge => ApiError::payload_too_large(self.config.max_body_bytes),
+            StoreError::Busy(_) => ApiError::unavailable("job store unavailable"),
         }
     }
 }
@@ -315,14 +345,6 @@ fn submitted(record: &JobRecord, model: String, fallbacks: usize, ttl_s: u64) ->
         ttl_s,
     };
     answer
-}
-
-/// The one 404 for a job that is someone else's or expired.
-fn check_owned(view: &HeldView, owner: &str, now_ms: u64) -> Result<(), ApiError> {
-    if view.owner != owner.as_bytes() || view.is_expired(now_ms) {
-        return Err(ApiError::job_not_found());
-    }
-    Ok(())
 }
 
 /// A poll's answer: the bytes rendered when the job last changed.
@@ -370,13 +392,6 @@ fn content_answer(view: &HeldView) -> Result<Answer, ApiError> {
                 event: Event::None,
             })
         }
-    }
-}
-
-fn store_unavailable(e: StoreError) -> ApiError {
-    match e {
-        StoreError::Full => ApiError::unavailable("job store unavailable"),
-        StoreError::Busy(why) => ApiError::unavailable(format!("job store unavailable: {why}")),
     }
 }
 

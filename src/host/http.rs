@@ -8,9 +8,8 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 
 use super::root::Shared;
-use crate::api::etcd::Then;
 use crate::api::routes::{route, Route};
-use crate::api::{Answer, Api, Decision, Event, PendingSubmit, RequestHead};
+use crate::api::{Answer, Api, Decision, Event, PendingSubmit, RequestHead, Then};
 use crate::auth::ClaimValue;
 use crate::error::ApiError;
 use crate::log_escape::escape_for_log as escape;

@@ -19,6 +19,7 @@
 //! them leaves something the audit repairs, never a slot held by two jobs.
 
 pub mod etcd;
+pub mod jobs;
 pub mod parts;
 pub mod slot;
 pub mod wheel;
@@ -40,6 +41,8 @@ pub enum StoreError {
     Full,
     /// A host failure, or contention that bounded retries did not overcome.
     Busy(String),
+    /// The job does not fit one value of the store.
+    TooLarge,
 }
 
 /// Shared-data key names, under one prefix per filter (`root_id`).
