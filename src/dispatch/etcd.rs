@@ -166,11 +166,6 @@ impl EtcdRunner {
         }
     }
 
-    /// Jobs this VM holds now.
-    pub fn running(&self) -> usize {
-        self.jobs.len()
-    }
-
     /// Lease upkeep, deadlines, endings to retry, and a scan for work.
     pub fn tick(&mut self, etcd: &EtcdConfig, config: &Config, now_ms: u64) -> Vec<Action> {
         let mut out = Vec::new();
