@@ -1,7 +1,7 @@
 """A real etcd 3.4 (tests/e2e/etcd_harness.py) and its HTTP/JSON gateway: the
 harness itself (start, pause, kill, restart on the same data), and the very
 request bodies the Rust builders make (tests/fixtures/etcd/requests.json,
-checked against the builders by a unit test in src/store/etcd/fixtures.rs)
+checked against the builders by a unit test in crates/core/src/store/etcd/fixtures.rs)
 sent to it, with the fields the Rust parsers read found in its answers."""
 
 import json

@@ -118,7 +118,7 @@ fn wav_data(wav: &[u8]) -> Option<(u32, &[u8])> {
 fn resample(pcm: &[u8], from: u32, to: u32) -> Vec<u8> {
     let samples: Vec<i16> = pcm
         .chunks_exact(2)
-        .map(|c| i16::from_le_bytes([c[0], c[1]]))
+        .filter_map(|c| Some(i16::from_le_bytes(c.try_into().ok()?)))
         .collect();
     if samples.is_empty() || from == 0 {
         return Vec::new();
@@ -129,8 +129,8 @@ fn resample(pcm: &[u8], from: u32, to: u32) -> Vec<u8> {
         let pos = i as f64 * f64::from(from) / f64::from(to);
         let j = pos as usize;
         let frac = pos - j as f64;
-        let a = f64::from(samples[j.min(samples.len() - 1)]);
-        let b = f64::from(samples[(j + 1).min(samples.len() - 1)]);
+        let at = |k: usize| f64::from(samples.get(k).or(samples.last()).copied().unwrap_or(0));
+        let (a, b) = (at(j), at(j + 1));
         out.extend_from_slice(&((a + (b - a) * frac) as i16).to_le_bytes());
     }
     out

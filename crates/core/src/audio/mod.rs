@@ -300,19 +300,19 @@ mod tests {
     const FIXTURES: [(JoinFormat, &[u8]); 4] = [
         (
             JoinFormat::Mp3,
-            include_bytes!("../../tests/fixtures/audio/part1.mp3"),
+            include_bytes!("../../../../tests/fixtures/audio/part1.mp3"),
         ),
         (
             JoinFormat::Opus,
-            include_bytes!("../../tests/fixtures/audio/part1.opus"),
+            include_bytes!("../../../../tests/fixtures/audio/part1.opus"),
         ),
         (
             JoinFormat::Aac,
-            include_bytes!("../../tests/fixtures/audio/part1.aac"),
+            include_bytes!("../../../../tests/fixtures/audio/part1.aac"),
         ),
         (
             JoinFormat::Wav,
-            include_bytes!("../../tests/fixtures/audio/part1.wav"),
+            include_bytes!("../../../../tests/fixtures/audio/part1.wav"),
         ),
     ];
 
@@ -362,9 +362,9 @@ mod tests {
         macro_rules! parts {
             ($ext:literal) => {
                 vec![
-                    include_bytes!(concat!("../../tests/fixtures/audio/part1.", $ext)).to_vec(),
-                    include_bytes!(concat!("../../tests/fixtures/audio/part2.", $ext)).to_vec(),
-                    include_bytes!(concat!("../../tests/fixtures/audio/part3.", $ext)).to_vec(),
+                    include_bytes!(concat!("../../../../tests/fixtures/audio/part1.", $ext)).to_vec(),
+                    include_bytes!(concat!("../../../../tests/fixtures/audio/part2.", $ext)).to_vec(),
+                    include_bytes!(concat!("../../../../tests/fixtures/audio/part3.", $ext)).to_vec(),
                 ]
             };
         }

@@ -380,9 +380,9 @@ mod tests {
     use super::super::testutil;
     use super::*;
 
-    const P1: &[u8] = include_bytes!("../../tests/fixtures/audio/part1.opus");
-    const P2: &[u8] = include_bytes!("../../tests/fixtures/audio/part2.opus");
-    const P3: &[u8] = include_bytes!("../../tests/fixtures/audio/part3.opus");
+    const P1: &[u8] = include_bytes!("../../../../tests/fixtures/audio/part1.opus");
+    const P2: &[u8] = include_bytes!("../../../../tests/fixtures/audio/part2.opus");
+    const P3: &[u8] = include_bytes!("../../../../tests/fixtures/audio/part3.opus");
 
     #[test]
     fn crc_matches_real_pages() {

@@ -453,10 +453,10 @@ mod tests {
     use super::super::testutil;
     use super::*;
 
-    const P1: &[u8] = include_bytes!("../../tests/fixtures/audio/part1.mp3");
-    const P2: &[u8] = include_bytes!("../../tests/fixtures/audio/part2.mp3");
-    const P3: &[u8] = include_bytes!("../../tests/fixtures/audio/part3.mp3");
-    const MPEG1: &[u8] = include_bytes!("../../tests/fixtures/audio/mpeg1.mp3");
+    const P1: &[u8] = include_bytes!("../../../../tests/fixtures/audio/part1.mp3");
+    const P2: &[u8] = include_bytes!("../../../../tests/fixtures/audio/part2.mp3");
+    const P3: &[u8] = include_bytes!("../../../../tests/fixtures/audio/part3.mp3");
+    const MPEG1: &[u8] = include_bytes!("../../../../tests/fixtures/audio/mpeg1.mp3");
 
     #[test]
     fn parses_real_files() {

@@ -11,7 +11,7 @@ use log::warn;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
-use crate::dispatch::{AttemptResult, FailReason};
+use async_speech_core::dispatch::{AttemptResult, FailReason};
 
 #[derive(Default)]
 pub struct Metrics {

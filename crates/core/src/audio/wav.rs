@@ -182,9 +182,9 @@ mod tests {
     use super::super::testutil;
     use super::*;
 
-    const P1: &[u8] = include_bytes!("../../tests/fixtures/audio/part1.wav");
-    const P2: &[u8] = include_bytes!("../../tests/fixtures/audio/part2.wav");
-    const P3: &[u8] = include_bytes!("../../tests/fixtures/audio/part3.wav");
+    const P1: &[u8] = include_bytes!("../../../../tests/fixtures/audio/part1.wav");
+    const P2: &[u8] = include_bytes!("../../../../tests/fixtures/audio/part2.wav");
+    const P3: &[u8] = include_bytes!("../../../../tests/fixtures/audio/part3.wav");
 
     fn wav(channels: u16, rate: u32, bits: u16, data: &[u8], data_size: u32) -> Vec<u8> {
         let block = channels * bits / 8;

@@ -13,17 +13,17 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
 
-use super::envoy::{EnvoyHost, QueueIds};
-use super::http::SpeechHttp;
-use super::metrics::SharedMetrics;
-use crate::clock::Clock;
-use crate::config::Config;
-use crate::dispatch::etcd::{EtcdRunner, Tag as EtcdTag};
-use crate::dispatch::{Attempt, WebhookCall};
-use crate::log_escape::escape_for_log as escape;
-use crate::platform::{Host, Queue};
-use crate::store::etcd::StoreConfig;
-use crate::store::{wheel, Keys, Store};
+use crate::envoy::{EnvoyHost, QueueIds};
+use crate::http::SpeechHttp;
+use crate::metrics::SharedMetrics;
+use async_speech_core::clock::Clock;
+use async_speech_core::config::Config;
+use async_speech_core::dispatch::etcd::{EtcdRunner, Tag as EtcdTag};
+use async_speech_core::dispatch::{Attempt, WebhookCall};
+use async_speech_core::log_escape::escape_for_log as escape;
+use async_speech_core::platform::{Host, Queue};
+use async_speech_core::store::etcd::StoreConfig;
+use async_speech_core::store::{wheel, Keys, Store};
 
 mod runner;
 

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::keys::{split_audio, Layout};
 use super::request::{self, Compare, Op, Request, Txn};
 
-const FIXTURES: &str = include_str!("../../../tests/fixtures/etcd/requests.json");
+const FIXTURES: &str = include_str!("../../../../../tests/fixtures/etcd/requests.json");
 
 fn s<'a>(call: &'a Value, name: &str) -> &'a [u8] {
     call[name]

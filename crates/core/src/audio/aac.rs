@@ -164,9 +164,9 @@ mod tests {
     use super::super::testutil;
     use super::*;
 
-    const P1: &[u8] = include_bytes!("../../tests/fixtures/audio/part1.aac");
-    const P2: &[u8] = include_bytes!("../../tests/fixtures/audio/part2.aac");
-    const P3: &[u8] = include_bytes!("../../tests/fixtures/audio/part3.aac");
+    const P1: &[u8] = include_bytes!("../../../../tests/fixtures/audio/part1.aac");
+    const P2: &[u8] = include_bytes!("../../../../tests/fixtures/audio/part2.aac");
+    const P3: &[u8] = include_bytes!("../../../../tests/fixtures/audio/part3.aac");
 
     #[test]
     fn parses_real_frames() {

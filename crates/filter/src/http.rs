@@ -7,13 +7,13 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 
-use super::root::Shared;
-use crate::api::routes::{route, Route};
-use crate::api::{Answer, Api, Decision, Event, PendingSubmit, RequestHead, Then};
-use crate::auth::ClaimValue;
-use crate::error::ApiError;
-use crate::log_escape::escape_for_log as escape;
-use crate::platform::Host;
+use crate::root::Shared;
+use async_speech_core::api::routes::{route, Route};
+use async_speech_core::api::{Answer, Api, Decision, Event, PendingSubmit, RequestHead, Then};
+use async_speech_core::auth::ClaimValue;
+use async_speech_core::error::ApiError;
+use async_speech_core::log_escape::escape_for_log as escape;
+use async_speech_core::platform::Host;
 
 enum State {
     /// Not ours: everything passes.
@@ -73,7 +73,7 @@ impl SpeechHttp {
                 } => {
                     m.submitted();
                     // With etcd, expiry is etcd's: these gauges count this Envoy's store only.
-                    if shared.config.store == crate::store::etcd::StoreConfig::SharedData {
+                    if shared.config.store == async_speech_core::store::etcd::StoreConfig::SharedData {
                         m.held(1);
                         m.pending(1);
                     }
@@ -92,7 +92,7 @@ impl SpeechHttp {
                 }
                 Event::Deleted { id } => {
                     m.deleted();
-                    if shared.config.store == crate::store::etcd::StoreConfig::SharedData {
+                    if shared.config.store == async_speech_core::store::etcd::StoreConfig::SharedData {
                         m.held(-1);
                     }
                     info!("job {id} deleted by its owner");

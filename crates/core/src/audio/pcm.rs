@@ -75,9 +75,9 @@ mod tests {
     #[test]
     fn real_speech_joins_and_decodes() {
         let parts: Vec<Vec<u8>> = [
-            &include_bytes!("../../tests/fixtures/audio/part1.wav")[..],
-            &include_bytes!("../../tests/fixtures/audio/part2.wav")[..],
-            &include_bytes!("../../tests/fixtures/audio/part3.wav")[..],
+            &include_bytes!("../../../../tests/fixtures/audio/part1.wav")[..],
+            &include_bytes!("../../../../tests/fixtures/audio/part2.wav")[..],
+            &include_bytes!("../../../../tests/fixtures/audio/part3.wav")[..],
         ]
         .iter()
         .map(|w| wav::parse(w).unwrap().data.to_vec())

@@ -5,16 +5,16 @@
 use log::{info, warn};
 
 use super::{CalloutAnswer, InFlight, Root, Shared, AUDIT_PER_TICK, TIMERS_PER_TICK};
-use crate::dispatch::etcd::Action as EtcdAction;
-use crate::dispatch::{
+use async_speech_core::dispatch::etcd::Action as EtcdAction;
+use async_speech_core::dispatch::{
     self, Attempt, AttemptResult, DeliveryResult, FailReason, Outcome, Step, WebhookCall,
 };
-use crate::error::ApiError;
-use crate::log_escape::escape_for_log as escape;
-use crate::platform::{Host, Queue};
-use crate::providers::UpstreamResponse;
-use crate::store::etcd::StoreConfig;
-use crate::webhooks::AttemptOutcome;
+use async_speech_core::error::ApiError;
+use async_speech_core::log_escape::escape_for_log as escape;
+use async_speech_core::platform::{Host, Queue};
+use async_speech_core::providers::UpstreamResponse;
+use async_speech_core::store::etcd::StoreConfig;
+use async_speech_core::webhooks::AttemptOutcome;
 
 impl Root {
     /// Takes queued jobs while there is room for more callouts.

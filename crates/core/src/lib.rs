@@ -24,13 +24,3 @@ pub mod store;
 pub mod time;
 pub mod webhooks;
 
-#[cfg(target_arch = "wasm32")]
-mod host;
-
-#[cfg(target_arch = "wasm32")]
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
-        Box::new(host::root::Root::default())
-    });
-}}

@@ -8,7 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
 
-use crate::platform::{Callout, Host, Queue, SetError};
+use async_speech_core::platform::{Callout, Host, Queue, SetError};
 
 /// Queue ids by queue, registered by the root context and shared with its
 /// HTTP contexts.
