@@ -258,6 +258,21 @@ struct Limits {
 }
 
 impl Config {
+    /// What an operator should hear about a configuration that loads.
+    pub fn warnings(&self) -> Vec<String> {
+        self.providers
+            .values()
+            .filter(|p| p.api_key.is_none())
+            .filter_map(|p| {
+                let var = p.api_key_env.as_ref()?;
+                Some(format!(
+                    "provider {}: {var} is not set; its attempts will fail until it is",
+                    p.name
+                ))
+            })
+            .collect()
+    }
+
     /// Parses the plugin configuration. `env` looks up `api_key_env` variables
     /// (the VM's environment in Envoy, a map in tests).
     pub fn parse(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, String> {

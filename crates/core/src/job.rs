@@ -95,9 +95,10 @@ pub struct JobRecord {
     pub chain: Vec<ModelRef>,
     /// Index in `chain` of the attempt under way (or the last one made).
     pub attempt: usize,
-    /// While processing: when the attempt's answer is overdue.
-    #[serde(default)]
-    pub lease_until_ms: Option<u64>,
+    /// Who works on the job now, until when (shared data; with etcd a
+    /// claim is a key under the replica's lease instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<Claim>,
     #[serde(default)]
     pub attempts: Vec<AttemptSummary>,
     #[serde(default)]
@@ -117,6 +118,14 @@ pub struct JobRecord {
     /// Expired, but kept (without its audio) until its webhook delivery ends.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub result_dropped: bool,
+}
+
+/// A worker's hold on a job (shared data): its name, and when the hold
+/// lapses unless the worker renews it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub by: u64,
+    pub until_ms: u64,
 }
 
 /// How far a long input's attempt is: its parts, those done, the next to send.
@@ -184,7 +193,7 @@ impl JobRecord {
             deadline_ms: now_ms.saturating_add(deadline_s.saturating_mul(1000)),
             chain: request.chain.clone(),
             attempt: 0,
-            lease_until_ms: None,
+            claim: None,
             attempts: Vec::new(),
             status_code: None,
             result: None,
@@ -200,14 +209,9 @@ impl JobRecord {
         self.chain.get(self.attempt)
     }
 
-    /// A worker takes a pending job; false if someone else has it or it ended.
-    pub fn claim(&mut self, now_ms: u64, lease_ms: u64) -> bool {
-        if self.status != JobStatus::Pending {
-            return false;
-        }
-        self.status = JobStatus::Processing;
-        self.lease_until_ms = Some(now_ms.saturating_add(lease_ms));
-        true
+    /// Whether a worker holds the job at `now_ms`.
+    pub fn is_claimed(&self, now_ms: u64) -> bool {
+        self.claim.is_some_and(|c| now_ms < c.until_ms)
     }
 
     /// Is this record still waiting on exactly this attempt?
@@ -219,7 +223,6 @@ impl JobRecord {
         self.parts = None;
         self.status = JobStatus::Completed;
         self.completed_at_ms = Some(now_ms);
-        self.lease_until_ms = None;
         self.status_code = Some(200);
         self.result = Some(meta);
         self.error = None;
@@ -240,7 +243,6 @@ impl JobRecord {
         self.parts = None;
         if self.attempt + 1 < self.chain.len() {
             self.attempt += 1;
-            self.lease_until_ms = None;
             return NextStep::TryNext;
         }
         self.fail(now_ms, error);
@@ -265,7 +267,6 @@ impl JobRecord {
         error.extra_fields = Some(extra);
         self.status = JobStatus::Failed;
         self.completed_at_ms = Some(now_ms);
-        self.lease_until_ms = None;
         self.status_code = Some(error.status_code);
         self.result = None;
         self.error = Some(error);
@@ -304,22 +305,18 @@ impl JobRecord {
         !self.status.is_finished() && now_ms >= self.deadline_ms
     }
 
-    pub fn is_lease_expired(&self, now_ms: u64) -> bool {
-        self.status == JobStatus::Processing && self.lease_until_ms.is_some_and(|at| now_ms >= at)
-    }
-
-    /// When this job next needs a look from the timer wheel: its expiry once
-    /// finished, else the earlier of its lease and its deadline.
+    /// When this job next needs a look from the timer wheel: its expiry (or
+    /// its webhook's next attempt) once finished, else its deadline; and
+    /// when its claim lapses, if that is sooner.
     pub fn next_timer_ms(&self) -> u64 {
         let delivery = self
             .pending_delivery()
             .map_or(u64::MAX, |d| d.next_attempt_at_ms);
-        match self.expires_at_ms() {
+        let own = match self.expires_at_ms() {
             Some(at) => at.min(delivery),
-            None => self
-                .lease_until_ms
-                .map_or(self.deadline_ms, |l| l.min(self.deadline_ms)),
-        }
+            None => self.deadline_ms,
+        };
+        self.claim.map_or(own, |c| own.min(c.until_ms))
     }
 }
 
@@ -514,12 +511,16 @@ mod tests {
             json(&render(&j, None)),
             serde_json::json!({"id":"id-1","status":"pending","created_at":"1970-01-01T00:00:01.000Z"})
         );
-        assert!(j.claim(2_000, 5_000));
-        assert!(!j.claim(2_000, 5_000), "a job is claimed once");
+        j.status = JobStatus::Processing;
+        j.claim = Some(Claim {
+            by: 1,
+            until_ms: 7_000,
+        });
         assert!(j.is_running(0));
-        assert!(!j.is_lease_expired(6_999));
-        assert!(j.is_lease_expired(7_000));
+        assert!(j.is_claimed(6_999));
+        assert!(!j.is_claimed(7_000));
         assert_eq!(j.next_timer_ms(), 7_000);
+        j.claim = None;
         let mut extra = ExtraFields::speech("p0", "m0");
         extra.latency = Some(12);
         let meta = ResultMeta {
@@ -557,7 +558,7 @@ mod tests {
     #[test]
     fn fallbacks_then_failure_lists_every_attempt() {
         let mut j = job(2);
-        j.claim(1_000, 10);
+        j.status = JobStatus::Processing;
         assert_eq!(
             j.record_failure(1_500, ApiError::upstream(504, "timed out")),
             NextStep::TryNext
@@ -585,7 +586,7 @@ mod tests {
     #[test]
     fn a_deadline_failure_names_the_last_attempt_not_an_untried_fallback() {
         let mut j = job(3);
-        j.claim(1_000, 10);
+        j.status = JobStatus::Processing;
         j.fail_past_deadline(301_000, 300);
         let e = j.error.clone().unwrap();
         assert_eq!(e.status_code, 504);
@@ -617,7 +618,7 @@ mod tests {
     #[test]
     fn records_round_trip_through_json() {
         let mut j = job(2);
-        j.claim(1, 1);
+        j.status = JobStatus::Processing;
         j.record_failure(2, ApiError::upstream(502, "down"));
         let back: JobRecord = serde_json::from_slice(&serde_json::to_vec(&j).unwrap()).unwrap();
         assert_eq!(back, j);

@@ -8,7 +8,7 @@ pub mod audio;
 pub mod auth;
 pub mod clock;
 pub mod config;
-pub mod dispatch;
+pub mod engine;
 pub mod error;
 pub mod ids;
 pub mod job;
@@ -23,4 +23,3 @@ pub mod speech;
 pub mod store;
 pub mod time;
 pub mod webhooks;
-

@@ -23,6 +23,15 @@ pub enum Queue {
     Wheel(u8, u8),
 }
 
+impl Queue {
+    /// Every queue the filter uses, for the host to register.
+    pub fn all() -> impl Iterator<Item = Queue> {
+        [Queue::Free, Queue::Jobs]
+            .into_iter()
+            .chain(crate::store::shared::wheel::all_buckets())
+    }
+}
+
 /// One provider (or other) HTTP call to send through an Envoy cluster.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Callout {

@@ -2,17 +2,17 @@
 //! it decides. A submit's body (and trailers) is held here until complete, so
 //! nothing of an intercepted request ever goes upstream.
 
-use log::{error, info, warn};
+use log::{error, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 
 use crate::root::Shared;
 use async_speech_core::api::routes::{route, Route};
-use async_speech_core::api::{Answer, Api, Decision, Event, PendingSubmit, RequestHead, Then};
+use async_speech_core::api::{Answer, Api, Decision, PendingSubmit, RequestHead, Then};
 use async_speech_core::auth::ClaimValue;
+use async_speech_core::engine::Report;
 use async_speech_core::error::ApiError;
-use async_speech_core::log_escape::escape_for_log as escape;
 use async_speech_core::platform::Host;
 
 enum State {
@@ -62,43 +62,8 @@ impl SpeechHttp {
 
     fn send(&mut self, answer: Answer) -> Action {
         self.state = State::Answered;
-        if let Some(shared) = &self.shared {
-            let m = &shared.metrics;
-            match &answer.event {
-                Event::Submitted {
-                    id,
-                    model,
-                    fallbacks,
-                    ttl_s,
-                } => {
-                    m.submitted();
-                    // With etcd, expiry is etcd's: these gauges count this Envoy's store only.
-                    if shared.config.store == async_speech_core::store::etcd::StoreConfig::SharedData {
-                        m.held(1);
-                        m.pending(1);
-                    }
-                    info!(
-                        "job {id} submitted: model {}, {fallbacks} fallbacks, ttl {ttl_s} s",
-                        escape(model)
-                    );
-                }
-                Event::Rejected {
-                    status,
-                    message,
-                    full,
-                } => {
-                    m.rejected(*status, *full);
-                    info!("submit refused with {status}: {}", escape(message));
-                }
-                Event::Deleted { id } => {
-                    m.deleted();
-                    if shared.config.store == async_speech_core::store::etcd::StoreConfig::SharedData {
-                        m.held(-1);
-                    }
-                    info!("job {id} deleted by its owner");
-                }
-                Event::None => {}
-            }
+        if let (Some(shared), Some(report)) = (&self.shared, answer.event.clone()) {
+            shared.stats.write(vec![report]);
         }
         let headers: Vec<(&str, &str)> = answer
             .headers
@@ -206,7 +171,11 @@ impl Context for SpeechHttp {
             .now_ms(shared.host.as_ref())
             .saturating_sub(started_ms);
         let ok = answer.as_ref().is_some_and(|(s, _)| (200..300).contains(s));
-        shared.metrics.store_call("api", ok, latency);
+        shared.stats.write(vec![Report::StoreCall {
+            op: "api",
+            ok,
+            latency_ms: latency,
+        }]);
         let decision = Self::api(&shared).on_store_answer(then, answer);
         self.decide(&shared, decision);
     }

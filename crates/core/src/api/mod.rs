@@ -8,13 +8,15 @@ use serde_json::json;
 
 use crate::auth::authenticate;
 use crate::config::Config;
+use crate::engine::Report;
 use crate::error::ApiError;
 use crate::ids::make_id;
 use crate::job::{JobRecord, JobStatus, WebhookJob};
 use crate::platform::Host;
 use crate::request::{is_json_content_type, parse_speech_request, parse_ttl, TTL_HEADER};
-use crate::store::jobs::{Done, Jobs, Resume, Step};
-use crate::store::slot::{self, HeldView, SlotView};
+use crate::store::etcd::StoreConfig;
+use crate::store::jobs::{Done, Jobs, Step, Wait};
+use crate::store::shared::slot::{self, HeldView, SlotView};
 use crate::store::{Keys, StoreError};
 use crate::time::rfc3339;
 use crate::webhooks::{endpoint_for_submit, WEBHOOK_HEADER};
@@ -27,27 +29,7 @@ pub struct Answer {
     pub headers: Vec<(&'static str, String)>,
     pub body: Vec<u8>,
     /// What happened, for stats and logs.
-    pub event: Event,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    None,
-    Submitted {
-        id: String,
-        model: String,
-        fallbacks: usize,
-        ttl_s: u64,
-    },
-    /// A submit refused with this status; `full` when the store was full.
-    Rejected {
-        status: u16,
-        message: String,
-        full: bool,
-    },
-    Deleted {
-        id: String,
-    },
+    pub event: Option<Report>,
 }
 
 impl Answer {
@@ -56,7 +38,7 @@ impl Answer {
             status,
             headers: vec![("content-type", "application/json".into())],
             body,
-            event: Event::None,
+            event: None,
         }
     }
 
@@ -105,7 +87,7 @@ pub struct StoreCall {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Then {
     op: Op,
-    resume: Resume,
+    wait: Wait,
 }
 
 /// What the request is doing.
@@ -268,16 +250,16 @@ impl Api<'_> {
     }
 
     /// Goes on with a request once the store's call has been answered.
-    pub fn on_store_answer(&self, then: Then, answer: crate::store::etcd::StoreAnswer) -> Decision {
-        self.follow(self.jobs().resume(then.resume, answer), then.op)
+    pub fn on_store_answer(&self, then: Then, answer: crate::store::work::StoreAnswer) -> Decision {
+        self.follow(self.jobs().resume(then.wait, answer), then.op)
     }
 
     /// The store's next step: a call to make, or the answer.
     fn follow(&self, step: Step, op: Op) -> Decision {
         match step {
-            Step::Call(callout, resume) => Decision::Call(Box::new(StoreCall {
+            Step::Call(callout, wait) => Decision::Call(Box::new(StoreCall {
                 callout,
-                then: Then { op, resume },
+                then: Then { op, wait },
             })),
             Step::Done(done) => {
                 let route = if matches!(op, Op::Submit { .. }) {
@@ -302,7 +284,13 @@ impl Api<'_> {
                     ttl_s,
                 },
                 Done::Inserted(record),
-            ) => Ok(submitted(&record, model, fallbacks, ttl_s)),
+            ) => Ok(submitted(
+                &record,
+                model,
+                fallbacks,
+                ttl_s,
+                self.config.store == StoreConfig::SharedData,
+            )),
             (Op::Poll, Done::Read(Some(bytes))) => match slot::decode(&bytes) {
                 SlotView::Held(view) => Ok(poll_answer(&view)),
                 _ => Err(ApiError::job_not_found()),
@@ -315,7 +303,10 @@ impl Api<'_> {
                 status: 204,
                 headers: vec![],
                 body: vec![],
-                event: Event::Deleted { id },
+                event: Some(Report::Deleted {
+                    id,
+                    local: self.config.store == StoreConfig::SharedData,
+                }),
             }),
             // Unknown, expired, someone else's, or freed by someone else since it was read.
             _ => Err(ApiError::job_not_found()),
@@ -332,18 +323,25 @@ impl Api<'_> {
 }
 
 /// The 202 of an accepted submit.
-fn submitted(record: &JobRecord, model: String, fallbacks: usize, ttl_s: u64) -> Answer {
+fn submitted(
+    record: &JobRecord,
+    model: String,
+    fallbacks: usize,
+    ttl_s: u64,
+    local: bool,
+) -> Answer {
     let body =
         json!({"id": record.id, "status": "pending", "created_at": rfc3339(record.created_at_ms)});
     let mut answer = Answer::json(202, serde_json::to_vec(&body).unwrap_or_default())
         .with("location", format!("{BASE}/{}", record.id))
         .with("retry-after", "1");
-    answer.event = Event::Submitted {
+    answer.event = Some(Report::Submitted {
         id: record.id.clone(),
         model,
         fallbacks,
         ttl_s,
-    };
+        local,
+    });
     answer
 }
 
@@ -389,7 +387,7 @@ fn content_answer(view: &HeldView) -> Result<Answer, ApiError> {
                 status: 200,
                 headers: vec![("content-type", format.content_type().into())],
                 body: audio,
-                event: Event::None,
+                event: None,
             })
         }
     }
@@ -413,11 +411,11 @@ fn refused(route: &Route, e: &ApiError) -> Answer {
         answer = answer.with("allow", route.allowed().join(", "));
     }
     if *route == Route::Submit {
-        answer.event = Event::Rejected {
+        answer.event = Some(Report::Rejected {
             status: e.status_code,
             message: e.error.message.clone(),
             full: e.error.code.as_deref() == Some("store_full"),
-        };
+        });
     }
     answer
 }

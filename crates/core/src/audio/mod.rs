@@ -362,9 +362,12 @@ mod tests {
         macro_rules! parts {
             ($ext:literal) => {
                 vec![
-                    include_bytes!(concat!("../../../../tests/fixtures/audio/part1.", $ext)).to_vec(),
-                    include_bytes!(concat!("../../../../tests/fixtures/audio/part2.", $ext)).to_vec(),
-                    include_bytes!(concat!("../../../../tests/fixtures/audio/part3.", $ext)).to_vec(),
+                    include_bytes!(concat!("../../../../tests/fixtures/audio/part1.", $ext))
+                        .to_vec(),
+                    include_bytes!(concat!("../../../../tests/fixtures/audio/part2.", $ext))
+                        .to_vec(),
+                    include_bytes!(concat!("../../../../tests/fixtures/audio/part3.", $ext))
+                        .to_vec(),
                 ]
             };
         }

@@ -3,10 +3,12 @@
 //! first, and `resume` goes on with its answer (perhaps to another call).
 //! The API never learns which store it is talking to.
 
+use super::etcd::call::{Answered, EtcdCall};
 use super::etcd::jobs::{self as etcd_jobs, decode_job};
-use super::etcd::response::{check_status, parse_range, parse_txn};
-use super::etcd::{request as req, EtcdConfig, StoreAnswer, StoreConfig};
-use super::slot::{self, SlotView};
+use super::etcd::response::{parse_range, parse_txn};
+use super::etcd::{request as req, EtcdConfig, StoreConfig};
+use super::shared::slot::{self, SlotView};
+use super::work::StoreAnswer;
 use super::{Keys, Store, StoreError};
 use crate::job::{render, JobRecord};
 use crate::platform::{Callout, Host, Queue};
@@ -16,7 +18,15 @@ use crate::platform::{Callout, Host, Queue};
 pub enum Step {
     Done(Result<Done, StoreError>),
     /// Make this call, then `resume` with its answer.
-    Call(Callout, Resume),
+    Call(Callout, Wait),
+}
+
+/// A call under way for an operation: the call (to make again if it gets no
+/// usable answer) and where the operation stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wait {
+    call: EtcdCall,
+    resume: Resume,
 }
 
 /// What a finished operation gives back.
@@ -34,11 +44,27 @@ pub enum Done {
 /// Where an operation stands while it waits on a call.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {
-    Insert(Box<JobRecord>),
-    Read { id: String, owner: Vec<u8> },
-    ReadParts { id: String, parts: u32 },
-    DeleteRead { id: String, owner: Vec<u8> },
-    Delete,
+    Insert {
+        record: Box<JobRecord>,
+        value: Vec<u8>,
+    },
+    Read {
+        id: String,
+        owner: Vec<u8>,
+    },
+    ReadParts {
+        id: String,
+        parts: u32,
+    },
+    DeleteRead {
+        id: String,
+        owner: Vec<u8>,
+    },
+    Delete {
+        id: String,
+        owner: Vec<u8>,
+        tries: u8,
+    },
 }
 
 pub struct Jobs<'a> {
@@ -84,7 +110,14 @@ impl Jobs<'_> {
                 }
                 let submit =
                     etcd_jobs::submit(&etcd.layout(), &record.id, &value, record.deadline_ms);
-                Step::Call(etcd.callout(&submit), Resume::Insert(Box::new(record)))
+                self.call(
+                    etcd,
+                    submit,
+                    Resume::Insert {
+                        record: Box::new(record),
+                        value,
+                    },
+                )
             }
         }
     }
@@ -119,7 +152,7 @@ impl Jobs<'_> {
                     id: id.to_string(),
                     owner: owner.to_vec(),
                 };
-                Step::Call(etcd.callout(&req::range(&etcd.layout().job(id))), resume)
+                self.call(etcd, req::range(&etcd.layout().job(id)), resume)
             }
         }
     }
@@ -152,32 +185,60 @@ impl Jobs<'_> {
                     id: id.to_string(),
                     owner: owner.to_vec(),
                 };
-                Step::Call(etcd.callout(&req::range(&etcd.layout().job(id))), resume)
+                self.call(etcd, req::range(&etcd.layout().job(id)), resume)
             }
         }
     }
 
+    fn call(&self, etcd: &EtcdConfig, request: req::Request, resume: Resume) -> Step {
+        let (callout, call) = etcd.call(request, self.now_ms);
+        Step::Call(callout, Wait { call, resume })
+    }
+
     /// Goes on with an operation once etcd has answered.
-    pub fn resume(&self, resume: Resume, answer: StoreAnswer) -> Step {
+    pub fn resume(&self, wait: Wait, answer: StoreAnswer) -> Step {
         let StoreConfig::Etcd(etcd) = self.store else {
             return Step::Done(Err(unavailable("no call was expected")));
         };
-        let body = match answer
-            .as_ref()
-            .map(|(status, body)| check_status(*status, body))
-        {
-            Some(Ok(body)) => body,
-            _ => return Step::Done(Err(unavailable("etcd did not answer"))),
+        let Wait { call, resume } = wait;
+        match etcd.answered(call, &answer, self.now_ms) {
+            Answered::Body(body) => self.resume_etcd(etcd, resume, body),
+            Answered::Again(callout, call) => Step::Call(callout, Wait { call, resume }),
+            Answered::Failed(_) => Step::Done(Err(unavailable("etcd did not answer"))),
+        }
+    }
+
+    /// Deletes the job as read (`kv`) if it is the owner's and unexpired.
+    fn delete_kv(
+        &self,
+        etcd: &EtcdConfig,
+        id: String,
+        owner: Vec<u8>,
+        kv: Option<&super::etcd::Kv>,
+        tries: u8,
+    ) -> Step {
+        let Some(kv) = kv else {
+            return Step::Done(Ok(Done::Deleted(false)));
         };
-        self.resume_etcd(etcd, resume, body)
+        let owned = decode_job(&kv.value)
+            .is_some_and(|job| job.owner == owner.as_slice() && !job.is_expired(self.now_ms));
+        if !owned || tries >= 3 {
+            return Step::Done(Ok(Done::Deleted(false)));
+        }
+        let delete = etcd_jobs::delete(&etcd.layout(), &id, kv.mod_revision);
+        self.call(etcd, delete, Resume::Delete { id, owner, tries })
     }
 
     fn resume_etcd(&self, etcd: &EtcdConfig, resume: Resume, body: &[u8]) -> Step {
         let layout = etcd.layout();
         let bad = |_| Step::Done(Err(unavailable("etcd's answer is unreadable")));
         match resume {
-            Resume::Insert(record) => match parse_txn(body) {
+            Resume::Insert { record, value } => match parse_txn(body) {
                 Ok(txn) if txn.succeeded => Step::Done(Ok(Done::Inserted(record))),
+                // An earlier try of this very submit landed.
+                Ok(txn) if txn.range_kv(0).is_some_and(|kv| kv.value == value) => {
+                    Step::Done(Ok(Done::Inserted(record)))
+                }
                 Ok(_) => Step::Done(Err(unavailable("the job id is taken"))),
                 Err(e) => bad(e),
             },
@@ -196,16 +257,14 @@ impl Jobs<'_> {
                     Some(payload) => {
                         Step::Done(Ok(Done::Read(owned(payload.to_vec(), &owner, self.now_ms))))
                     }
-                    None => {
-                        let call = etcd.callout(&req::range_prefix(&layout.audio(&id), 0));
-                        Step::Call(
-                            call,
-                            Resume::ReadParts {
-                                id,
-                                parts: job.parts,
-                            },
-                        )
-                    }
+                    None => self.call(
+                        etcd,
+                        req::range_prefix(&layout.audio(&id), 0),
+                        Resume::ReadParts {
+                            id,
+                            parts: job.parts,
+                        },
+                    ),
                 }
             }
             Resume::ReadParts { id, parts } => match parse_range(body) {
@@ -214,27 +273,19 @@ impl Jobs<'_> {
                 ))),
                 Err(e) => bad(e),
             },
-            Resume::DeleteRead { id, owner } => {
-                let range = match parse_range(body) {
-                    Ok(r) => r,
-                    Err(e) => return bad(e),
-                };
-                let Some(kv) = range.kvs.first() else {
-                    return Step::Done(Ok(Done::Deleted(false)));
-                };
-                match decode_job(&kv.value) {
-                    Some(job) if job.owner == owner.as_slice() && !job.is_expired(self.now_ms) => {
-                        Step::Call(
-                            etcd.callout(&etcd_jobs::delete(&layout, &id, kv.mod_revision)),
-                            Resume::Delete,
-                        )
-                    }
-                    _ => Step::Done(Ok(Done::Deleted(false))),
-                }
-            }
-            // Changed or gone since it was read (it finished, or expired): not deleted.
-            Resume::Delete => match parse_txn(body) {
-                Ok(txn) => Step::Done(Ok(Done::Deleted(txn.succeeded))),
+            Resume::DeleteRead { id, owner } => match parse_range(body) {
+                Ok(range) => self.delete_kv(etcd, id, owner, range.kvs.first(), 0),
+                Err(e) => bad(e),
+            },
+            // Gone after a failed compare: an earlier try of this delete landed,
+            // or the job expired meanwhile. Changed (it progressed or finished
+            // since it was read): deleted as it now is, if still the caller's.
+            Resume::Delete { id, owner, tries } => match parse_txn(body) {
+                Ok(txn) if txn.succeeded => Step::Done(Ok(Done::Deleted(true))),
+                Ok(txn) => match txn.range_kv(0) {
+                    None => Step::Done(Ok(Done::Deleted(true))),
+                    kv => self.delete_kv(etcd, id, owner, kv, tries.saturating_add(1)),
+                },
                 Err(e) => bad(e),
             },
         }

@@ -17,7 +17,7 @@
 //! it expires. Every key lives under the configured prefix.
 
 use super::keys::{split_audio, Layout};
-use super::request::{self as req, Compare, CompareResult, CompareTarget, Op, Request, Txn};
+use super::request::{self as req, Compare, Op, Request, Txn};
 
 /// How long a replica's claims outlive it (its lease, kept alive every few seconds).
 pub const CLAIM_TTL_S: i64 = 10;
@@ -94,6 +94,8 @@ pub fn submit(layout: &Layout, id: &str, job_value: &[u8], deadline_ms: u64) -> 
             &pending(Pending::Run, deadline_ms),
             None,
         ))
+        // When it fails, the job is read back: as written, an earlier try landed.
+        .otherwise(Op::range(&layout.job(id)))
         .request()
 }
 
@@ -133,22 +135,23 @@ pub fn delete(layout: &Layout, id: &str, mod_revision: i64) -> Request {
         .then(Op::delete_prefix(&layout.audio(id)))
         .then(Op::delete(&layout.pending(id)))
         .then(Op::delete(&layout.claim(id)))
+        // When it fails, the job is read back: gone, an earlier try landed.
+        .otherwise(Op::range(&layout.job(id)))
         .request()
 }
 
 /// Claims a job for `owner` under its lease, and reads the job in the same
 /// step — only while it is still pending (a scan may be older than the job's
-/// end) and no one else holds it.
+/// end) and no one else holds it. When it fails, the claim and the job are
+/// read back: a claim already `owner`'s (an earlier try that landed) holds.
 pub fn claim(layout: &Layout, id: &str, owner: &[u8], lease: i64) -> Request {
     Txn::new()
         .when(Compare::absent(&layout.claim(id)))
-        .when(Compare::new(
-            &layout.pending(id),
-            CompareResult::Greater,
-            CompareTarget::CreateRevision(0),
-        ))
+        .when(Compare::present(&layout.pending(id)))
         .then(Op::put(&layout.claim(id), owner, Some(lease)))
         .then(Op::range(&layout.job(id)))
+        .otherwise(Op::range(&layout.claim(id)))
+        .otherwise(Op::range(&layout.job(id)))
         .request()
 }
 
@@ -162,17 +165,15 @@ pub enum Release {
     DeliverAt(u64),
     /// Expired while its delivery went on, which has now ended: every key goes.
     Forget,
+    /// Not finished: pending again (its entry stays), for any replica to claim.
+    HandBack,
 }
 
 /// Lets go of a job, only while `owner` still holds the claim: the record
 /// as it now stands (its parts were written before), the pending entry, and
 /// the claim released.
 pub fn release(layout: &Layout, id: &str, owner: &[u8], job_value: &[u8], how: Release) -> Request {
-    let txn = Txn::new().when(Compare::new(
-        &layout.claim(id),
-        CompareResult::Equal,
-        CompareTarget::Value(owner.to_vec()),
-    ));
+    let txn = Txn::new().when(Compare::holds(&layout.claim(id), owner));
     let txn = match how {
         Release::Done { ttl_lease } => txn
             .then(Op::put(&layout.job(id), job_value, Some(ttl_lease)))
@@ -189,19 +190,19 @@ pub fn release(layout: &Layout, id: &str, owner: &[u8], job_value: &[u8], how: R
             .then(Op::delete(&layout.job(id)))
             .then(Op::delete_prefix(&layout.audio(id)))
             .then(Op::delete(&layout.pending(id))),
+        Release::HandBack => txn.then(Op::put(&layout.job(id), job_value, None)),
     };
-    txn.then(Op::delete(&layout.claim(id))).request()
+    // When it fails, the job is read back: as written, an earlier try landed.
+    txn.then(Op::delete(&layout.claim(id)))
+        .otherwise(Op::range(&layout.job(id)))
+        .request()
 }
 
 /// A running job's record as it now stands (`processing`, its progress),
 /// written only while `owner` holds the claim; best effort.
 pub fn show_running(layout: &Layout, id: &str, owner: &[u8], job_value: &[u8]) -> Request {
     Txn::new()
-        .when(Compare::new(
-            &layout.claim(id),
-            CompareResult::Equal,
-            CompareTarget::Value(owner.to_vec()),
-        ))
+        .when(Compare::holds(&layout.claim(id), owner))
         .then(Op::put(&layout.job(id), job_value, None))
         .request()
 }

@@ -18,19 +18,19 @@
 //! - **Delete**: a txn on the record's mod_revision that deletes the record,
 //!   the audio prefix, the claim and the pending entry.
 
+pub mod call;
 pub mod config;
 pub mod jobs;
 pub mod keys;
 pub mod request;
 pub mod response;
-
-/// The answer to a call to etcd: its status and body, or none at all.
-pub type StoreAnswer = Option<(u16, Vec<u8>)>;
+pub mod wire;
+pub mod work;
 
 pub use config::{parse_store_config, EtcdConfig, StoreConfig};
 pub use keys::{join_parts, parts_needed, split_audio, Layout};
 pub use request::{Compare, CompareResult, CompareTarget, Op, Request, Txn};
-pub use response::{EtcdError, Kv, LeaseGrant, OpResponse, RangeResponse, TxnResponse};
+pub use response::{EtcdError, Kv, LeaseGrant, RangeResponse, TxnResponse};
 
 #[cfg(test)]
 mod fixtures;

@@ -1,20 +1,17 @@
-//! Requests to etcd's HTTP/JSON gateway (grpc-gateway, etcd 3.4 and later).
+//! Requests to etcd's HTTP/JSON gateway (grpc-gateway, etcd 3.4 and later):
+//! builders over the types of `wire`.
 //!
-//! Every call is a `POST` of a JSON object to a `/v3/...` path. Keys and
-//! values are bytes, written in standard base64; int64 fields (revisions,
-//! lease ids, TTLs, limits) are written as JSON strings, as the gateway's own
-//! answers write them. Field names are the proto names (`create_revision`,
-//! `request_put`, `ID`, `TTL`), which the gateway reads and writes.
+//! Every call is a `POST` of a JSON object to a `/v3/...` path.
 //!
 //! Limits to keep in mind (etcd's defaults): one request (a whole txn
 //! included) is at most `--max-request-bytes` (1.5 MiB) of keys and values,
 //! a txn holds at most `--max-txn-ops` (128) operations, and a txn may not
 //! touch one key twice.
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
 
+pub use super::wire::{Compare, CompareResult, CompareTarget, RequestOp as Op, TxnRequest as Txn};
+use super::wire::{DeleteRangeRequest, LeaseRequest, PutRequest, RangeRequest, TxnRequest};
 use crate::platform::Callout;
 
 pub const RANGE: &str = "/v3/kv/range";
@@ -33,48 +30,29 @@ pub struct Request {
 }
 
 impl Request {
-    fn new(path: &'static str, body: Value) -> Request {
+    fn new(path: &'static str, body: &impl Serialize) -> Request {
         Request {
             path,
-            // Display of a `Value` cannot fail.
-            body: body.to_string().into_bytes(),
+            // Serializing these plain types cannot fail.
+            body: serde_json::to_vec(body).unwrap_or_default(),
         }
     }
 
     /// This request as a callout to the Envoy cluster in front of etcd.
     pub fn callout(&self, cluster: &str, authority: &str, timeout_ms: u64) -> Callout {
-        callout(cluster, authority, timeout_ms, self.path, self.body.clone())
+        Callout {
+            cluster: cluster.to_string(),
+            headers: vec![
+                (":method".into(), "POST".into()),
+                (":path".into(), self.path.into()),
+                (":authority".into(), authority.into()),
+                ("content-type".into(), "application/json".into()),
+            ],
+            body: self.body.clone(),
+            // Envoy reads 0 as "no timeout".
+            timeout_ms: timeout_ms.max(1),
+        }
     }
-}
-
-/// A `POST` of a JSON body to `path` through `cluster`. A `timeout_ms` of 0
-/// is sent as 1 (Envoy reads 0 as "no timeout").
-pub fn callout(
-    cluster: &str,
-    authority: &str,
-    timeout_ms: u64,
-    path: &str,
-    body: Vec<u8>,
-) -> Callout {
-    Callout {
-        cluster: cluster.to_string(),
-        headers: vec![
-            (":method".into(), "POST".into()),
-            (":path".into(), path.into()),
-            (":authority".into(), authority.into()),
-            ("content-type".into(), "application/json".into()),
-        ],
-        body,
-        timeout_ms: timeout_ms.max(1),
-    }
-}
-
-fn b64(bytes: &[u8]) -> Value {
-    Value::String(STANDARD.encode(bytes))
-}
-
-fn int(n: i64) -> Value {
-    Value::String(n.to_string())
 }
 
 /// The end of the range of every key that starts with `prefix` (etcd's
@@ -92,57 +70,42 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// How a compare sets its result against etcd's value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CompareResult {
-    Equal,
-    Greater,
-    Less,
-    NotEqual,
-}
-
-impl CompareResult {
-    fn name(self) -> &'static str {
-        match self {
-            CompareResult::Equal => "EQUAL",
-            CompareResult::Greater => "GREATER",
-            CompareResult::Less => "LESS",
-            CompareResult::NotEqual => "NOT_EQUAL",
-        }
-    }
-}
-
-/// What of a key a compare looks at, and the value it compares with.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CompareTarget {
-    Version(i64),
-    /// 0 for a key that does not exist.
-    CreateRevision(i64),
-    ModRevision(i64),
-    Value(Vec<u8>),
-    Lease(i64),
-}
-
-/// One condition of a txn.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Compare {
-    pub key: Vec<u8>,
-    pub result: CompareResult,
-    pub target: CompareTarget,
-}
-
 impl Compare {
     pub fn new(key: &[u8], result: CompareResult, target: CompareTarget) -> Compare {
         Compare {
-            key: key.to_vec(),
             result,
+            key: key.to_vec(),
             target,
         }
     }
 
     /// The key does not exist (its create_revision is 0).
     pub fn absent(key: &[u8]) -> Compare {
-        Compare::new(key, CompareResult::Equal, CompareTarget::CreateRevision(0))
+        Compare::new(
+            key,
+            CompareResult::Equal,
+            CompareTarget::CreateRevision { create_revision: 0 },
+        )
+    }
+
+    /// The key exists.
+    pub fn present(key: &[u8]) -> Compare {
+        Compare::new(
+            key,
+            CompareResult::Greater,
+            CompareTarget::CreateRevision { create_revision: 0 },
+        )
+    }
+
+    /// The key holds exactly `value`.
+    pub fn holds(key: &[u8], value: &[u8]) -> Compare {
+        Compare::new(
+            key,
+            CompareResult::Equal,
+            CompareTarget::Value {
+                value: value.to_vec(),
+            },
+        )
     }
 
     /// The key was last written at `mod_revision` (and so still exists).
@@ -150,163 +113,73 @@ impl Compare {
         Compare::new(
             key,
             CompareResult::Equal,
-            CompareTarget::ModRevision(mod_revision),
+            CompareTarget::ModRevision { mod_revision },
         )
     }
-
-    fn json(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("result".into(), self.result.name().into());
-        let (target, field, value) = match &self.target {
-            CompareTarget::Version(v) => ("VERSION", "version", int(*v)),
-            CompareTarget::CreateRevision(v) => ("CREATE", "create_revision", int(*v)),
-            CompareTarget::ModRevision(v) => ("MOD", "mod_revision", int(*v)),
-            CompareTarget::Value(v) => ("VALUE", "value", b64(v)),
-            CompareTarget::Lease(v) => ("LEASE", "lease", int(*v)),
-        };
-        m.insert("target".into(), target.into());
-        m.insert("key".into(), b64(&self.key));
-        m.insert(field.into(), value);
-        Value::Object(m)
-    }
-}
-
-/// One operation, alone or in a txn.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
-    /// `key` alone, or `[key, range_end)`; `limit` 0 means no limit.
-    Range {
-        key: Vec<u8>,
-        range_end: Option<Vec<u8>>,
-        limit: i64,
-    },
-    Put {
-        key: Vec<u8>,
-        value: Vec<u8>,
-        lease: Option<i64>,
-    },
-    /// `key` alone, or `[key, range_end)`.
-    DeleteRange {
-        key: Vec<u8>,
-        range_end: Option<Vec<u8>>,
-    },
 }
 
 impl Op {
     pub fn range(key: &[u8]) -> Op {
-        Op::Range {
+        Op::RequestRange(RangeRequest {
             key: key.to_vec(),
-            range_end: None,
-            limit: 0,
-        }
+            ..RangeRequest::default()
+        })
     }
 
     pub fn range_prefix(prefix: &[u8], limit: i64) -> Op {
-        Op::Range {
+        Op::RequestRange(RangeRequest {
             key: prefix.to_vec(),
-            range_end: Some(prefix_end(prefix)),
+            range_end: prefix_end(prefix),
             limit,
-        }
+            ..RangeRequest::default()
+        })
     }
 
     pub fn put(key: &[u8], value: &[u8], lease: Option<i64>) -> Op {
-        Op::Put {
+        Op::RequestPut(PutRequest {
             key: key.to_vec(),
             value: value.to_vec(),
-            lease,
-        }
+            lease: lease.unwrap_or(0),
+        })
     }
 
     pub fn delete(key: &[u8]) -> Op {
-        Op::DeleteRange {
+        Op::RequestDeleteRange(DeleteRangeRequest {
             key: key.to_vec(),
-            range_end: None,
-        }
+            range_end: Vec::new(),
+        })
     }
 
     pub fn delete_prefix(prefix: &[u8]) -> Op {
-        Op::DeleteRange {
+        Op::RequestDeleteRange(DeleteRangeRequest {
             key: prefix.to_vec(),
-            range_end: Some(prefix_end(prefix)),
-        }
-    }
-
-    /// The body of the operation's own request (`RangeRequest`, ...).
-    fn json(&self) -> Value {
-        let mut m = Map::new();
-        match self {
-            Op::Range {
-                key,
-                range_end,
-                limit,
-            } => {
-                m.insert("key".into(), b64(key));
-                if let Some(end) = range_end {
-                    m.insert("range_end".into(), b64(end));
-                }
-                if *limit != 0 {
-                    m.insert("limit".into(), int(*limit));
-                }
-            }
-            Op::Put { key, value, lease } => {
-                m.insert("key".into(), b64(key));
-                m.insert("value".into(), b64(value));
-                if let Some(lease) = lease {
-                    m.insert("lease".into(), int(*lease));
-                }
-            }
-            Op::DeleteRange { key, range_end } => {
-                m.insert("key".into(), b64(key));
-                if let Some(end) = range_end {
-                    m.insert("range_end".into(), b64(end));
-                }
-            }
-        }
-        Value::Object(m)
-    }
-
-    /// The operation as a `RequestOp` of a txn.
-    fn txn_json(&self) -> Value {
-        let field = match self {
-            Op::Range { .. } => "request_range",
-            Op::Put { .. } => "request_put",
-            Op::DeleteRange { .. } => "request_delete_range",
-        };
-        json!({ (field): self.json() })
+            range_end: prefix_end(prefix),
+        })
     }
 
     /// Bytes of keys and values this operation sends (what etcd's
     /// `--max-request-bytes` counts, give or take a few bytes of framing).
     pub fn payload_bytes(&self) -> usize {
         match self {
-            Op::Range { key, range_end, .. } | Op::DeleteRange { key, range_end } => {
-                key.len() + range_end.as_ref().map_or(0, Vec::len)
-            }
-            Op::Put { key, value, .. } => key.len() + value.len(),
+            Op::RequestRange(r) => r.key.len() + r.range_end.len(),
+            Op::RequestDeleteRange(d) => d.key.len() + d.range_end.len(),
+            Op::RequestPut(p) => p.key.len() + p.value.len(),
         }
     }
 
     /// This operation as a request of its own.
     pub fn request(&self) -> Request {
-        let path = match self {
-            Op::Range { .. } => RANGE,
-            Op::Put { .. } => PUT,
-            Op::DeleteRange { .. } => DELETE_RANGE,
-        };
-        Request::new(path, self.json())
+        match self {
+            Op::RequestRange(r) => Request::new(RANGE, r),
+            Op::RequestPut(p) => Request::new(PUT, p),
+            Op::RequestDeleteRange(d) => Request::new(DELETE_RANGE, d),
+        }
     }
 }
 
 /// A transaction: if every compare holds, the `success` operations run,
 /// otherwise the `failure` ones; all at one revision.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Txn {
-    pub compare: Vec<Compare>,
-    pub success: Vec<Op>,
-    pub failure: Vec<Op>,
-}
-
-impl Txn {
+impl TxnRequest {
     pub fn new() -> Txn {
         Txn::default()
     }
@@ -337,7 +210,7 @@ impl Txn {
             .map(|c| {
                 c.key.len()
                     + match &c.target {
-                        CompareTarget::Value(v) => v.len(),
+                        CompareTarget::Value { value } => value.len(),
                         _ => 0,
                     }
             })
@@ -352,26 +225,10 @@ impl Txn {
     }
 
     pub fn request(&self) -> Request {
-        let mut m = Map::new();
-        m.insert(
-            "compare".into(),
-            self.compare.iter().map(Compare::json).collect(),
-        );
-        m.insert(
-            "success".into(),
-            self.success.iter().map(Op::txn_json).collect(),
-        );
-        if !self.failure.is_empty() {
-            m.insert(
-                "failure".into(),
-                self.failure.iter().map(Op::txn_json).collect(),
-            );
-        }
-        Request::new(TXN, Value::Object(m))
+        Request::new(TXN, self)
     }
 }
 
-/// The value of one key (no answer's `kvs` when it does not exist).
 pub fn range(key: &[u8]) -> Request {
     Op::range(key).request()
 }
@@ -387,11 +244,12 @@ pub fn range_prefix(prefix: &[u8], limit: i64) -> Request {
 pub fn range_prefix_after(prefix: &[u8], after: &[u8], limit: i64) -> Request {
     let mut start = after.to_vec();
     start.push(0);
-    Op::Range {
+    Op::RequestRange(RangeRequest {
         key: start,
-        range_end: Some(prefix_end(prefix)),
+        range_end: prefix_end(prefix),
         limit,
-    }
+        ..RangeRequest::default()
+    })
     .request()
 }
 
@@ -446,23 +304,26 @@ pub fn claim(claim_key: &[u8], owner: &[u8], lease: i64) -> Request {
 
 /// A lease of `ttl_s` seconds, its id chosen by etcd.
 pub fn lease_grant(ttl_s: i64) -> Request {
-    Request::new(LEASE_GRANT, json!({ "TTL": int(ttl_s) }))
+    Request::new(LEASE_GRANT, &LeaseRequest { ttl: ttl_s, id: 0 })
 }
 
 /// Renews a lease for its TTL. The gateway answers one `{"result": ...}`;
 /// a lease that is gone has no `TTL` in it.
 pub fn lease_keepalive(id: i64) -> Request {
-    Request::new(LEASE_KEEPALIVE, json!({ "ID": int(id) }))
+    Request::new(LEASE_KEEPALIVE, &LeaseRequest { ttl: 0, id })
 }
 
 /// Ends a lease and deletes every key attached to it.
 pub fn lease_revoke(id: i64) -> Request {
-    Request::new(LEASE_REVOKE, json!({ "ID": int(id) }))
+    Request::new(LEASE_REVOKE, &LeaseRequest { ttl: 0, id })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use serde_json::{json, Value};
 
     fn body(r: &Request) -> Value {
         serde_json::from_slice(&r.body).unwrap()
@@ -537,17 +398,19 @@ mod tests {
             .when(Compare::new(
                 b"k",
                 CompareResult::Greater,
-                CompareTarget::Version(1),
+                CompareTarget::Version { version: 1 },
             ))
             .when(Compare::new(
                 b"k",
                 CompareResult::Less,
-                CompareTarget::Value(b"v".to_vec()),
+                CompareTarget::Value {
+                    value: b"v".to_vec(),
+                },
             ))
             .when(Compare::new(
                 b"k",
                 CompareResult::NotEqual,
-                CompareTarget::Lease(3),
+                CompareTarget::Lease { lease: 3 },
             ));
         assert_eq!(
             body(&t.request())["compare"],

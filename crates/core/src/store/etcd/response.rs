@@ -1,16 +1,16 @@
-//! Answers of etcd's HTTP/JSON gateway.
+//! Answers of etcd's HTTP/JSON gateway, read into the types of `wire`.
 //!
 //! The gateway omits every field at its zero value: no `kvs` when nothing
 //! matched, no `succeeded` when a txn's compare failed, no `value` for an
 //! empty value, no `lease` for a key without one, no `TTL` in the keepalive
-//! answer for a lease that is gone. int64 fields come as strings ("5"), but
-//! numbers are taken too. An error is `{"error": .., "code": .., "message": ..}`
-//! (gRPC code), or for the streaming keepalive `{"error": {"grpc_code": ..,
-//! "message": ..}}`.
+//! answer for a lease that is gone. An error is `{"error": .., "code": ..,
+//! "message": ..}` (gRPC code), or for the streaming keepalive `{"error":
+//! {"grpc_code": .., "message": ..}}`.
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
-use serde_json::{Map, Value};
+use serde::de::DeserializeOwned;
+
+use super::wire::{ErrorAnswer, ErrorBody, KeepAliveAnswer, LeaseResponse, PutResponse};
+pub use super::wire::{Kv, RangeResponse, ResponseOp, TxnResponse};
 
 /// gRPC status codes the gateway reports that callers tell apart.
 pub const CODE_INVALID_ARGUMENT: i64 = 3;
@@ -28,7 +28,7 @@ pub enum EtcdError {
     Gateway { code: i64, message: String },
     /// An HTTP status other than 200 without the gateway's error JSON: most
     /// often Envoy's own answer (503 when etcd cannot be reached, 504 when
-    /// the callout timed out).
+    /// the callout timed out); 0 for no answer at all.
     Status(u16),
     /// A 200 whose body is not what the gateway sends.
     Malformed(String),
@@ -63,64 +63,27 @@ impl std::fmt::Display for EtcdError {
     }
 }
 
-/// One key as the gateway lists it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Kv {
-    pub key: Vec<u8>,
-    pub value: Vec<u8>,
-    pub mod_revision: i64,
-    pub create_revision: i64,
-    pub version: i64,
-    /// 0 when the key has no lease.
-    pub lease: i64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RangeResponse {
-    /// The keys found, in key order (empty when none).
-    pub kvs: Vec<Kv>,
-    /// More keys matched than the request's `limit`.
-    pub more: bool,
-    /// How many keys matched in all (not only those returned).
-    pub count: i64,
-    /// The store's revision when it answered.
-    pub revision: i64,
-}
-
-/// One response of a txn branch, in the order of the branch's operations.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OpResponse {
-    Range(RangeResponse),
-    Put { revision: i64 },
-    DeleteRange { deleted: i64 },
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TxnResponse {
-    /// Every compare held and the `success` branch ran.
-    pub succeeded: bool,
-    /// The store's revision after the txn.
-    pub revision: i64,
-    /// The responses of the branch that ran.
-    pub responses: Vec<OpResponse>,
-}
-
-impl TxnResponse {
-    /// The first key of the `i`-th response when it is a range with a key:
-    /// what a failed conditional write reads back.
-    pub fn range_kv(&self, i: usize) -> Option<&Kv> {
-        match self.responses.get(i)? {
-            OpResponse::Range(r) => r.kvs.first(),
-            _ => None,
-        }
-    }
-}
-
+/// A lease as granted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseGrant {
     pub id: i64,
     /// Seconds; etcd may grant more than was asked (its minimum TTL).
     pub ttl: i64,
+}
+
+/// The gateway's error in `body`, if it is one.
+fn gateway_error(body: &[u8]) -> Option<EtcdError> {
+    let e: ErrorAnswer = serde_json::from_slice(body).ok()?;
+    Some(match e.error {
+        ErrorBody::Text(error) => EtcdError::Gateway {
+            code: e.code,
+            message: e.message.unwrap_or(error),
+        },
+        ErrorBody::Stream { grpc_code, message } => EtcdError::Gateway {
+            code: grpc_code,
+            message,
+        },
+    })
 }
 
 /// The HTTP answer of a gateway call: its body when the status is 200, the
@@ -129,214 +92,50 @@ pub fn check_status(status: u16, body: &[u8]) -> Result<&[u8], EtcdError> {
     if status == 200 {
         return Ok(body);
     }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(m)) => match gateway_error(&m) {
-            Some(e) => Err(e),
-            None => Err(EtcdError::Status(status)),
-        },
-        _ => Err(EtcdError::Status(status)),
+    Err(gateway_error(body).unwrap_or(EtcdError::Status(status)))
+}
+
+/// The body read as `T`, unless it is the gateway's error.
+fn read<T: DeserializeOwned>(body: &[u8]) -> Result<T, EtcdError> {
+    if let Some(e) = gateway_error(body) {
+        return Err(e);
     }
-}
-
-fn gateway_error(m: &Map<String, Value>) -> Option<EtcdError> {
-    match m.get("error")? {
-        // Unary calls: {"error": "...", "code": 5, "message": "..."}.
-        Value::String(error) => Some(EtcdError::Gateway {
-            code: m.get("code").and_then(|c| int(c).ok()).unwrap_or(0),
-            message: m
-                .get("message")
-                .and_then(Value::as_str)
-                .unwrap_or(error)
-                .to_string(),
-        }),
-        // Streaming calls: {"error": {"grpc_code": 5, "message": "...", ...}}.
-        Value::Object(e) => Some(EtcdError::Gateway {
-            code: e
-                .get("grpc_code")
-                .or_else(|| e.get("code"))
-                .and_then(|c| int(c).ok())
-                .unwrap_or(0),
-            message: e
-                .get("message")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-        }),
-        _ => None,
+    // Every answer is an object (serde would take a list for a struct too).
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(EtcdError::Malformed("not a JSON object".into()));
     }
-}
-
-/// The body as a JSON object that is not an error.
-fn object(body: &[u8]) -> Result<Map<String, Value>, EtcdError> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(m)) => match gateway_error(&m) {
-            Some(e) => Err(e),
-            None => Ok(m),
-        },
-        Ok(_) => Err(EtcdError::Malformed("not a JSON object".into())),
-        Err(e) => Err(EtcdError::Malformed(format!("not JSON: {e}"))),
-    }
-}
-
-fn int(v: &Value) -> Result<i64, EtcdError> {
-    match v {
-        Value::String(s) => s
-            .parse()
-            .map_err(|_| EtcdError::Malformed(format!("not an int64: {s:?}"))),
-        Value::Number(n) => n
-            .as_i64()
-            .ok_or_else(|| EtcdError::Malformed(format!("not an int64: {n}"))),
-        other => Err(EtcdError::Malformed(format!("not an int64: {other}"))),
-    }
-}
-
-/// An int64 field, 0 when omitted.
-fn int_field(m: &Map<String, Value>, name: &str) -> Result<i64, EtcdError> {
-    m.get(name).map_or(Ok(0), int)
-}
-
-/// A bool field, false when omitted.
-fn bool_field(m: &Map<String, Value>, name: &str) -> Result<bool, EtcdError> {
-    match m.get(name) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(other) => Err(EtcdError::Malformed(format!(
-            "{name} is not a bool: {other}"
-        ))),
-    }
-}
-
-/// A bytes field (base64), empty when omitted.
-fn bytes_field(m: &Map<String, Value>, name: &str) -> Result<Vec<u8>, EtcdError> {
-    match m.get(name) {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => STANDARD
-            .decode(s)
-            .map_err(|e| EtcdError::Malformed(format!("{name} is not base64: {e}"))),
-        Some(other) => Err(EtcdError::Malformed(format!(
-            "{name} is not a string: {other}"
-        ))),
-    }
-}
-
-fn object_field<'a>(
-    m: &'a Map<String, Value>,
-    name: &str,
-) -> Result<Option<&'a Map<String, Value>>, EtcdError> {
-    match m.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(o)) => Ok(Some(o)),
-        Some(other) => Err(EtcdError::Malformed(format!(
-            "{name} is not an object: {other}"
-        ))),
-    }
-}
-
-fn array_field<'a>(m: &'a Map<String, Value>, name: &str) -> Result<&'a [Value], EtcdError> {
-    match m.get(name) {
-        None | Some(Value::Null) => Ok(&[]),
-        Some(Value::Array(a)) => Ok(a),
-        Some(other) => Err(EtcdError::Malformed(format!(
-            "{name} is not a list: {other}"
-        ))),
-    }
-}
-
-fn revision(m: &Map<String, Value>) -> Result<i64, EtcdError> {
-    match object_field(m, "header")? {
-        Some(h) => int_field(h, "revision"),
-        None => Ok(0),
-    }
-}
-
-fn kv(v: &Value) -> Result<Kv, EtcdError> {
-    let Value::Object(m) = v else {
-        return Err(EtcdError::Malformed(format!("a kv is not an object: {v}")));
-    };
-    Ok(Kv {
-        key: bytes_field(m, "key")?,
-        value: bytes_field(m, "value")?,
-        mod_revision: int_field(m, "mod_revision")?,
-        create_revision: int_field(m, "create_revision")?,
-        version: int_field(m, "version")?,
-        lease: int_field(m, "lease")?,
-    })
-}
-
-fn range_response(m: &Map<String, Value>) -> Result<RangeResponse, EtcdError> {
-    Ok(RangeResponse {
-        kvs: array_field(m, "kvs")?
-            .iter()
-            .map(kv)
-            .collect::<Result<_, _>>()?,
-        more: bool_field(m, "more")?,
-        count: int_field(m, "count")?,
-        revision: revision(m)?,
-    })
+    serde_json::from_slice(body).map_err(|e| EtcdError::Malformed(e.to_string()))
 }
 
 /// The answer of `/v3/kv/range`.
 pub fn parse_range(body: &[u8]) -> Result<RangeResponse, EtcdError> {
-    range_response(&object(body)?)
+    read(body)
 }
 
 /// The answer of `/v3/kv/put`: the revision of the write.
 pub fn parse_put(body: &[u8]) -> Result<i64, EtcdError> {
-    revision(&object(body)?)
+    read::<PutResponse>(body).map(|p| p.header.revision)
 }
 
 /// The answer of `/v3/kv/deleterange`: how many keys were deleted.
 pub fn parse_delete_range(body: &[u8]) -> Result<i64, EtcdError> {
-    int_field(&object(body)?, "deleted")
-}
-
-fn op_response(v: &Value) -> Result<OpResponse, EtcdError> {
-    let Value::Object(m) = v else {
-        return Err(EtcdError::Malformed(format!(
-            "a txn response is not an object: {v}"
-        )));
-    };
-    if let Some(r) = object_field(m, "response_range")? {
-        return Ok(OpResponse::Range(range_response(r)?));
-    }
-    if let Some(r) = object_field(m, "response_put")? {
-        return Ok(OpResponse::Put {
-            revision: revision(r)?,
-        });
-    }
-    if let Some(r) = object_field(m, "response_delete_range")? {
-        return Ok(OpResponse::DeleteRange {
-            deleted: int_field(r, "deleted")?,
-        });
-    }
-    Err(EtcdError::Malformed(format!("unknown txn response: {v}")))
+    read::<super::wire::DeleteRangeResponse>(body).map(|d| d.deleted)
 }
 
 /// The answer of `/v3/kv/txn`.
 pub fn parse_txn(body: &[u8]) -> Result<TxnResponse, EtcdError> {
-    let m = object(body)?;
-    Ok(TxnResponse {
-        succeeded: bool_field(&m, "succeeded")?,
-        revision: revision(&m)?,
-        responses: array_field(&m, "responses")?
-            .iter()
-            .map(op_response)
-            .collect::<Result<_, _>>()?,
-    })
+    read(body)
 }
 
 /// The answer of `/v3/lease/grant`.
 pub fn parse_lease_grant(body: &[u8]) -> Result<LeaseGrant, EtcdError> {
-    let m = object(body)?;
-    // LeaseGrantResponse has an `error` string of its own (empty when granted);
-    // `object` already took a non-empty one for the gateway's error shape.
-    let id = int_field(&m, "ID")?;
-    if id == 0 {
+    let grant: LeaseResponse = read(body)?;
+    if grant.id == 0 {
         return Err(EtcdError::Malformed("lease grant without an ID".into()));
     }
     Ok(LeaseGrant {
-        id,
-        ttl: int_field(&m, "TTL")?,
+        id: grant.id,
+        ttl: grant.ttl,
     })
 }
 
@@ -349,25 +148,23 @@ pub fn parse_lease_keepalive(body: &[u8]) -> Result<Option<i64>, EtcdError> {
         .split(|b| *b == b'\n')
         .find(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
         .ok_or_else(|| EtcdError::Malformed("empty keepalive answer".into()))?;
-    let m = object(first)?;
-    let Some(result) = object_field(&m, "result")? else {
-        return Err(EtcdError::Malformed(
-            "keepalive answer without result".into(),
-        ));
-    };
-    let ttl = int_field(result, "TTL")?;
-    Ok((ttl > 0).then_some(ttl))
+    let answer: KeepAliveAnswer = read(first)?;
+    let result = answer
+        .result
+        .ok_or_else(|| EtcdError::Malformed("keepalive answer without result".into()))?;
+    Ok((result.ttl > 0).then_some(result.ttl))
 }
 
 /// The answer of `/v3/lease/revoke`. A lease that is gone already is an
 /// error with [`EtcdError::is_not_found`].
 pub fn parse_lease_revoke(body: &[u8]) -> Result<(), EtcdError> {
-    object(body).map(|_| ())
+    read::<PutResponse>(body).map(|_| ())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::etcd::wire::{DeleteRangeResponse, ResponseHeader};
 
     // Answers captured from etcd 3.4.23's gateway.
     const HEADER: &str = r#""header":{"cluster_id":"15118495548433857066","member_id":"13668033151171901709","revision":"2","raft_term":"2"}"#;
@@ -391,7 +188,7 @@ mod tests {
                 }],
                 more: false,
                 count: 1,
-                revision: 2,
+                header: ResponseHeader { revision: 2 },
             }
         );
     }
@@ -401,7 +198,7 @@ mod tests {
         let body = format!("{{{HEADER}}}");
         let r = parse_range(body.as_bytes()).unwrap();
         assert!(r.kvs.is_empty());
-        assert_eq!((r.count, r.more, r.revision), (0, false, 2));
+        assert_eq!((r.count, r.more, r.header.revision), (0, false, 2));
     }
 
     #[test]
@@ -420,7 +217,7 @@ mod tests {
     #[test]
     fn numbers_are_taken_as_well_as_strings() {
         let r = parse_range(br#"{"header":{"revision":7},"count":3}"#).unwrap();
-        assert_eq!((r.revision, r.count), (7, 3));
+        assert_eq!((r.header.revision, r.count), (7, 3));
     }
 
     #[test]
@@ -430,7 +227,12 @@ mod tests {
         );
         let t = parse_txn(body.as_bytes()).unwrap();
         assert!(t.succeeded);
-        assert_eq!(t.responses, vec![OpResponse::Put { revision: 3 }]);
+        assert_eq!(
+            t.responses,
+            vec![ResponseOp::ResponsePut(PutResponse {
+                header: super::super::wire::ResponseHeader { revision: 3 }
+            })]
+        );
     }
 
     #[test]
@@ -452,7 +254,7 @@ mod tests {
             parse_txn(body.as_bytes()).unwrap(),
             TxnResponse {
                 succeeded: false,
-                revision: 2,
+                header: ResponseHeader { revision: 2 },
                 responses: vec![]
             }
         );
@@ -467,8 +269,14 @@ mod tests {
         assert_eq!(
             t.responses,
             vec![
-                OpResponse::DeleteRange { deleted: 1 },
-                OpResponse::DeleteRange { deleted: 0 }
+                ResponseOp::ResponseDeleteRange(DeleteRangeResponse {
+                    header: ResponseHeader { revision: 5 },
+                    deleted: 1
+                }),
+                ResponseOp::ResponseDeleteRange(DeleteRangeResponse {
+                    header: ResponseHeader { revision: 5 },
+                    deleted: 0
+                })
             ]
         );
     }
@@ -567,7 +375,7 @@ mod tests {
             br#"{"count":"x"}"#,
             br#"{"count":1.5}"#,
             br#"{"more":"yes"}"#,
-            br#"{"header":[]}"#,
+            br#"{"header":"x"}"#,
         ] {
             assert!(
                 matches!(parse_range(body), Err(EtcdError::Malformed(_))),

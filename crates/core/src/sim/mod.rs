@@ -12,6 +12,9 @@ use std::rc::Rc;
 
 use crate::platform::{Callout, Host, Queue, SetError};
 
+pub mod etcd;
+pub use etcd::SimEtcd;
+
 #[derive(Default)]
 pub struct SimShared {
     pub data: RefCell<HashMap<String, (Vec<u8>, u32)>>,
@@ -57,6 +60,10 @@ pub struct SimHost {
     rng: Cell<u64>,
     /// Make every `set` fail with a host error (a broken store).
     pub fail_sets: Cell<bool>,
+    /// Make every `dispatch` fail, as Envoy does for an unknown cluster.
+    pub fail_dispatch: Cell<bool>,
+    /// This worker's callouts, in order, until taken by the test.
+    pub sent: RefCell<Vec<(u32, Callout)>>,
 }
 
 impl SimHost {
@@ -67,6 +74,8 @@ impl SimHost {
             hook: RefCell::new(None),
             rng: Cell::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
             fail_sets: Cell::new(false),
+            fail_dispatch: Cell::new(false),
+            sent: RefCell::new(Vec::new()),
         }
     }
 
@@ -163,12 +172,16 @@ impl Host for SimHost {
 
     fn dispatch(&self, call: &Callout) -> Result<u32, String> {
         self.step();
+        if self.fail_dispatch.get() {
+            return Err("BadArgument".into());
+        }
         let token = self.shared.next_token.get() + 1;
         self.shared.next_token.set(token);
         self.shared
             .callouts
             .borrow_mut()
             .push((token, call.clone()));
+        self.sent.borrow_mut().push((token, call.clone()));
         Ok(token)
     }
 }

@@ -1,21 +1,16 @@
-//! Webhook deliveries (SPEC §5), run like provider calls: from the root
-//! context, on the timer wheel, with their state in the job's record.
-//!
-//! When a job ends, `on_job_end` makes the delivery and its body, once, in the
-//! same write that ends the job. A timer brings the job back when an attempt
-//! is due; `begin` stores that the attempt is under way (so no other worker
-//! sends it, and a lost one is made again), and `answered` records how it went.
-//! A job that expires while its delivery is still pending keeps its slot,
-//! without its audio, until the delivery ends.
+//! Webhook deliveries, run by the engine like provider calls. When a job
+//! ends, `on_job_end` makes its delivery and body, once, in the record that
+//! ends the job; the store offers the job again whenever an attempt is due,
+//! and `answered` records how the attempt went.
 
+use super::attempt::{envoy_reply, EnvoyReply};
 use crate::config::Config;
 use crate::job::{push_result, Completion, JobRecord, JobStatus, WebhookJob};
 use crate::platform::Callout;
-use crate::store::{Loaded, Store, Updated};
 use crate::time::rfc3339;
 use crate::webhooks::{
-    envelope, expired_envelope, sign, webhook_id, AttemptOutcome, Delivery, Event, JobEnd, Next,
-    WebhookEndpoint,
+    envelope, expired_envelope, sign, webhook_id, AttemptOutcome, Delivery, DeliveryStatus, Event,
+    JobEnd, Next, WebhookEndpoint,
 };
 
 /// One delivery attempt ready to go out.
@@ -35,13 +30,34 @@ pub enum DeliveryResult {
     Failed,
 }
 
-/// Called inside the write that ends the job: makes its delivery and body,
-/// or forgets the webhook when the endpoint does not want this event.
+impl DeliveryResult {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeliveryResult::Delivered => "delivered",
+            DeliveryResult::Retrying => "retried",
+            DeliveryResult::Failed => "failed",
+        }
+    }
+}
+
+/// The webhook id of a job's event: made from the job id, so that whichever
+/// worker or replica ends the job, the id is the same.
+fn id_for(job_id: &str) -> String {
+    let digest = crate::config::sha256_of(format!("webhook:{job_id}").as_bytes());
+    let mut random = [0u8; 16];
+    random
+        .iter_mut()
+        .zip(digest.iter())
+        .for_each(|(o, d)| *o = *d);
+    webhook_id(random)
+}
+
+/// Called as the job ends: makes its delivery and body, or forgets the
+/// webhook when the endpoint does not want this event.
 pub fn on_job_end(
     config: &Config,
     record: &mut JobRecord,
     completion: Option<&Completion>,
-    random: [u8; 16],
     now_ms: u64,
 ) {
     let Some(webhook) = &record.webhook else {
@@ -92,7 +108,7 @@ pub fn on_job_end(
     );
     let delivery = Delivery::new(
         &endpoint.name,
-        webhook_id(random),
+        id_for(&record.id),
         event,
         created_at,
         now_ms,
@@ -101,48 +117,6 @@ pub fn on_job_end(
         w.delivery = Some(delivery);
         w.body = Some(String::from_utf8_lossy(&body).into_owned());
     }
-}
-
-/// A delivery is due for the job in `loaded`: marks the attempt as under way
-/// and builds it (the expired form once the job has expired).
-pub fn begin(store: &Store, config: &Config, loaded: &Loaded, now_ms: u64) -> Option<WebhookCall> {
-    let view = loaded.view()?;
-    let id = String::from_utf8_lossy(view.id).into_owned();
-    let expired = view.is_expired(now_ms);
-    let endpoint_name = view.record()?.webhook?.endpoint;
-    let Some(endpoint) = config.webhooks.get(&endpoint_name) else {
-        // The endpoint left the configuration: give the delivery up.
-        let _ = store.update(&id, None, &mut |r| {
-            match r.webhook.as_mut().and_then(|w| w.delivery.as_mut()) {
-                Some(d) => d.status = crate::webhooks::DeliveryStatus::Failed,
-                None => return false,
-            }
-            true
-        });
-        return None;
-    };
-    let updated = store.update(&id, None, &mut |r| {
-        let Some(d) = r.webhook.as_mut().and_then(|w| w.delivery.as_mut()) else {
-            return false;
-        };
-        if !d.due(now_ms) {
-            return false;
-        }
-        d.begin_attempt(now_ms, endpoint);
-        if expired {
-            r.result_dropped = true;
-        }
-        true
-    });
-    let Ok(Updated::Written(record, epoch)) = updated else {
-        return None;
-    };
-    let webhook = record.webhook.as_ref()?;
-    let delivery = webhook.delivery.as_ref()?;
-    if let Some(slot) = crate::ids::slot_of(&id) {
-        store.schedule(slot, epoch, record.next_timer_ms(), now_ms);
-    }
-    Some(call_for(endpoint, &id, webhook, delivery, expired, now_ms))
 }
 
 /// The attempt's call: the body made when the job ended (the expired form
@@ -187,42 +161,43 @@ pub fn call_for(
     }
 }
 
-/// Records how an attempt went; frees the job once an expired job's delivery ends.
+/// The delivery attempt due for `record`, if its endpoint is still configured;
+/// a delivery whose endpoint left the configuration is given up.
+pub fn begin(config: &Config, record: &mut JobRecord, now_ms: u64) -> Option<WebhookCall> {
+    let expired = record.is_expired(now_ms);
+    let id = record.id.clone();
+    let webhook = record.webhook.as_mut()?;
+    let endpoint = config.webhooks.get(&webhook.endpoint);
+    let delivery = webhook.delivery.as_mut()?;
+    let Some(endpoint) = endpoint else {
+        delivery.status = DeliveryStatus::Failed;
+        return None;
+    };
+    let delivery = delivery.clone();
+    Some(call_for(endpoint, &id, webhook, &delivery, expired, now_ms))
+}
+
+/// Records how an attempt went on the record.
 pub fn answered(
-    store: &Store,
     config: &Config,
+    record: &mut JobRecord,
     call: &WebhookCall,
     outcome: AttemptOutcome,
     jitter_ms: u64,
     now_ms: u64,
 ) -> Option<DeliveryResult> {
     let endpoint = config.webhooks.get(&call.endpoint)?;
-    let mut next = Next::Done;
-    let updated = store.update(&call.id, None, &mut |r| {
-        let Some(d) = r.webhook.as_mut().and_then(|w| w.delivery.as_mut()) else {
-            return false;
-        };
-        if d.webhook_id != call.webhook_id {
-            return false;
-        }
-        next = d.on_result(outcome, now_ms, endpoint, jitter_ms);
-        true
-    });
-    let Ok(Updated::Written(record, epoch)) = updated else {
+    let delivery = record.webhook.as_mut()?.delivery.as_mut()?;
+    if delivery.webhook_id != call.webhook_id {
         return None;
-    };
-    let slot = crate::ids::slot_of(&call.id)?;
-    store.schedule(slot, epoch, record.next_timer_ms(), now_ms);
-    let status = record
-        .webhook
-        .as_ref()
-        .and_then(|w| w.delivery.as_ref())
-        .map(|d| d.status);
-    Some(match (next, status) {
-        (Next::RetryAt(_), _) => DeliveryResult::Retrying,
-        (Next::Done, Some(crate::webhooks::DeliveryStatus::Delivered)) => DeliveryResult::Delivered,
-        (Next::Done, _) => DeliveryResult::Failed,
-    })
+    }
+    Some(
+        match delivery.on_result(outcome, now_ms, endpoint, jitter_ms) {
+            Next::RetryAt(_) => DeliveryResult::Retrying,
+            Next::Done if delivery.status == DeliveryStatus::Delivered => DeliveryResult::Delivered,
+            Next::Done => DeliveryResult::Failed,
+        },
+    )
 }
 
 /// Turns a callout's end into the delivery's outcome.
@@ -232,17 +207,13 @@ pub fn outcome(
     elapsed_ms: u64,
     timeout_ms: u64,
 ) -> AttemptOutcome {
-    let text = String::from_utf8_lossy(body.get(..64).unwrap_or(body));
     match status {
         None if elapsed_ms.saturating_add(50) >= timeout_ms => AttemptOutcome::Timeout,
         None => AttemptOutcome::Unreachable,
-        Some(503)
-            if text.starts_with("upstream connect error")
-                || text.starts_with("no healthy upstream") =>
-        {
-            AttemptOutcome::Unreachable
-        }
-        Some(504) if text.starts_with("upstream request timeout") => AttemptOutcome::Timeout,
-        Some(code) => AttemptOutcome::Status(code),
+        Some(code) => match envoy_reply(code, body) {
+            Some(EnvoyReply::Unreachable(_)) => AttemptOutcome::Unreachable,
+            Some(EnvoyReply::Timeout) => AttemptOutcome::Timeout,
+            None => AttemptOutcome::Status(code),
+        },
     }
 }

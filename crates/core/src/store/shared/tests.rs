@@ -180,7 +180,11 @@ fn delete_racing_completion_or_expiry_frees_once() {
     interleave(
         |s, h| {
             let id = insert(s, h).unwrap().id;
-            s.update(&id, None, &mut |r| r.claim(0, 10)).unwrap();
+            s.update(&id, None, &mut |r| {
+                r.status = crate::job::JobStatus::Processing;
+                true
+            })
+            .unwrap();
             vec![id]
         },
         move |s, ids| {

@@ -1,0 +1,368 @@
+//! What happened, for the operator: each report names its log line and the
+//! stats it moves. The host adapter only writes them out, so every name is
+//! decided (and tested) here, the same whichever store runs.
+
+use super::attempt::{AttemptResult, FailReason};
+use super::deliver::DeliveryResult;
+use crate::log_escape::escape_for_log as escape;
+
+/// Prefix of every stat: `wasmcustom.async_speech.…` on Envoy's admin.
+pub const STAT_PREFIX: &str = "async_speech";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One change to one stat: a counter's or gauge's delta, a histogram's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub kind: StatKind,
+    pub name: String,
+    pub value: i64,
+}
+
+impl Stat {
+    fn count(name: impl Into<String>) -> Stat {
+        Stat {
+            kind: StatKind::Counter,
+            name: format!("{STAT_PREFIX}.{}", name.into()),
+            value: 1,
+        }
+    }
+    fn gauge(name: &str, delta: i64) -> Stat {
+        Stat {
+            kind: StatKind::Gauge,
+            name: format!("{STAT_PREFIX}.{name}"),
+            value: delta,
+        }
+    }
+    fn histogram(name: impl Into<String>, value: u64) -> Stat {
+        Stat {
+            kind: StatKind::Histogram,
+            name: format!("{STAT_PREFIX}.{}", name.into()),
+            value: i64::try_from(value).unwrap_or(i64::MAX),
+        }
+    }
+}
+
+/// Counters and gauges defined at start, so that they show as 0 before traffic.
+pub fn defined_at_start() -> Vec<Stat> {
+    let counters = [
+        "jobs_submitted",
+        "jobs_completed",
+        "jobs_expired",
+        "jobs_deleted",
+        "jobs_failed.provider_error",
+        "jobs_failed.timeout",
+        "jobs_failed.unreachable",
+        "jobs_failed.deadline",
+        "jobs_rejected.auth",
+        "jobs_rejected.validation",
+        "jobs_rejected.store_full",
+        "jobs_rejected.unavailable",
+        "webhooks_delivered",
+        "webhooks_retried",
+        "webhooks_failed",
+    ];
+    let mut out: Vec<Stat> = counters
+        .iter()
+        .map(|n| Stat {
+            value: 0,
+            ..Stat::count(*n)
+        })
+        .collect();
+    out.extend(
+        ["jobs_pending", "jobs_in_flight", "jobs_held"]
+            .iter()
+            .map(|n| Stat::gauge(n, 0)),
+    );
+    out
+}
+
+/// Something that happened to a job or a call. `local` marks events whose
+/// counts describe this Envoy's own store (shared data): the held and
+/// pending gauges move only then, since with etcd the jobs belong to every
+/// replica at once.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// A provider call went out.
+    Sent {
+        id: String,
+        attempt: usize,
+        part: Option<u32>,
+        provider: String,
+        model: String,
+    },
+    /// A provider call ended.
+    AttemptEnded {
+        id: String,
+        provider: String,
+        result: AttemptResult,
+        status: Option<u16>,
+        latency_ms: u64,
+    },
+    /// A pending job was taken to run (`local`: counted in this Envoy's pending gauge).
+    Started {
+        id: String,
+        local: bool,
+    },
+    /// A job was handed back or taken over, and waits again.
+    Requeued {
+        id: String,
+        local: bool,
+    },
+    Completed {
+        id: String,
+    },
+    Failed {
+        id: String,
+        status: u16,
+        reason: FailReason,
+        deadline_s: u64,
+    },
+    /// Finished jobs the store freed at their expiry.
+    Expired {
+        count: u32,
+        local: bool,
+    },
+    WebhookSent {
+        id: String,
+        webhook_id: String,
+        endpoint: String,
+    },
+    Webhook {
+        id: String,
+        webhook_id: String,
+        endpoint: String,
+        result: DeliveryResult,
+        outcome: String,
+    },
+    /// One call to the job store (etcd): its kind, whether it gave a usable answer, its latency.
+    StoreCall {
+        op: &'static str,
+        ok: bool,
+        latency_ms: u64,
+    },
+    /// Provider calls in flight moved by this much.
+    InFlight(i64),
+    /// Something an operator should see, already worded.
+    Warning(String),
+    /// A submit was accepted (`local`: counted in this Envoy's held and pending gauges).
+    Submitted {
+        id: String,
+        model: String,
+        fallbacks: usize,
+        ttl_s: u64,
+        local: bool,
+    },
+    /// A submit refused with this status; `full` when the store was full.
+    Rejected {
+        status: u16,
+        message: String,
+        full: bool,
+    },
+    /// A job deleted by its owner.
+    Deleted {
+        id: String,
+        local: bool,
+    },
+}
+
+impl Report {
+    /// The log line, if any (already escaped where it carries client input).
+    pub fn log(&self) -> Option<(Level, String)> {
+        Some(match self {
+            Report::Sent {
+                id,
+                attempt,
+                part,
+                provider,
+                model,
+            } => {
+                let part = part.map(|p| format!(" part {p}")).unwrap_or_default();
+                (
+                    Level::Info,
+                    format!(
+                        "job {id} attempt {attempt}{part} sent to provider {provider} (model {})",
+                        escape(model)
+                    ),
+                )
+            }
+            Report::AttemptEnded {
+                id,
+                provider,
+                result,
+                status,
+                latency_ms,
+            } => match (result, status) {
+                (AttemptResult::Success, _) => return None,
+                (AttemptResult::Error, Some(status)) => (
+                    Level::Warn,
+                    format!("job {id} provider {provider} answered {status}"),
+                ),
+                _ => (
+                    Level::Warn,
+                    format!(
+                        "job {id} provider {provider}: {} after {latency_ms} ms",
+                        result.name()
+                    ),
+                ),
+            },
+            Report::Started { .. } | Report::InFlight(_) | Report::StoreCall { .. } => return None,
+            Report::Requeued { id, .. } => (
+                Level::Warn,
+                format!("job {id}: waits again (its worker let go of it, or was lost)"),
+            ),
+            Report::Completed { id } => (Level::Info, format!("job {id} completed")),
+            Report::Failed {
+                id,
+                status,
+                reason,
+                deadline_s,
+            } => match reason {
+                FailReason::Deadline => (
+                    Level::Warn,
+                    format!("job {id} failed: past its deadline of {deadline_s} s"),
+                ),
+                _ => (
+                    Level::Warn,
+                    format!("job {id} failed with status {status} ({})", reason.name()),
+                ),
+            },
+            Report::Expired { count, .. } if *count > 0 => (
+                Level::Info,
+                format!("{count} finished jobs expired and were freed"),
+            ),
+            Report::Expired { .. } => return None,
+            Report::WebhookSent {
+                id,
+                webhook_id,
+                endpoint,
+            } => (
+                Level::Info,
+                format!("job {id} webhook {webhook_id} sent to endpoint {endpoint}"),
+            ),
+            Report::Webhook {
+                id,
+                webhook_id,
+                endpoint,
+                result,
+                outcome,
+            } => match result {
+                DeliveryResult::Delivered => (
+                    Level::Info,
+                    format!("job {id} webhook {webhook_id} delivered to {endpoint}"),
+                ),
+                DeliveryResult::Retrying => (
+                    Level::Warn,
+                    format!("job {id} webhook {webhook_id} to {endpoint}: {outcome}; will retry"),
+                ),
+                DeliveryResult::Failed => (
+                    Level::Warn,
+                    format!("job {id} webhook {webhook_id} to {endpoint}: {outcome}; given up"),
+                ),
+            },
+            Report::Warning(text) => (Level::Warn, text.clone()),
+            Report::Submitted {
+                id,
+                model,
+                fallbacks,
+                ttl_s,
+                ..
+            } => (
+                Level::Info,
+                format!(
+                    "job {id} submitted: model {}, {fallbacks} fallbacks, ttl {ttl_s} s",
+                    escape(model)
+                ),
+            ),
+            Report::Rejected {
+                status, message, ..
+            } => (
+                Level::Info,
+                format!("submit refused with {status}: {}", escape(message)),
+            ),
+            Report::Deleted { id, .. } => (Level::Info, format!("job {id} deleted by its owner")),
+        })
+    }
+
+    /// The stats this moves.
+    pub fn stats(&self) -> Vec<Stat> {
+        match self {
+            Report::AttemptEnded {
+                provider,
+                result,
+                latency_ms,
+                ..
+            } => vec![
+                Stat::count(format!("provider.{provider}.attempts.{}", result.name())),
+                Stat::histogram(format!("provider.{provider}.latency_ms"), *latency_ms),
+            ],
+            Report::Started { local: true, .. } => vec![Stat::gauge("jobs_pending", -1)],
+            Report::Requeued { local: true, .. } => vec![Stat::gauge("jobs_pending", 1)],
+            Report::Completed { .. } => vec![Stat::count("jobs_completed")],
+            Report::Failed { reason, .. } => {
+                vec![Stat::count(format!("jobs_failed.{}", reason.name()))]
+            }
+            Report::Expired { count, local } if *count > 0 => {
+                let mut out = vec![Stat {
+                    value: i64::from(*count),
+                    ..Stat::count("jobs_expired")
+                }];
+                if *local {
+                    out.push(Stat::gauge("jobs_held", -i64::from(*count)));
+                }
+                out
+            }
+            Report::Webhook { result, .. } => {
+                vec![Stat::count(format!("webhooks_{}", result.name()))]
+            }
+            Report::StoreCall { op, ok, latency_ms } => {
+                let mut out = vec![
+                    Stat::count("store_calls"),
+                    Stat::count(format!("store_calls.{op}")),
+                    Stat::histogram("store_latency_ms", *latency_ms),
+                ];
+                if !ok {
+                    out.push(Stat::count("store_failures"));
+                }
+                out
+            }
+            Report::InFlight(delta) => vec![Stat::gauge("jobs_in_flight", *delta)],
+            Report::Submitted { local, .. } => {
+                let mut out = vec![Stat::count("jobs_submitted")];
+                if *local {
+                    out.push(Stat::gauge("jobs_held", 1));
+                    out.push(Stat::gauge("jobs_pending", 1));
+                }
+                out
+            }
+            Report::Rejected { status, full, .. } => {
+                let reason = match (status, full) {
+                    (_, true) => "store_full",
+                    (401, _) => "auth",
+                    (503, _) => "unavailable",
+                    _ => "validation",
+                };
+                vec![Stat::count(format!("jobs_rejected.{reason}"))]
+            }
+            Report::Deleted { local, .. } => {
+                let mut out = vec![Stat::count("jobs_deleted")];
+                if *local {
+                    out.push(Stat::gauge("jobs_held", -1));
+                }
+                out
+            }
+            _ => Vec::new(),
+        }
+    }
+}
