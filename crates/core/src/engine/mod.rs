@@ -26,7 +26,8 @@ use crate::job::{render, retail, Completion, JobRecord, JobStatus, NextStep, Ren
 use crate::platform::{Callout, Host};
 use crate::providers::UpstreamResponse;
 use crate::store::work::{
-    Claimed, Ending, Leave, StoreAnswer, Ticket, WorkDone, WorkOp, WorkStep, WorkStore, WorkWait,
+    Claimed, Ending, Leave, LetGo, StoreAnswer, Ticket, WorkDone, WorkOp, WorkStep, WorkStore,
+    WorkWait,
 };
 use attempt::{
     attempt_result, build_call, completion, current_provider, read_answer, Attempt, FailReason,
@@ -46,7 +47,7 @@ enum Then {
     Found,
     Claimed,
     Shown,
-    Ended { id: String, report: Option<Report> },
+    Ended { id: String },
 }
 
 /// A call out, handed back with its answer.
@@ -87,6 +88,11 @@ struct Run {
     parts: Option<long::Parts>,
     /// Being let go of: answers that still come are dropped.
     ending: bool,
+    /// How it is let go of, kept until the store has it (tried again on
+    /// the next tick if the store could not be reached).
+    letting: Option<(Box<Ending>, Option<Report>)>,
+    /// The store could not take the ending: try it again on the next tick.
+    let_again: bool,
 }
 
 /// Everything one step of the engine needs from outside.
@@ -164,6 +170,7 @@ impl Engine {
         for id in late {
             self.fail_late(cx, &id);
         }
+        self.let_go_again(cx);
         if !self.closing {
             self.op(cx, WorkOp::Upkeep, Then::Upkeep);
         }
@@ -332,13 +339,18 @@ impl Engine {
                 }
             }
             (Then::Claimed, _) => self.claiming = self.claiming.saturating_sub(1),
-            (Then::Ended { id, report }, WorkDone::Ended(kept)) => {
-                self.runs.remove(&id);
-                if let (true, Some(report)) = (kept, report) {
+            (Then::Ended { id }, WorkDone::Ended(LetGo::Later)) => {
+                if let Some(run) = self.runs.get_mut(&id) {
+                    run.let_again = true;
+                }
+            }
+            (Then::Ended { id }, WorkDone::Ended(how)) => {
+                let run = self.runs.remove(&id);
+                if let (LetGo::Done, Some((_, Some(report)))) = (how, run.and_then(|r| r.letting)) {
                     self.out.push(report);
                 }
             }
-            (Then::Ended { id, .. }, _) => {
+            (Then::Ended { id }, _) => {
                 self.runs.remove(&id);
             }
             _ => {}
@@ -400,6 +412,8 @@ impl Engine {
             body,
             parts: None,
             ending: false,
+            letting: None,
+            let_again: false,
         };
         self.runs.insert(id.clone(), run);
         match (finished, late, due) {
@@ -666,16 +680,30 @@ impl Engine {
             return;
         };
         run.ending = true;
-        let ending = Ending {
+        let ending = Box::new(Ending {
             record: run.record.clone(),
             rendered,
             leave,
-        };
-        let then = Then::Ended {
-            id: id.to_string(),
-            report,
-        };
-        self.op(cx, WorkOp::End(Box::new(ending)), then);
+        });
+        run.letting = Some((ending.clone(), report));
+        let then = Then::Ended { id: id.to_string() };
+        self.op(cx, WorkOp::End(ending), then);
+    }
+
+    /// Endings the store could not take before: once more.
+    fn let_go_again(&mut self, cx: &Cx) {
+        let again: Vec<(String, Box<Ending>)> = self
+            .runs
+            .iter_mut()
+            .filter(|(_, r)| r.let_again)
+            .filter_map(|(id, r)| {
+                r.let_again = false;
+                Some((id.clone(), r.letting.as_ref()?.0.clone()))
+            })
+            .collect();
+        for (id, ending) in again {
+            self.op(cx, WorkOp::End(ending), Then::Ended { id });
+        }
     }
 
     // ---- webhooks -----------------------------------------------------

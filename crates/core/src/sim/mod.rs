@@ -60,8 +60,8 @@ pub struct SimHost {
     rng: Cell<u64>,
     /// Make every `set` fail with a host error (a broken store).
     pub fail_sets: Cell<bool>,
-    /// Make every `dispatch` fail, as Envoy does for an unknown cluster.
-    pub fail_dispatch: Cell<bool>,
+    /// Make `dispatch` to this cluster fail, as Envoy does for an unknown cluster.
+    pub refuse_cluster: RefCell<Option<String>>,
     /// This worker's callouts, in order, until taken by the test.
     pub sent: RefCell<Vec<(u32, Callout)>>,
 }
@@ -74,7 +74,7 @@ impl SimHost {
             hook: RefCell::new(None),
             rng: Cell::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1),
             fail_sets: Cell::new(false),
-            fail_dispatch: Cell::new(false),
+            refuse_cluster: RefCell::new(None),
             sent: RefCell::new(Vec::new()),
         }
     }
@@ -172,7 +172,7 @@ impl Host for SimHost {
 
     fn dispatch(&self, call: &Callout) -> Result<u32, String> {
         self.step();
-        if self.fail_dispatch.get() {
+        if self.refuse_cluster.borrow().as_deref() == Some(call.cluster.as_str()) {
             return Err("BadArgument".into());
         }
         let token = self.shared.next_token.get() + 1;

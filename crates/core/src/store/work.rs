@@ -89,9 +89,19 @@ pub enum WorkDone {
     /// The job, if this worker now holds it.
     Claimed(Option<Box<Claimed>>),
     Shown,
-    /// Whether the job was let go of as asked (false: the claim had lapsed,
-    /// or the job was deleted or expired meanwhile).
-    Ended(bool),
+    Ended(LetGo),
+}
+
+/// What became of letting go of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LetGo {
+    /// Let go of as asked.
+    Done,
+    /// Not ours any more: the claim had lapsed, or the job was deleted or
+    /// expired meanwhile.
+    Lost,
+    /// The store could not be reached: try again.
+    Later,
 }
 
 /// Where an operation stands while it waits on a call.

@@ -17,7 +17,7 @@ use crate::job::Rendered;
 use crate::platform::Callout;
 use crate::store::shared::slot::{self, SlotView};
 use crate::store::work::{
-    Claimed, Ending, Leave, StoreAnswer, Ticket, WorkDone, WorkOp, WorkStep, WorkWait,
+    Claimed, Ending, Leave, LetGo, StoreAnswer, Ticket, WorkDone, WorkOp, WorkStep, WorkWait,
 };
 
 /// Time between scans of the pending index while it has little in it; a scan
@@ -203,7 +203,7 @@ impl EtcdWork {
             leave,
         } = ending;
         let Some(payload) = slot::encode_held(0, &record, &rendered) else {
-            return WorkStep::Done(WorkDone::Ended(false));
+            return WorkStep::Done(WorkDone::Ended(LetGo::Lost));
         };
         let expires = if record.status.is_finished() {
             record.expires_at_ms().unwrap_or(0)
@@ -276,13 +276,13 @@ impl EtcdWork {
             Waiting::Ttl(mut letting) => {
                 match body.and_then(|b| parse_lease_grant(b).ok()) {
                     Some(grant) => letting.ttl_lease = Some(grant.id),
-                    None => return WorkStep::Done(WorkDone::Ended(false)),
+                    None => return WorkStep::Done(WorkDone::Ended(LetGo::Later)),
                 }
                 self.next_letting(*letting, now_ms)
             }
             Waiting::Part(mut letting) => {
                 if body.is_none() {
-                    return WorkStep::Done(WorkDone::Ended(false));
+                    return WorkStep::Done(WorkDone::Ended(LetGo::Later));
                 }
                 letting.next_part += 1;
                 self.next_letting(*letting, now_ms)
@@ -389,17 +389,20 @@ fn claimed_job(kv: &Kv) -> Option<Claimed> {
 }
 
 /// Whether a release took: it succeeded, or an earlier try of it did (the
-/// job reads back as written).
-fn released(body: Option<&[u8]>, letting: &Letting) -> bool {
+/// job reads back as written); or it lost its compare (another replica holds
+/// the job now, or it is gone); or etcd could not be reached.
+fn released(body: Option<&[u8]>, letting: &Letting) -> LetGo {
     let Some(txn) = body.and_then(|b| parse_txn(b).ok()) else {
-        return false;
+        return LetGo::Later;
     };
-    if txn.succeeded {
-        return true;
-    }
-    match (txn.range_kv(0), letting.leave) {
+    let landed = match (txn.range_kv(0), letting.leave) {
+        _ if txn.succeeded => true,
         (None, Leave::Forget) => true,
         (Some(kv), _) => kv.value == letting.value,
         (None, _) => false,
+    };
+    match landed {
+        true => LetGo::Done,
+        false => LetGo::Lost,
     }
 }

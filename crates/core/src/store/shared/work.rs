@@ -8,7 +8,7 @@ use super::{Keys, Loaded, Store};
 use crate::job::{render, Claim, JobRecord, JobStatus, Rendered};
 use crate::platform::{Host, Queue, SetError};
 use crate::store::shared::slot;
-use crate::store::work::{Claimed, Ending, Leave, Ticket, WorkDone, WorkOp};
+use crate::store::work::{Claimed, Ending, Leave, LetGo, Ticket, WorkDone, WorkOp};
 
 /// Due timers one upkeep handles at most; the rest wait for the next.
 const TIMERS_PER_UPKEEP: usize = 2_000;
@@ -29,6 +29,17 @@ pub struct SharedWork {
 }
 
 impl SharedWork {
+    /// A store for tests, under the namespace the simulated worlds use.
+    #[cfg(test)]
+    pub fn for_test(by: u64) -> SharedWork {
+        SharedWork {
+            keys: Keys::new("t"),
+            max_jobs: 50,
+            generation: 1,
+            by,
+        }
+    }
+
     fn store<'a>(&'a self, host: &'a dyn Host) -> Store<'a> {
         Store::new(host, &self.keys, self.max_jobs, self.generation)
     }
@@ -49,7 +60,10 @@ impl SharedWork {
                 self.show(&store, *record, hold_ms, now_ms);
                 WorkDone::Shown
             }
-            WorkOp::End(ending) => WorkDone::Ended(self.end(&store, *ending, now_ms)),
+            WorkOp::End(ending) => WorkDone::Ended(match self.end(&store, *ending, now_ms) {
+                true => LetGo::Done,
+                false => LetGo::Lost,
+            }),
         }
     }
 
