@@ -1,25 +1,28 @@
-//! Bifrost's async text-to-speech API as an Envoy proxy-wasm filter.
-//!
-//! Everything but `host` is pure and unit-tested natively; `host` moves bytes
-//! between Envoy and that core.
+//! Everything the async speech filter decides, free of proxy-wasm: the API
+//! (`api`), the one job engine (`engine`), the stores it runs on (`store`:
+//! Envoy shared data or etcd), providers, audio joining and webhooks. The
+//! filter crate implements `platform::Host` over proxy-wasm and turns Envoy's
+//! callbacks into calls of this crate; everything here is tested natively,
+//! the engine and both stores on a simulated host (`sim`) with an in-memory
+//! etcd.
 
 pub mod api;
-pub mod audio;
+pub(crate) mod audio;
 pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
-pub mod ids;
-pub mod job;
+pub(crate) mod ids;
+pub(crate) mod job;
 pub mod log_escape;
 pub mod platform;
-pub mod providers;
-pub mod redact;
-pub mod request;
-#[cfg(not(target_arch = "wasm32"))]
-pub mod sim;
-pub mod speech;
+pub(crate) mod providers;
+pub(crate) mod redact;
+pub(crate) mod request;
+#[cfg(test)]
+pub(crate) mod sim;
+pub(crate) mod speech;
 pub mod store;
-pub mod time;
-pub mod webhooks;
+pub(crate) mod time;
+pub(crate) mod webhooks;

@@ -42,6 +42,7 @@ impl JoinFormat {
         }
     }
 
+    #[cfg(test)]
     pub fn name(self) -> &'static str {
         match self {
             JoinFormat::Mp3 => "mp3",

@@ -186,7 +186,6 @@ pub struct OpusStream<'a> {
     pub header_pages: usize,
     pub channels: u8,
     pub mapping_family: u8,
-    pub pre_skip: u16,
     /// For each page: samples decoded through the last packet ending on it, or `None` if no
     /// packet ends on it (header packets count 0).
     pub page_ends: Vec<Option<u64>>,
@@ -224,7 +223,7 @@ pub fn parse(bytes: &[u8]) -> Result<OpusStream<'_>, JoinError> {
         return Err(bad("OpusHead is shorter than 19 bytes"));
     }
     let channels = *head.get(9).ok_or_else(|| bad("short OpusHead"))?;
-    let pre_skip = le_u16(head, 10).ok_or_else(|| bad("short OpusHead"))?;
+    le_u16(head, 10).ok_or_else(|| bad("short OpusHead"))?;
     let mapping_family = *head.get(18).ok_or_else(|| bad("short OpusHead"))?;
 
     let mut header_pages = None;
@@ -288,7 +287,6 @@ pub fn parse(bytes: &[u8]) -> Result<OpusStream<'_>, JoinError> {
         header_pages,
         channels,
         mapping_family,
-        pre_skip,
         page_ends,
         total_samples: samples,
     })
@@ -409,7 +407,6 @@ mod tests {
         let s = parse(P1).unwrap();
         assert_eq!(s.header_pages, 2);
         assert_eq!(s.channels, 1);
-        assert_eq!(s.pre_skip, 312);
         // Our packet durations agree with the encoder's granules on every non-final page.
         for (page, end) in s.pages.iter().zip(&s.page_ends).skip(2) {
             if page.header_type & FLAG_EOS == 0 {

@@ -10,6 +10,7 @@ use super::{le_u16, le_u32, JoinError};
 const FORMAT: &str = "wav";
 
 /// Bytes of the canonical header written by [`join`]: RIFF, `fmt ` (16-byte body), `data`.
+#[cfg(test)]
 pub const HEADER_BYTES: usize = 44;
 
 /// The sample format of a WAV: parts must all have the same.

@@ -10,9 +10,9 @@
 //! claim and what polls see. A worker that dies loses only its memory: its
 //! claims lapse and another worker makes the job's current attempt again.
 
-pub mod attempt;
-pub mod deliver;
-pub mod long;
+pub(crate) mod attempt;
+pub(crate) mod deliver;
+pub(crate) mod long;
 pub mod report;
 
 #[cfg(test)]
@@ -70,7 +70,6 @@ struct Out {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CallAnswer {
     pub status: Option<u16>,
-    pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
     pub body_size: usize,
     pub too_large: bool,
@@ -810,7 +809,6 @@ impl Ended<'_> {
                 Some(_) if a.too_large => Outcome::TooLarge { bytes: a.body_size },
                 Some(status) => Outcome::Answer(UpstreamResponse {
                     status,
-                    headers: &a.headers,
                     body: &a.body,
                 }),
                 None => Outcome::NoAnswer { elapsed_ms },

@@ -231,7 +231,6 @@ mod tests {
                 &r,
                 &UpstreamResponse {
                     status: 200,
-                    headers: &[],
                     body: &[1, 0],
                 },
             )
@@ -263,7 +262,6 @@ mod tests {
                 &r,
                 &UpstreamResponse {
                     status: 200,
-                    headers: &[],
                     body: &body,
                 },
             )
@@ -285,7 +283,6 @@ mod tests {
                 &r,
                 &UpstreamResponse {
                     status: 401,
-                    headers: &[],
                     body: br#"{"detail":{"status":"invalid_api_key","message":"Invalid API key"}}"#,
                 },
             )
@@ -324,17 +321,7 @@ mod tests {
         let (c, r) =
             setup(r#"{"model":"elevenlabs/m","input":"Hi","voice":"v","with_timestamps":true}"#);
         let p = &c.providers["elevenlabs"];
-        let parse = |body: &[u8]| {
-            ElevenLabs.parse(
-                p,
-                &r,
-                &UpstreamResponse {
-                    status: 200,
-                    headers: &[],
-                    body,
-                },
-            )
-        };
+        let parse = |body: &[u8]| ElevenLabs.parse(p, &r, &UpstreamResponse { status: 200, body });
         let deep = format!(
             r#"{{"audio_base64":"AAEC","alignment":{}1{}}}"#,
             "[".repeat(32),

@@ -188,7 +188,6 @@ mod tests {
                 &r,
                 &UpstreamResponse {
                     status: 200,
-                    headers: &[],
                     body: answer,
                 },
             )
@@ -203,7 +202,6 @@ mod tests {
                 &r,
                 &UpstreamResponse {
                     status: 200,
-                    headers: &[],
                     body: answer,
                 },
             )
@@ -229,7 +227,7 @@ mod tests {
         let (c, r) = setup(r#"{"model":"gemini/m","input":"a","voice":"Kore"}"#);
         let p = &c.providers["gemini"];
         let e = Gemini
-            .parse(p, &r, &UpstreamResponse { status: 400, headers: &[], body: br#"{"error":{"code":400,"message":"API key not valid.","status":"INVALID_ARGUMENT"}}"# })
+            .parse(p, &r, &UpstreamResponse { status: 400, body: br#"{"error":{"code":400,"message":"API key not valid.","status":"INVALID_ARGUMENT"}}"# })
             .unwrap_err();
         assert_eq!(
             (
@@ -245,7 +243,6 @@ mod tests {
                 &r,
                 &UpstreamResponse {
                     status: 200,
-                    headers: &[],
                     body: br#"{"candidates":[{"finishReason":"SAFETY"}]}"#,
                 },
             )
@@ -274,7 +271,6 @@ mod tests {
                     &r,
                     &UpstreamResponse {
                         status,
-                        headers: &[],
                         body: deep.as_bytes(),
                     },
                 )

@@ -27,6 +27,7 @@ pub struct UpstreamRequest {
 }
 
 impl UpstreamRequest {
+    #[cfg(test)]
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -38,17 +39,7 @@ impl UpstreamRequest {
 /// The provider's answer to one attempt.
 pub struct UpstreamResponse<'a> {
     pub status: u16,
-    pub headers: &'a [(String, Vec<u8>)],
     pub body: &'a [u8],
-}
-
-impl UpstreamResponse<'_> {
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
-    }
 }
 
 /// Audio made by a successful attempt.

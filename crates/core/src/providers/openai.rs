@@ -154,7 +154,6 @@ mod tests {
                 &r,
                 &UpstreamResponse {
                     status: 200,
-                    headers: &[],
                     body: &[0, 255, 1],
                 },
             )
@@ -166,7 +165,6 @@ mod tests {
                 &r,
                 &UpstreamResponse {
                     status: 429,
-                    headers: &[],
                     body: br#"{"error":{"message":"slow down"}}"#,
                 },
             )
@@ -183,15 +181,7 @@ mod tests {
         let p = &c.providers["openai"];
         let body = br#"{"error":{"message":"Incorrect API key provided: sk-prov.","type":"sk-prov","code":"sk-prov","param":"sk-prov"}}"#;
         let e = OpenAi
-            .parse(
-                p,
-                &r,
-                &UpstreamResponse {
-                    status: 401,
-                    headers: &[],
-                    body,
-                },
-            )
+            .parse(p, &r, &UpstreamResponse { status: 401, body })
             .unwrap_err();
         assert_eq!(e.error.message, "Incorrect API key provided: [redacted].");
         for field in [&e.error.kind, &e.error.code, &e.error.param] {
@@ -206,7 +196,6 @@ mod tests {
                 &r,
                 &UpstreamResponse {
                     status: 500,
-                    headers: &[],
                     body: &raw,
                 },
             )
@@ -232,7 +221,6 @@ mod tests {
                 &r,
                 &UpstreamResponse {
                     status: 200,
-                    headers: &[],
                     body: &ok
                 }
             )
@@ -244,7 +232,6 @@ mod tests {
                 &r,
                 &UpstreamResponse {
                     status: 200,
-                    headers: &[],
                     body: &big,
                 },
             )

@@ -379,20 +379,6 @@ impl SimEtcd {
             .map(|k| String::from_utf8_lossy(k).into_owned())
             .collect()
     }
-
-    /// A key's value (for tests).
-    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
-        self.state
-            .borrow()
-            .kv
-            .get(key.as_bytes())
-            .map(|e| e.value.clone())
-    }
-
-    /// Leases alive now (for tests).
-    pub fn leases(&self) -> usize {
-        self.state.borrow().leases.len()
-    }
 }
 
 /// The writes of one request, at one revision.

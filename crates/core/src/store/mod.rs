@@ -5,7 +5,7 @@
 //! resumes with its answer; neither side knows which store runs.
 
 pub mod etcd;
-pub mod jobs;
+pub(crate) mod jobs;
 pub mod shared;
 pub mod work;
 

@@ -32,6 +32,7 @@ pub struct JobEnd<'a> {
     pub error: Option<&'a [u8]>,
 }
 
+#[cfg(test)]
 /// The event a job that ended in `status` (`completed` or `failed`) sends; `None` for any
 /// other status.
 pub fn event_for_status(status: &str) -> Option<Event> {

@@ -14,9 +14,6 @@ pub mod sign;
 pub use config::{
     check_virtual_keys, endpoint_for_submit, parse_webhooks, Event, WebhookEndpoint, WEBHOOK_HEADER,
 };
-pub use delivery::{
-    retry_wait_ms, webhook_id, AttemptOutcome, Delivery, DeliveryStatus, Next,
-    ATTEMPT_LEASE_GRACE_MS,
-};
-pub use envelope::{envelope, event_for_status, expired_envelope, JobEnd, RESULT_PATH_PREFIX};
-pub use sign::{decode_secret, sign, signature, SECRET_PREFIX};
+pub use delivery::{webhook_id, AttemptOutcome, Delivery, DeliveryStatus, Next};
+pub use envelope::{envelope, expired_envelope, JobEnd};
+pub use sign::sign;

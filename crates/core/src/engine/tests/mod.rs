@@ -7,7 +7,7 @@ mod world;
 
 use super::attempt::{AttemptResult, FailReason};
 use super::Report;
-use world::{speech, Reply, World, ETCD, SHARED};
+use world::{speech, Reply, World};
 
 /// The same test on both stores.
 fn both(extra: &str) -> [World; 2] {
@@ -31,7 +31,11 @@ fn a_job_completes_and_every_replica_polls_it() {
         assert_eq!(job["status"], "completed");
         assert_eq!(audio(&job), b"AUDIO");
         let last = w.workers.len() - 1;
-        assert_eq!(w.poll(last, &id).1, job, "the same answer through any worker");
+        assert_eq!(
+            w.poll(last, &id).1,
+            job,
+            "the same answer through any worker"
+        );
         assert_eq!(w.count(|r| matches!(r, Report::Completed { .. })), 1);
         assert_eq!(w.provider_calls.borrow().len(), 1, "one call, once");
     }
@@ -46,12 +50,21 @@ fn failures_move_through_the_fallbacks_then_fail_naming_each_attempt() {
         });
         let id = w.submit(0, &speech(r#","fallbacks":["b/n"]"#));
         let job = w.wait(&id, 3_000);
-        assert_eq!((job["status"].as_str(), job["status_code"].as_u64()), (Some("failed"), Some(429)));
+        assert_eq!(
+            (job["status"].as_str(), job["status_code"].as_u64()),
+            (Some("failed"), Some(429))
+        );
         let attempts = &job["error"]["extra_fields"]["attempts"];
         assert_eq!(attempts[0]["status_code"], 500);
         assert_eq!(attempts[1]["provider"], "b");
         assert_eq!(
-            w.count(|r| matches!(r, Report::Failed { reason: FailReason::ProviderError, .. })),
+            w.count(|r| matches!(
+                r,
+                Report::Failed {
+                    reason: FailReason::ProviderError,
+                    ..
+                }
+            )),
             1
         );
     }
@@ -67,13 +80,29 @@ fn a_call_envoy_cannot_send_is_unreachable_on_either_store() {
         let job = w.wait(&id, 3_000);
         assert_eq!(job["status_code"], 502, "{job}");
         let message = job["error"]["error"]["message"].as_str().unwrap();
-        assert!(message.contains("Envoy cannot call cluster ca"), "{message}");
+        assert!(
+            message.contains("Envoy cannot call cluster ca"),
+            "{message}"
+        );
         let unreachable = |r: &Report| {
-            matches!(r, Report::AttemptEnded { result: AttemptResult::Unreachable, .. })
+            matches!(
+                r,
+                Report::AttemptEnded {
+                    result: AttemptResult::Unreachable,
+                    ..
+                }
+            )
         };
         assert_eq!(w.count(unreachable), 1);
-        let failed =
-            |r: &Report| matches!(r, Report::Failed { reason: FailReason::Unreachable, .. });
+        let failed = |r: &Report| {
+            matches!(
+                r,
+                Report::Failed {
+                    reason: FailReason::Unreachable,
+                    ..
+                }
+            )
+        };
         assert_eq!(w.count(failed), 1);
     }
 }
@@ -95,7 +124,10 @@ fn a_long_input_goes_in_parts_at_most_two_at_once_and_comes_back_as_one_file() {
         w.run_for(400);
         let (_, running) = w.poll(0, &id);
         assert_eq!(running["status"], "processing");
-        assert!(running["progress"]["chunks_total"].as_u64().unwrap() >= 4, "{running}");
+        assert!(
+            running["progress"]["chunks_total"].as_u64().unwrap() >= 4,
+            "{running}"
+        );
         let job = w.wait(&id, 10_000);
         let parts: Vec<u8> = crate::audio::split_text(input, 10)
             .concat()
@@ -121,7 +153,11 @@ fn max_in_flight_holds_exactly_per_worker() {
             assert_eq!(w.wait(id, 20_000)["status"], "completed");
         }
         let workers = w.workers.len();
-        assert_eq!(w.most_at_once.get(), workers, "one call per worker, never more");
+        assert_eq!(
+            w.most_at_once.get(),
+            workers,
+            "one call per worker, never more"
+        );
     }
 }
 
@@ -136,10 +172,21 @@ fn a_job_never_answered_fails_at_its_deadline_naming_the_last_attempt() {
         let started = w.now();
         let job = w.wait(&id, 10_000);
         let took = w.now() - started;
-        assert!((5_000..=5_600).contains(&took), "ended {took} ms after submit");
+        assert!(
+            (5_000..=5_600).contains(&took),
+            "ended {took} ms after submit"
+        );
         assert_eq!(job["status_code"], 504);
         assert_eq!(job["error"]["extra_fields"]["provider"], "b", "{job}");
-        let deadline = |r: &Report| matches!(r, Report::Failed { reason: FailReason::Deadline, .. });
+        let deadline = |r: &Report| {
+            matches!(
+                r,
+                Report::Failed {
+                    reason: FailReason::Deadline,
+                    ..
+                }
+            )
+        };
         assert_eq!(w.count(deadline), 1);
     }
 }
@@ -152,10 +199,21 @@ fn submit_hooked(w: &World, ttl: &str) -> String {
         "POST",
         "/v1/async/audio/speech",
         Some(&speech("")),
-        &[("x-bf-async-webhook", "billing"), ("x-bf-async-job-result-ttl", ttl)],
+        &[
+            ("x-bf-async-webhook", "billing"),
+            ("x-bf-async-job-result-ttl", ttl),
+        ],
     );
-    assert_eq!(answer.status, 202, "{}", String::from_utf8_lossy(&answer.body));
-    world::json(&answer.body)["id"].as_str().unwrap().to_string()
+    assert_eq!(
+        answer.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    world::json(&answer.body)["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[test]
@@ -167,7 +225,13 @@ fn a_webhook_is_retried_with_one_id_and_one_body_until_delivered() {
             if c.cluster != "hooks" {
                 return Reply::Audio(b"AUDIO".to_vec());
             }
-            let id = c.headers.iter().find(|(k, _)| k == "webhook-id").unwrap().1.clone();
+            let id = c
+                .headers
+                .iter()
+                .find(|(k, _)| k == "webhook-id")
+                .unwrap()
+                .1
+                .clone();
             log.borrow_mut().push((id, c.body.clone()));
             match log.borrow().len() {
                 1 => Reply::Status(500, Vec::new()),
@@ -177,7 +241,9 @@ fn a_webhook_is_retried_with_one_id_and_one_body_until_delivered() {
         });
         let id = submit_hooked(&w, "3600");
         w.wait(&id, 3_000);
-        let delivered = w.run_until(15_000, |w| w.poll(0, &id).1["webhook"]["status"] == "delivered");
+        let delivered = w.run_until(15_000, |w| {
+            w.poll(0, &id).1["webhook"]["status"] == "delivered"
+        });
         assert!(delivered.is_some(), "{}", w.poll(0, &id).1);
         let seen = seen.borrow();
         assert_eq!(seen.len(), 3, "a failure, a timeout, then delivered");
@@ -208,7 +274,10 @@ fn a_delivery_due_after_expiry_sends_the_expired_form_then_the_job_goes() {
         assert_eq!(second["data"]["result_expired"], true, "{second}");
         assert_eq!(w.poll(0, &id).0, 404);
         w.run_for(3_000);
-        assert!(w.etcd.keys("/async-speech/jobs/").is_empty(), "etcd keys gone");
+        assert!(
+            w.etcd.keys("/async-speech/jobs/").is_empty(),
+            "etcd keys gone"
+        );
         let held = w.envoys[0]
             .data
             .borrow()
@@ -229,7 +298,10 @@ fn finished_jobs_expire_on_time_with_nobody_polling() {
         assert!((2_600..=3_400).contains(&(w.now() - done)), "{gone}");
         w.run_for(2_000);
         let left = w.etcd.keys("/async-speech/");
-        assert!(left.iter().all(|k| !k.contains(&id)), "etcd removed the keys: {left:?}");
+        assert!(
+            left.iter().all(|k| !k.contains(&id)),
+            "etcd removed the keys: {left:?}"
+        );
         // Shared data frees the slot itself and counts it; etcd expires it by its lease.
         let freed = w.count(|r| matches!(r, Report::Expired { count: 1, .. }));
         assert_eq!(freed, usize::from(!w.is_etcd()));
@@ -253,7 +325,8 @@ fn a_worker_dying_mid_job_loses_nothing_and_its_attempt_is_made_again_uncounted(
     for mut w in both("") {
         w.set_provider(first_call_hangs());
         let id = w.submit(0, &speech(""));
-        w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1).unwrap();
+        w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1)
+            .unwrap();
         let holder = w.holder();
         w.kill(holder);
         let job = w.wait(&id, 30_000);
@@ -261,7 +334,11 @@ fn a_worker_dying_mid_job_loses_nothing_and_its_attempt_is_made_again_uncounted(
         assert!(job["error"].is_null());
         assert_eq!(w.provider_calls.borrow().len(), 2, "made again once");
         let failed = |r: &Report| matches!(r, Report::AttemptEnded { result, .. } if *result != AttemptResult::Success);
-        assert_eq!(w.count(failed), 0, "the lost call is not counted as a failure");
+        assert_eq!(
+            w.count(failed),
+            0,
+            "the lost call is not counted as a failure"
+        );
     }
 }
 
@@ -270,7 +347,8 @@ fn a_worker_going_away_hands_its_jobs_back_at_once() {
     for mut w in both("") {
         w.set_provider(first_call_hangs());
         let id = w.submit(0, &speech(""));
-        w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1).unwrap();
+        w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1)
+            .unwrap();
         let holder = w.holder();
         w.close(holder);
         let took = w.run_until(3_000, |w| w.status(&id) == "completed");
@@ -286,7 +364,8 @@ fn while_etcd_is_away_submits_answer_503_and_jobs_end_once_it_is_back() {
     let mut w = World::etcd("");
     w.set_provider(|_| Reply::After(600, Box::new(Reply::Audio(b"AUDIO".to_vec()))));
     let id = w.submit(0, &speech(""));
-    w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1).unwrap();
+    w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1)
+        .unwrap();
     w.etcd_down.set(true);
     let refused = w.request(1, "POST", "/v1/async/audio/speech", Some(&speech("")));
     assert_eq!(refused.status, 503);

@@ -75,7 +75,8 @@ fn a_replica_whose_lease_lapsed_cannot_end_a_job_another_took_over() {
         }
     });
     let id = w.submit(0, &speech(""));
-    w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1).unwrap();
+    w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1)
+        .unwrap();
     let stopped = w.holder();
     w.workers[stopped].paused = true;
     let other = 1 - stopped;
@@ -84,7 +85,11 @@ fn a_replica_whose_lease_lapsed_cannot_end_a_job_another_took_over() {
     w.workers[stopped].paused = false;
     w.run_for(20_000);
     let (_, after) = w.poll(other, &id);
-    assert_eq!(super::audio(&after), b"TAKEN", "the late ending was refused");
+    assert_eq!(
+        super::audio(&after),
+        b"TAKEN",
+        "the late ending was refused"
+    );
     assert_eq!(w.count(|r| matches!(r, Report::Completed { .. })), 1);
 }
 
@@ -102,7 +107,8 @@ fn a_worker_whose_claim_lapsed_cannot_end_a_job_another_took_over() {
         }
     });
     let id = w.submit(0, &speech(""));
-    w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1).unwrap();
+    w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1)
+        .unwrap();
     let stalled = w.holder();
     w.workers[stalled].paused = true;
     let job = w.wait(&id, 30_000);

@@ -31,12 +31,14 @@ pub enum Reply {
     After(u64, Box<Reply>),
 }
 
+/// How the test's providers answer.
+pub type Provider = Box<dyn FnMut(&Callout) -> Reply>;
+
 pub struct Worker {
     pub host: Rc<SimHost>,
     pub engine: Option<Engine>,
     /// Stopped (SIGSTOP): no ticks, and its answers wait.
     pub paused: bool,
-    pub envoy: usize,
     config: Rc<Config>,
     keys: Keys,
     generation: u32,
@@ -57,7 +59,7 @@ pub struct World {
     pub etcd: SimEtcd,
     /// etcd answers nothing (its calls time out).
     pub etcd_down: Cell<bool>,
-    pub provider: RefCell<Box<dyn FnMut(&Callout) -> Reply>>,
+    pub provider: RefCell<Provider>,
     pub reports: RefCell<Vec<Report>>,
     /// Provider calls seen, in order.
     pub provider_calls: RefCell<Vec<Callout>>,
@@ -73,7 +75,11 @@ pub fn config(store: &str, extra: &str) -> String {
                            "b":{{"type":"openai","cluster":"cb","timeout_ms":1000}}}},
             "virtual_keys":[{{"name":"team-a","value":"{KEY}"}}],
             "max_jobs":50,"store":{store}{deadline}{extra}}}"#,
-        deadline = if extra.contains("job_deadline_s") { "" } else { r#","job_deadline_s":30"# },
+        deadline = if extra.contains("job_deadline_s") {
+            ""
+        } else {
+            r#","job_deadline_s":30"#
+        },
     )
 }
 
@@ -127,7 +133,6 @@ impl World {
             host,
             engine: Some(Engine::new(store)),
             paused: false,
-            envoy,
             config,
             keys,
             generation,
@@ -142,7 +147,12 @@ impl World {
     /// The worker holding a job now (the only one running any).
     pub fn holder(&self) -> usize {
         let holding: Vec<usize> = (0..self.workers.len())
-            .filter(|w| self.workers[*w].engine.as_ref().is_some_and(|e| e.holding() > 0))
+            .filter(|w| {
+                self.workers[*w]
+                    .engine
+                    .as_ref()
+                    .is_some_and(|e| e.holding() > 0)
+            })
             .collect();
         assert_eq!(holding.len(), 1, "one worker holds the job");
         holding[0]
@@ -249,7 +259,6 @@ impl World {
                 status: due.answer.as_ref().map(|(s, _)| *s),
                 body_size: due.answer.as_ref().map_or(0, |(_, b)| b.len()),
                 body: due.answer.map(|(_, b)| b).unwrap_or_default(),
-                headers: Vec::new(),
                 too_large: false,
             };
             // An etcd call is answered as etcd stands when the answer leaves it.
@@ -371,7 +380,12 @@ impl World {
     /// Submits through worker `w`; the job's id.
     pub fn submit(&self, w: usize, body: &str) -> String {
         let answer = self.request(w, "POST", "/v1/async/audio/speech", Some(body));
-        assert_eq!(answer.status, 202, "{}", String::from_utf8_lossy(&answer.body));
+        assert_eq!(
+            answer.status,
+            202,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
         json(&answer.body)["id"].as_str().unwrap().to_string()
     }
 
@@ -394,7 +408,11 @@ impl World {
         let took = self.run_until(ms, |w| {
             matches!(w.status(&id).as_str(), "completed" | "failed")
         });
-        assert!(took.is_some(), "job {id} did not end: {}", self.poll(0, &id).1);
+        assert!(
+            took.is_some(),
+            "job {id} did not end: {}",
+            self.poll(0, &id).1
+        );
         self.poll(0, &id).1
     }
 

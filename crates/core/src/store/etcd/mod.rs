@@ -18,14 +18,14 @@
 //! - **Delete**: a txn on the record's mod_revision that deletes the record,
 //!   the audio prefix, the claim and the pending entry.
 
-pub mod call;
+pub(crate) mod call;
 pub mod config;
-pub mod jobs;
-pub mod keys;
-pub mod request;
-pub mod response;
-pub mod wire;
-pub mod work;
+pub(crate) mod jobs;
+pub(crate) mod keys;
+pub(crate) mod request;
+pub(crate) mod response;
+pub(crate) mod wire;
+pub(crate) mod work;
 
 pub use config::{parse_store_config, EtcdConfig, StoreConfig};
 pub use keys::{join_parts, parts_needed, split_audio, Layout};

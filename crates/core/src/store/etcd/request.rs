@@ -19,6 +19,7 @@ pub const PUT: &str = "/v3/kv/put";
 pub const DELETE_RANGE: &str = "/v3/kv/deleterange";
 pub const TXN: &str = "/v3/kv/txn";
 pub const LEASE_GRANT: &str = "/v3/lease/grant";
+#[cfg(test)]
 pub const LEASE_REVOKE: &str = "/v3/lease/revoke";
 pub const LEASE_KEEPALIVE: &str = "/v3/lease/keepalive";
 
@@ -239,6 +240,7 @@ pub fn range_prefix(prefix: &[u8], limit: i64) -> Request {
     Op::range_prefix(prefix, limit).request()
 }
 
+#[cfg(test)]
 /// Keys that start with `prefix` and come after `after` (the last key of the
 /// previous page): the next page of [`range_prefix`].
 pub fn range_prefix_after(prefix: &[u8], after: &[u8], limit: i64) -> Request {
@@ -257,10 +259,12 @@ pub fn put(key: &[u8], value: &[u8], lease: Option<i64>) -> Request {
     Op::put(key, value, lease).request()
 }
 
+#[cfg(test)]
 pub fn delete(key: &[u8]) -> Request {
     Op::delete(key).request()
 }
 
+#[cfg(test)]
 /// Writes `key` only if it does not exist; otherwise the answer's one
 /// response is the key as it is.
 pub fn put_if_absent(key: &[u8], value: &[u8], lease: Option<i64>) -> Request {
@@ -271,6 +275,7 @@ pub fn put_if_absent(key: &[u8], value: &[u8], lease: Option<i64>) -> Request {
         .request()
 }
 
+#[cfg(test)]
 /// Writes `key` only if it was last written at `expected_mod_revision`;
 /// otherwise the answer's one response is the key as it is (no `kvs` when it
 /// is gone).
@@ -287,6 +292,7 @@ pub fn compare_and_put(
         .request()
 }
 
+#[cfg(test)]
 /// Deletes `key` only if it was last written at `mod_revision`.
 pub fn delete_if(key: &[u8], mod_revision: i64) -> Request {
     Txn::new()
@@ -295,6 +301,7 @@ pub fn delete_if(key: &[u8], mod_revision: i64) -> Request {
         .request()
 }
 
+#[cfg(test)]
 /// Claims a job: writes `owner` to the claim key under `lease` only if no
 /// claim exists (a claim whose lease lapsed is gone with it). When the claim
 /// is held, the answer's one response is the claim as it is.
@@ -313,6 +320,7 @@ pub fn lease_keepalive(id: i64) -> Request {
     Request::new(LEASE_KEEPALIVE, &LeaseRequest { ttl: 0, id })
 }
 
+#[cfg(test)]
 /// Ends a lease and deletes every key attached to it.
 pub fn lease_revoke(id: i64) -> Request {
     Request::new(LEASE_REVOKE, &LeaseRequest { ttl: 0, id })

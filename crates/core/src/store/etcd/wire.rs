@@ -91,6 +91,7 @@ pub struct DeleteRangeRequest {
 }
 
 /// One operation of a txn.
+#[allow(clippy::enum_variant_names)] // named as the gateway's JSON names them
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestOp {
@@ -235,6 +236,7 @@ pub struct DeleteRangeResponse {
 }
 
 /// One response of a txn branch, in the order of the branch's operations.
+#[allow(clippy::enum_variant_names)] // named as the gateway's JSON names them
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResponseOp {
@@ -320,6 +322,7 @@ pub enum ErrorBody {
 }
 
 /// The unary form of the gateway's error, as the simulated etcd writes it.
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ErrorOut {
     pub error: String,

@@ -18,9 +18,9 @@
 //! share the store; writes that span keys are ordered so that a crash between
 //! them leaves something the audit repairs, never a slot held by two jobs.
 
-pub mod slot;
-pub mod wheel;
-pub mod work;
+pub(crate) mod slot;
+pub(crate) mod wheel;
+pub(crate) mod work;
 
 use super::StoreError;
 use crate::ids;
