@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import zlib
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -162,15 +163,18 @@ RATE_LIMITED = {
 }
 
 
-def add_failing_provider_rules(mock):
-    """As `add_provider_rules`, but one text in four (by its CRC) is refused with the provider's own
-    429, so that failed jobs (their JSON, their `/content`) are part of what a run sees. A 429, not a
-    5xx: `/content` answers a failed job's status, and schemathesis would take a 5xx for a crash."""
-    import zlib
+def is_refused(body):
+    """One text in four (by its CRC) is refused by `add_failing_provider_rules`."""
+    return zlib.crc32(text_of({"json": body}).encode("utf-8", "replace")) % 4 == 0
 
+
+def add_failing_provider_rules(mock):
+    """As `add_provider_rules`, but the calls `is_refused` picks get the provider's own 429, so that
+    failed jobs (their JSON, their `/content`) are part of what a run sees. A 429, not a 5xx:
+    `/content` answers a failed job's status, and schemathesis would take a 5xx for a crash."""
     for prefix, body in RATE_LIMITED.items():
         mock.add_rule(path_prefix=prefix, status=429, body=body, method="POST",
-                      match_body=lambda j, b, *_: zlib.crc32(text_of({"json": j}).encode("utf-8", "replace")) % 4 == 0)
+                      match_body=lambda j, b: is_refused(j))
     add_provider_rules(mock)
 
 
