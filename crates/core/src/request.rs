@@ -208,12 +208,28 @@ fn parse_locators(obj: &Map<String, Value>) -> Result<Option<Vec<Value>>, ApiErr
                 ),
             ))
         }
-        Some(Value::Array(items)) if items.iter().all(Value::is_object) => Ok(Some(items.clone())),
+        Some(Value::Array(items)) if items.iter().all(is_locator) => Ok(Some(items.clone())),
         Some(_) => Err(ApiError::invalid(
             PARAM,
-            format!("{PARAM} must be an array of objects"),
+            format!(
+                "{PARAM} must be an array of objects whose pronunciation_dictionary_id and version_id are strings"
+            ),
         )),
     }
+}
+
+/// An ElevenLabs locator: an object whose two known fields, when given, are strings (or
+/// null, which is absent), as Bifrost decodes them; other fields are passed on as they are.
+fn is_locator(item: &Value) -> bool {
+    let text_or_absent = |field: &str| {
+        matches!(
+            item.get(field),
+            None | Some(Value::Null) | Some(Value::String(_))
+        )
+    };
+    item.is_object()
+        && text_or_absent("pronunciation_dictionary_id")
+        && text_or_absent("version_id")
 }
 
 /// Every attempt must be possible: a fallback that could never take this request
@@ -407,6 +423,35 @@ mod tests {
     }
 
     #[test]
+    fn null_in_an_optional_field_is_absent() {
+        let r = parse_speech_request(
+            br#"{"model":"openai/t","input":"a","voice":"v","fallbacks":null,"stream_format":null,
+                 "instructions":null,"response_format":null,"speed":null,"language_code":null,
+                 "pronunciation_dictionary_locators":null,"enable_logging":null,
+                 "optimize_streaming_latency":null,"with_timestamps":null}"#,
+            &config(),
+        )
+        .unwrap();
+        let plain = parse_speech_request(
+            br#"{"model":"openai/t","input":"a","voice":"v"}"#,
+            &config(),
+        )
+        .unwrap();
+        assert_eq!(r, plain);
+        // And inside a locator, as Bifrost decodes it.
+        let r = parse_speech_request(
+            br#"{"model":"openai/t","input":"a","voice":"v","pronunciation_dictionary_locators":
+                 [{"pronunciation_dictionary_id":"d","version_id":null,"extra":[1]}]}"#,
+            &config(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.pronunciation_dictionary_locators.map(|l| l.len()),
+            Some(1)
+        );
+    }
+
+    #[test]
     fn model_with_slashes_keeps_the_rest_as_model() {
         let r = parse_speech_request(
             br#"{"model":"local/org/model","input":"a","voice":"v"}"#,
@@ -499,6 +544,14 @@ mod tests {
             ),
             (
                 r#"{"model":"openai/t","input":"a","voice":"v","pronunciation_dictionary_locators":[1]}"#,
+                Some("pronunciation_dictionary_locators"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":"v","pronunciation_dictionary_locators":[{"pronunciation_dictionary_id":"d","version_id":{}}]}"#,
+                Some("pronunciation_dictionary_locators"),
+            ),
+            (
+                r#"{"model":"openai/t","input":"a","voice":"v","pronunciation_dictionary_locators":[{"pronunciation_dictionary_id":7}]}"#,
                 Some("pronunciation_dictionary_locators"),
             ),
         ];
