@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Number;
 use sha2::{Digest, Sha256};
 
+use crate::governance::{parse_pricing, parse_rules, Pricing, Rules};
 use crate::store::etcd::{parse_store_config, StoreConfig};
 use crate::webhooks::{check_virtual_keys, parse_webhooks, WebhookEndpoint};
 
@@ -147,6 +148,8 @@ pub struct VirtualKey {
     pub name: String,
     /// SHA-256 of the key; keys given by value are hashed at load.
     pub sha256: [u8; 32],
+    /// Expiry, allowed models and limits.
+    pub rules: Rules,
 }
 
 /// Where a JWT verified by Envoy's `jwt_authn` filter leaves its payload:
@@ -193,6 +196,8 @@ pub struct Config {
     pub webhooks: BTreeMap<String, WebhookEndpoint>,
     /// Where jobs live (SPEC §4): this Envoy's shared data, or etcd.
     pub store: StoreConfig,
+    /// Dollars per million characters, by model, for budgets.
+    pub pricing: Pricing,
 }
 
 #[derive(Deserialize)]
@@ -217,6 +222,9 @@ struct RawKey {
     name: String,
     value: Option<String>,
     sha256: Option<String>,
+    expires_at: Option<String>,
+    allowed_models: Option<Vec<String>>,
+    limits: Option<serde_json::Value>,
 }
 
 /// Numbers are kept as JSON numbers until checked against their range, so that a
@@ -239,10 +247,12 @@ struct RawConfig {
     job_deadline_s: Option<Number>,
     max_fallbacks: Option<Number>,
     max_audio_bytes: Option<Number>,
-    /// SPEC §5; parsed by `webhooks::parse_webhooks`.
+    /// Parsed by `webhooks::parse_webhooks`.
     webhooks: Option<serde_json::Value>,
-    /// SPEC §4; parsed by `store::etcd::parse_store_config`.
+    /// Parsed by `store::etcd::parse_store_config`.
     store: Option<serde_json::Value>,
+    /// Parsed by `governance::parse_pricing`.
+    pricing: Option<serde_json::Value>,
 }
 
 /// The top-level numbers, checked; `job_deadline_s` waits for the providers.
@@ -258,6 +268,11 @@ struct Limits {
 }
 
 impl Config {
+    /// The rules of the virtual key named `name`, if it is one.
+    pub fn key(&self, name: &str) -> Option<&VirtualKey> {
+        self.virtual_keys.iter().find(|k| k.name == name)
+    }
+
     /// What an operator should hear about a configuration that loads.
     pub fn warnings(&self) -> Vec<String> {
         self.providers
@@ -280,7 +295,8 @@ impl Config {
             .map_err(|e| format!("configuration is not valid: {e}"))?;
         let limits = parse_limits(&raw)?;
         let providers = parse_providers(raw.providers, env, limits.max_audio_bytes)?;
-        let virtual_keys = parse_keys(raw.virtual_keys)?;
+        let virtual_keys = parse_keys(raw.virtual_keys, limits.max_jobs)?;
+        let pricing = parse_pricing(raw.pricing.as_ref())?;
         check_who_may_enter(
             &virtual_keys,
             raw.allow_unauthenticated,
@@ -300,6 +316,7 @@ impl Config {
         let store = parse_store_config(raw.store.as_ref())?;
         Ok(Config {
             store,
+            pricing,
             providers,
             virtual_keys,
             allow_unauthenticated: raw.allow_unauthenticated,
@@ -381,10 +398,10 @@ fn parse_providers(
     Ok(providers)
 }
 
-fn parse_keys(raw: Vec<RawKey>) -> Result<Vec<VirtualKey>, String> {
+fn parse_keys(raw: Vec<RawKey>, max_jobs: u32) -> Result<Vec<VirtualKey>, String> {
     let mut virtual_keys: Vec<VirtualKey> = Vec::new();
     for (i, k) in raw.into_iter().enumerate() {
-        let key = parse_key(i, k)?;
+        let key = parse_key(i, k, max_jobs)?;
         if virtual_keys.iter().any(|v| v.name == key.name) {
             return Err(format!(
                 "virtual_keys[{i}]: name {:?} is used twice",
@@ -511,11 +528,29 @@ fn provider_api_key(
     Ok(api_key)
 }
 
-fn parse_key(i: usize, k: RawKey) -> Result<VirtualKey, String> {
+/// A key's name is part of store keys, queue and stat names: it is kept plain.
+fn is_plain_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn parse_key(i: usize, k: RawKey, max_jobs: u32) -> Result<VirtualKey, String> {
     let at = format!("virtual_keys[{i}]");
-    if k.name.is_empty() {
-        return Err(format!("{at}.name must not be empty"));
+    if !is_plain_name(&k.name) {
+        return Err(format!(
+            "{at}.name must be 1 to 64 letters, digits, '_' or '-' (got {:?})",
+            k.name
+        ));
     }
+    let rules = parse_rules(
+        k.expires_at.as_deref(),
+        k.allowed_models.as_deref(),
+        k.limits.as_ref(),
+        &at,
+        max_jobs,
+    )?;
     let sha256 = match (k.value, k.sha256) {
         (Some(v), None) => {
             if !v.starts_with(KEY_PREFIX) || v.len() <= KEY_PREFIX.len() {
@@ -533,6 +568,7 @@ fn parse_key(i: usize, k: RawKey) -> Result<VirtualKey, String> {
     Ok(VirtualKey {
         name: k.name,
         sha256,
+        rules,
     })
 }
 

@@ -149,6 +149,25 @@ impl ApiError {
         e
     }
 
+    /// 402 or 429 for a key's limit reached, with when to retry.
+    pub fn limit(
+        status_code: u16,
+        kind: &str,
+        message: impl Into<String>,
+        retry_after_s: u64,
+    ) -> Self {
+        let mut e = Self::gateway(status_code, kind, message);
+        e.retry_after_s = Some(u32::try_from(retry_after_s).unwrap_or(u32::MAX));
+        e
+    }
+
+    /// 403 for what a key may not do; `param` names the field, if one.
+    pub fn forbidden(kind: &str, message: impl Into<String>, param: Option<&str>) -> Self {
+        let mut e = Self::gateway(403, kind, message);
+        e.error.param = param.map(str::to_string);
+        e
+    }
+
     /// 503 for a store or queue that cannot take work now (not a full store).
     pub fn unavailable(message: impl Into<String>) -> Self {
         let mut e = Self::gateway(503, "service_unavailable", message);

@@ -118,6 +118,16 @@ pub struct JobRecord {
     /// Expired, but kept (without its audio) until its webhook delivery ends.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub result_dropped: bool,
+    /// Input characters, as counted against the key and priced.
+    #[serde(default)]
+    pub chars: u64,
+    /// The start of the characters window they were counted in, if the key
+    /// counts them (they are given back if the job makes no audio).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chars_window_s: Option<u64>,
+    /// Counted among its lane's running jobs (shared data).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub counted_running: bool,
 }
 
 /// A worker's hold on a job (shared data): its name, and when the hold
@@ -202,6 +212,9 @@ impl JobRecord {
             webhook: None,
             parts: None,
             result_dropped: false,
+            chars: 0,
+            chars_window_s: None,
+            counted_running: false,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod governance;
 pub(crate) mod ids;
 pub(crate) mod job;
 pub mod log_escape;

@@ -13,10 +13,12 @@ pub enum SetError {
 }
 
 /// The shared queues the filter uses; the host maps each to its own queue id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Queue {
-    /// Ids of jobs waiting for a worker.
-    Jobs,
+    /// Ids of one lane's (one key's) jobs waiting for a worker.
+    Lane(String),
+    /// Lanes with jobs waiting, each at most once: taken in turn.
+    Ring,
     /// Free job slots (the store's free list).
     Free,
     /// One bucket of the timer wheel: level and index (`store::wheel`).
@@ -24,11 +26,23 @@ pub enum Queue {
 }
 
 impl Queue {
-    /// Every queue the filter uses, for the host to register.
-    pub fn all() -> impl Iterator<Item = Queue> {
-        [Queue::Free, Queue::Jobs]
+    /// The queue's name in Envoy, under the filter's namespace.
+    pub fn name(&self, namespace: &str) -> String {
+        match self {
+            Queue::Lane(lane) => format!("async-speech/{namespace}/lane/{lane}"),
+            Queue::Ring => format!("async-speech/{namespace}/ring"),
+            Queue::Free => format!("async-speech/{namespace}/free"),
+            Queue::Wheel(level, index) => format!("async-speech/{namespace}/wheel/{level}/{index}"),
+        }
+    }
+
+    /// Every queue the filter uses with this configuration, for the host to register.
+    pub fn all(config: &crate::config::Config) -> Vec<Queue> {
+        [Queue::Free, Queue::Ring]
             .into_iter()
+            .chain(crate::governance::lanes(config).map(Queue::Lane))
             .chain(crate::store::shared::wheel::all_buckets())
+            .collect()
     }
 }
 
@@ -53,8 +67,8 @@ pub trait Host {
     /// Writes a value; with `cas`, only if the version is still that one.
     /// (Envoy has no create-if-absent: a CAS write to a missing key succeeds.)
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError>;
-    fn enqueue(&self, queue: Queue, item: &[u8]) -> Result<(), String>;
-    fn dequeue(&self, queue: Queue) -> Result<Option<Vec<u8>>, String>;
+    fn enqueue(&self, queue: &Queue, item: &[u8]) -> Result<(), String>;
+    fn dequeue(&self, queue: &Queue) -> Result<Option<Vec<u8>>, String>;
     /// Sends a callout; the answer comes back to the root context by token.
     fn dispatch(&self, call: &Callout) -> Result<u32, String>;
 }

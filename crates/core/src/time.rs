@@ -29,6 +29,72 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
+/// (year, month, day) to days since 1970-01-01, after Howard Hinnant's algorithm.
+pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The (year, month) of `secs` since the epoch.
+pub fn year_month(secs: u64) -> (i64, u32) {
+    let (year, month, _) = civil_from_days(i64::try_from(secs / 86_400).unwrap_or(0));
+    (year, month)
+}
+
+/// Reads an RFC 3339 UTC time `YYYY-MM-DDTHH:MM:SS[.fff]Z` (or `+00:00`) as
+/// milliseconds since the epoch; `None` for anything else.
+pub fn parse_rfc3339(text: &str) -> Option<u64> {
+    let b = text.as_bytes();
+    let num = |from: usize, len: usize| -> Option<u32> {
+        let digits = b.get(from..from + len)?;
+        digits.iter().all(u8::is_ascii_digit).then_some(())?;
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    };
+    let punct = [(4, b'-'), (7, b'-'), (13, b':'), (16, b':')];
+    if punct.iter().any(|(i, c)| b.get(*i) != Some(c)) || !matches!(b.get(10), Some(b'T' | b't')) {
+        return None;
+    }
+    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    let (hour, minute, second) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    let mut rest = b.get(19..)?;
+    let mut millis = 0u64;
+    if rest.first() == Some(&b'.') {
+        let digits = rest
+            .iter()
+            .skip(1)
+            .take_while(|c| c.is_ascii_digit())
+            .count();
+        if digits == 0 {
+            return None;
+        }
+        let frac = std::str::from_utf8(rest.get(1..1 + digits)?).ok()?;
+        let first3: String = frac.chars().chain("000".chars()).take(3).collect();
+        millis = first3.parse().ok()?;
+        rest = rest.get(1 + digits..)?;
+    }
+    if !matches!(rest, b"Z" | b"z" | b"+00:00") {
+        return None;
+    }
+    let days_in_month = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if year < 1970 || day == 0 || day > days_in_month || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let days = u64::try_from(days_from_civil(i64::from(year), month, day)).ok()?;
+    let secs = days * 86_400 + u64::from(hour) * 3600 + u64::from(minute) * 60 + u64::from(second);
+    Some(secs * 1000 + millis)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -39,5 +105,37 @@ mod tests {
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(rfc3339(1_795_467_600_123), "2026-11-23T21:00:00.123Z");
         assert_eq!(rfc3339(4_102_444_799_999), "2099-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn reads_what_it_writes_and_refuses_the_rest() {
+        for ms in [0, 951_782_400_000, 1_795_467_600_123, 4_102_444_799_999] {
+            assert_eq!(parse_rfc3339(&rfc3339(ms)), Some(ms));
+        }
+        assert_eq!(
+            parse_rfc3339("2027-06-30T00:00:00Z"),
+            Some(1_814_313_600_000)
+        );
+        assert_eq!(
+            parse_rfc3339("2027-06-30T00:00:00+00:00"),
+            Some(1_814_313_600_000)
+        );
+        for bad in [
+            "2027-06-30",
+            "2027-06-30T00:00:00",
+            "2027-06-30T00:00:00+02:00",
+            "2027-02-29T00:00:00Z",
+            "2027-13-01T00:00:00Z",
+            "2027-06-30T24:00:00Z",
+            "2027-06-30T00:00:00.Z",
+            "27-06-30T00:00:00Z",
+            "",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+        for days in [-1000, 0, 1, 59, 365, 11_016, 47_481] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
     }
 }

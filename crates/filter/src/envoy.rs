@@ -20,31 +20,23 @@ pub struct EnvoyHost {
     pub namespace: Rc<str>,
 }
 
-pub fn queue_name(namespace: &str, queue: Queue) -> String {
-    match queue {
-        Queue::Jobs => format!("async-speech/{namespace}/jobs"),
-        Queue::Free => format!("async-speech/{namespace}/free"),
-        Queue::Wheel(level, index) => format!("async-speech/{namespace}/wheel/{level}/{index}"),
-    }
-}
-
 impl EnvoyHost {
     /// Registers `queues` from this root context; the last registrant of a
     /// queue is the one Envoy notifies.
-    pub fn register(&self, queues: impl Iterator<Item = Queue>) -> Result<(), String> {
+    pub fn register(&self, queues: Vec<Queue>) -> Result<(), String> {
         let mut ids = self.queues.borrow_mut();
         for q in queues {
-            let id = hostcalls::register_shared_queue(&queue_name(&self.namespace, q))
+            let id = hostcalls::register_shared_queue(&q.name(&self.namespace))
                 .map_err(|e| format!("cannot register queue {q:?}: {e:?}"))?;
             ids.insert(q, id);
         }
         Ok(())
     }
 
-    fn queue_id(&self, queue: Queue) -> Result<u32, String> {
+    fn queue_id(&self, queue: &Queue) -> Result<u32, String> {
         self.queues
             .borrow()
-            .get(&queue)
+            .get(queue)
             .copied()
             .ok_or_else(|| format!("queue {queue:?} is not registered"))
     }
@@ -78,12 +70,12 @@ impl Host for EnvoyHost {
         }
     }
 
-    fn enqueue(&self, queue: Queue, item: &[u8]) -> Result<(), String> {
+    fn enqueue(&self, queue: &Queue, item: &[u8]) -> Result<(), String> {
         hostcalls::enqueue_shared_queue(self.queue_id(queue)?, Some(item))
             .map_err(|e| format!("enqueue: {e:?}"))
     }
 
-    fn dequeue(&self, queue: Queue) -> Result<Option<Vec<u8>>, String> {
+    fn dequeue(&self, queue: &Queue) -> Result<Option<Vec<u8>>, String> {
         hostcalls::dequeue_shared_queue(self.queue_id(queue)?)
             .map_err(|e| format!("dequeue: {e:?}"))
     }

@@ -69,8 +69,8 @@ fn namespace() -> String {
 }
 
 impl Root {
-    fn register_queues(&self, host: &EnvoyHost) {
-        if let Err(e) = host.register(Queue::all()) {
+    fn register_queues(&self, host: &EnvoyHost, config: &Config) {
+        if let Err(e) = host.register(Queue::all(config)) {
             error!("{e}");
         }
     }
@@ -115,19 +115,14 @@ fn answer_limit(config: &Config) -> usize {
     config.max_audio_bytes.saturating_mul(4) / 3 + 64 * 1024
 }
 
-/// A callout's answer: its status (none if it failed), headers and body (not
-/// read when larger than `limit`).
+/// A callout's answer: its status (none if it failed) and body (not read
+/// when larger than `limit`).
 fn read_callout_answer(num_headers: usize, body_size: usize, limit: usize) -> CallAnswer {
     // A failed callout has no headers; asking for ":status" then would panic in the SDK.
-    let headers: Vec<(String, Vec<u8>)> = if num_headers > 0 {
-        hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    let status = headers
-        .iter()
-        .find(|(k, _)| k == ":status")
-        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    let status = (num_headers > 0)
+        .then(|| hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status"))
+        .and_then(|v| v.ok().flatten())
+        .and_then(|v| String::from_utf8(v).ok())
         .and_then(|s| s.parse::<u16>().ok());
     let too_large = body_size > limit;
     let body = if body_size > 0 && !too_large {
@@ -140,7 +135,6 @@ fn read_callout_answer(num_headers: usize, body_size: usize, limit: usize) -> Ca
     };
     CallAnswer {
         status,
-        headers,
         body,
         body_size,
         too_large,
@@ -170,9 +164,13 @@ impl RootContext for Root {
             namespace: namespace.clone().into(),
         });
         let keys = Keys::new(&namespace);
-        let generation = Store::start_generation(host.as_ref(), &keys);
+        let generation = Store::prepare(
+            host.as_ref(),
+            &keys,
+            async_speech_core::governance::lanes(&config),
+        );
         self.stats.define_all();
-        self.register_queues(&host);
+        self.register_queues(&host, &config);
         let clock = Rc::new(Clock::default());
         clock.sync(host.as_ref(), &keys.clock());
         let mut random = [0u8; 16];
@@ -208,7 +206,7 @@ impl RootContext for Root {
         // Register again from a live worker: the VM that registered during
         // configuration may have been the throw-away canary.
         if !self.registered_on_tick.replace(true) {
-            self.register_queues(&shared.host);
+            self.register_queues(&shared.host, &shared.config);
         }
         shared
             .clock
@@ -217,7 +215,7 @@ impl RootContext for Root {
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        if self.queues.borrow().get(&Queue::Jobs) == Some(&queue_id) {
+        if self.queues.borrow().get(&Queue::Ring) == Some(&queue_id) {
             self.run(|engine, cx| engine.work_ready(cx));
         }
     }

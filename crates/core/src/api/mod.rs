@@ -1,26 +1,27 @@
-//! The HTTP API of SPEC §1: which route a request is for, who sends it, and
-//! the answer. Pure over `Host`: the host's HTTP context hands it headers and
-//! the body and sends back what it decides.
+//! The HTTP API: which route a request is for, who sends it, what its key
+//! may do, and the answer. Pure over `Host`: the host's HTTP context hands
+//! it headers and the body and sends back what it decides.
 
+mod answers;
 pub mod routes;
-
-use serde_json::json;
 
 use crate::auth::authenticate;
 use crate::config::Config;
 use crate::engine::Report;
 use crate::error::ApiError;
+use crate::governance::{self, refusal_error, KeyState, Rules};
 use crate::ids::make_id;
-use crate::job::{JobRecord, JobStatus, WebhookJob};
+use crate::job::{JobRecord, WebhookJob};
 use crate::platform::Host;
 use crate::request::{is_json_content_type, parse_speech_request, parse_ttl, TTL_HEADER};
+use crate::speech::SpeechRequest;
 use crate::store::etcd::StoreConfig;
 use crate::store::jobs::{Done, Jobs, Step, Wait};
-use crate::store::shared::slot::{self, HeldView, SlotView};
+use crate::store::shared::slot::{self, SlotView};
 use crate::store::{Keys, StoreError};
-use crate::time::rfc3339;
 use crate::webhooks::{endpoint_for_submit, WEBHOOK_HEADER};
-use routes::{route, Route, BASE};
+use answers::{content_answer, poll_answer, refused, submitted, SubmitFacts};
+use routes::{route, Route};
 
 /// An answer to send to the client.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,16 +94,11 @@ pub struct Then {
 /// What the request is doing.
 #[derive(Debug, Clone, PartialEq)]
 enum Op {
-    Submit {
-        model: String,
-        fallbacks: usize,
-        ttl_s: u64,
-    },
+    Submit(Box<SubmitFacts>),
     Poll,
     Content,
-    Delete {
-        id: String,
-    },
+    Delete { id: String },
+    Usage { owner: String },
 }
 
 /// What a request shows the API: its headers by lower-case name (raw bytes,
@@ -135,6 +131,12 @@ impl Api<'_> {
         }
     }
 
+    /// The rules of the owner's virtual key, if it has one.
+    fn rules(&self, owner: &str) -> Option<&Rules> {
+        let name = owner.strip_prefix("vk:")?;
+        self.config.key(name).map(|k| &k.rules)
+    }
+
     fn route(
         &self,
         route: &Route,
@@ -145,6 +147,17 @@ impl Api<'_> {
         let method = String::from_utf8_lossy(&method);
         check_method(route, &method)?;
         let owner = authenticate(self.config, head.header, head.jwt_claim.as_ref())?;
+        if self
+            .rules(&owner)
+            .is_some_and(|r| r.is_expired(self.now_ms))
+        {
+            return Err(ApiError::forbidden(
+                "virtual_key_blocked",
+                "the virtual key has expired",
+                None,
+            ));
+        }
+        let jobs = self.jobs();
         Ok(match route {
             Route::Submit => {
                 let pending = self.submit_headers(head, owner)?;
@@ -154,11 +167,19 @@ impl Api<'_> {
                 self.on_submit_body(&pending, &[])
             }
             Route::Job(id) if method == "DELETE" => self.follow(
-                self.jobs().delete(id, owner.as_bytes()),
+                jobs.delete(id, owner.as_bytes()),
                 Op::Delete { id: id.clone() },
             ),
-            Route::Job(id) => self.follow(self.jobs().read(id, owner.as_bytes()), Op::Poll),
-            Route::Content(id) => self.follow(self.jobs().read(id, owner.as_bytes()), Op::Content),
+            Route::Job(id) => self.follow(jobs.read(id, owner.as_bytes()), Op::Poll),
+            Route::Content(id) => self.follow(jobs.read(id, owner.as_bytes()), Op::Content),
+            Route::Usage if owner.starts_with("vk:") => {
+                self.follow(jobs.usage(&owner), Op::Usage { owner })
+            }
+            // An owner without a virtual key has no limits, and no usage of its own.
+            Route::Usage => Decision::Respond(Answer::json(
+                200,
+                br#"{"virtual_key":null,"limits":{}}"#.to_vec(),
+            )),
             Route::PassThrough | Route::Unknown => return Err(ApiError::job_not_found()),
         })
     }
@@ -189,7 +210,8 @@ impl Api<'_> {
         })
     }
 
-    /// The submit's body has arrived: one parse, one write of the job, one enqueue.
+    /// The submit's body has arrived: one parse, the key's checks, one write
+    /// of the job with its counters, one enqueue.
     pub fn on_submit_body(&self, pending: &PendingSubmit, body: &[u8]) -> Decision {
         match self.submit(pending, body) {
             Ok(decision) => decision,
@@ -197,23 +219,53 @@ impl Api<'_> {
         }
     }
 
+    /// Every model of the chain must be one the key may use.
+    fn check_models(&self, owner: &str, request: &SpeechRequest) -> Result<(), ApiError> {
+        let Some(rules) = self.rules(owner) else {
+            return Ok(());
+        };
+        for (i, m) in request.chain.iter().enumerate() {
+            let model = format!("{}/{}", m.provider, m.model);
+            if !rules.allows(&model) {
+                let param = match i {
+                    0 => "model".to_string(),
+                    n => format!("fallbacks[{}]", n - 1),
+                };
+                return Err(ApiError::forbidden(
+                    "model_blocked",
+                    format!("the virtual key may not use {model}"),
+                    Some(&param),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn submit(&self, pending: &PendingSubmit, body: &[u8]) -> Result<Decision, ApiError> {
         if body.len() > self.config.max_body_bytes {
             return Err(ApiError::payload_too_large(self.config.max_body_bytes));
         }
         let request = parse_speech_request(body, self.config)?;
+        self.check_models(&pending.owner, &request)?;
         let mut random = [0u8; 16];
         self.host
             .random(&mut random)
             .map_err(|e| ApiError::internal(format!("no secure random source: {e}")))?;
-        let (model, fallbacks) = (
-            request
+        let chars = u64::try_from(request.input.chars().count()).unwrap_or(u64::MAX);
+        let facts = SubmitFacts {
+            model: request
                 .chain
                 .first()
                 .map(|m| format!("{}/{}", m.provider, m.model))
                 .unwrap_or_default(),
-            request.chain.len().saturating_sub(1),
-        );
+            fallbacks: request.chain.len().saturating_sub(1),
+            ttl_s: pending.ttl_s,
+            limits: self
+                .rules(&pending.owner)
+                .map(|r| r.limits.clone())
+                .unwrap_or_default(),
+            local: self.config.store == StoreConfig::SharedData,
+        };
         let make = |slot: u32| {
             let mut record = JobRecord::new(
                 make_id(random, slot),
@@ -230,20 +282,15 @@ impl Api<'_> {
             });
             record
         };
-        let op = Op::Submit {
-            model,
-            fallbacks,
-            ttl_s: pending.ttl_s,
-        };
-        Ok(self.follow(self.jobs().insert(&make), op))
+        let step = self.jobs().insert(&make, &pending.owner, chars);
+        Ok(self.follow(step, Op::Submit(Box::new(facts))))
     }
 
     fn jobs(&self) -> Jobs<'_> {
         Jobs {
             host: self.host,
             keys: self.keys,
-            store: &self.config.store,
-            max_jobs: self.config.max_jobs,
+            config: self.config,
             generation: self.generation,
             now_ms: self.now_ms,
         }
@@ -261,36 +308,20 @@ impl Api<'_> {
                 callout,
                 then: Then { op, wait },
             })),
-            Step::Done(done) => {
-                let route = if matches!(op, Op::Submit { .. }) {
-                    Route::Submit
-                } else {
-                    Route::Unknown
-                };
-                match self.answer(op, done) {
-                    Ok(answer) => Decision::Respond(answer),
-                    Err(e) => Decision::Respond(refused(&route, &e)),
-                }
-            }
+            Step::Done(done) => Decision::Respond(self.answer(op, done)),
         }
     }
 
-    fn answer(&self, op: Op, done: Result<Done, StoreError>) -> Result<Answer, ApiError> {
-        match (op, done.map_err(|e| self.store_error(e))?) {
-            (
-                Op::Submit {
-                    model,
-                    fallbacks,
-                    ttl_s,
-                },
-                Done::Inserted(record),
-            ) => Ok(submitted(
-                &record,
-                model,
-                fallbacks,
-                ttl_s,
-                self.config.store == StoreConfig::SharedData,
-            )),
+    fn answer(&self, op: Op, done: Result<Done, StoreError>) -> Answer {
+        let done = match (done, &op) {
+            (Ok(done), _) => done,
+            (Err(e), Op::Submit(facts)) => return self.submit_refused(e, facts),
+            (Err(e), _) => return refused(&Route::Unknown, &self.store_error(e)),
+        };
+        let found = match (op, done) {
+            (Op::Submit(facts), Done::Inserted(record, state)) => {
+                Ok(submitted(&record, &facts).with_ratelimit(&facts.limits, &state, self.now_ms))
+            }
             (Op::Poll, Done::Read(Some(bytes))) => match slot::decode(&bytes) {
                 SlotView::Held(view) => Ok(poll_answer(&view)),
                 _ => Err(ApiError::job_not_found()),
@@ -308,87 +339,52 @@ impl Api<'_> {
                     local: self.config.store == StoreConfig::SharedData,
                 }),
             }),
+            (Op::Usage { owner }, Done::Usage(state, held, running)) => {
+                Ok(self.usage(&owner, &state, held, running))
+            }
             // Unknown, expired, someone else's, or freed by someone else since it was read.
             _ => Err(ApiError::job_not_found()),
+        };
+        found.unwrap_or_else(|e| refused(&Route::Unknown, &e))
+    }
+
+    /// A submit the store refused: a key's limit, a full store, or a store
+    /// away; with the RateLimit fields of a key with window limits.
+    fn submit_refused(&self, e: StoreError, facts: &SubmitFacts) -> Answer {
+        let state = match &e {
+            StoreError::Refused(_, state) | StoreError::Full(Some(state)) => {
+                Some(state.as_ref().clone())
+            }
+            _ => None,
+        };
+        let error = match e {
+            StoreError::Refused(refusal, _) => {
+                refusal_error(refusal, &facts.limits, self.now_ms / 1000)
+            }
+            other => self.store_error(other),
+        };
+        let answer = refused(&Route::Submit, &error);
+        match state {
+            Some(state) => answer.with_ratelimit(&facts.limits, &state, self.now_ms),
+            None => answer,
         }
+    }
+
+    fn usage(&self, owner: &str, state: &KeyState, held: u32, running: u32) -> Answer {
+        let name = owner.strip_prefix("vk:").unwrap_or(owner);
+        let default = Rules::default();
+        let rules = self.rules(owner).unwrap_or(&default);
+        let body = governance::usage(name, rules, state, held, running, self.now_ms);
+        Answer::json(200, serde_json::to_vec(&body).unwrap_or_default())
     }
 
     fn store_error(&self, e: StoreError) -> ApiError {
         match e {
-            StoreError::Full => ApiError::store_full(self.config.max_jobs),
+            StoreError::Full(_) => ApiError::store_full(self.config.max_jobs),
             StoreError::TooLarge => ApiError::payload_too_large(self.config.max_body_bytes),
             StoreError::Busy(_) => ApiError::unavailable("job store unavailable"),
-        }
-    }
-}
-
-/// The 202 of an accepted submit.
-fn submitted(
-    record: &JobRecord,
-    model: String,
-    fallbacks: usize,
-    ttl_s: u64,
-    local: bool,
-) -> Answer {
-    let body =
-        json!({"id": record.id, "status": "pending", "created_at": rfc3339(record.created_at_ms)});
-    let mut answer = Answer::json(202, serde_json::to_vec(&body).unwrap_or_default())
-        .with("location", format!("{BASE}/{}", record.id))
-        .with("retry-after", "1");
-    answer.event = Some(Report::Submitted {
-        id: record.id.clone(),
-        model,
-        fallbacks,
-        ttl_s,
-        local,
-    });
-    answer
-}
-
-/// A poll's answer: the bytes rendered when the job last changed.
-fn poll_answer(view: &HeldView) -> Answer {
-    let answer = Answer::json(view.status.poll_status(), view.body.to_vec());
-    if view.status.is_finished() {
-        answer
-    } else {
-        answer.with("retry-after", "1")
-    }
-}
-
-/// `/content`: the audio itself, the job JSON while unfinished, or the error.
-fn content_answer(view: &HeldView) -> Result<Answer, ApiError> {
-    use base64::Engine;
-    match view.status {
-        JobStatus::Pending | JobStatus::Processing => {
-            Ok(Answer::json(202, view.body.to_vec()).with("retry-after", "1"))
-        }
-        JobStatus::Failed => {
-            let record = view
-                .record()
-                .ok_or_else(|| ApiError::internal("the job record is unreadable"))?;
-            let error = record
-                .error
-                .unwrap_or_else(|| ApiError::internal("the job failed without an error"));
-            Ok(Answer::error(&error))
-        }
-        JobStatus::Completed => {
-            let record = view
-                .record()
-                .ok_or_else(|| ApiError::internal("the job record is unreadable"))?;
-            let format = record
-                .result
-                .map(|m| m.response_format)
-                .ok_or_else(|| ApiError::internal("the job has no result"))?;
-            let audio = view
-                .audio_base64()
-                .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
-                .ok_or_else(|| ApiError::internal("the job's audio is missing from the store"))?;
-            Ok(Answer {
-                status: 200,
-                headers: vec![("content-type", format.content_type().into())],
-                body: audio,
-                event: None,
-            })
+            // Only a submit is refused by a key's limits; answered above.
+            StoreError::Refused(..) => ApiError::unavailable("job store unavailable"),
         }
     }
 }
@@ -402,20 +398,4 @@ fn check_method(route: &Route, method: &str) -> Result<(), ApiError> {
         return Err(ApiError::job_not_found());
     }
     Err(ApiError::method_not_allowed(method, &allowed.join(", ")))
-}
-
-/// The error answer; a refused submit carries its status for stats.
-fn refused(route: &Route, e: &ApiError) -> Answer {
-    let mut answer = Answer::error(e);
-    if e.status_code == 405 {
-        answer = answer.with("allow", route.allowed().join(", "));
-    }
-    if *route == Route::Submit {
-        answer.event = Some(Report::Rejected {
-            status: e.status_code,
-            message: e.error.message.clone(),
-            full: e.error.code.as_deref() == Some("store_full"),
-        });
-    }
-    answer
 }

@@ -1,6 +1,8 @@
 //! Which of the API's paths a request is for.
 
 pub const BASE: &str = "/v1/async/audio/speech";
+/// A key's own counters and limits.
+pub const USAGE: &str = "/v1/async/usage";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -9,6 +11,7 @@ pub enum Route {
     Submit,
     Job(String),
     Content(String),
+    Usage,
     /// Under the API's path but no such resource.
     Unknown,
 }
@@ -19,7 +22,7 @@ impl Route {
         match self {
             Route::Submit => &["POST"],
             Route::Job(_) => &["GET", "DELETE"],
-            Route::Content(_) => &["GET"],
+            Route::Content(_) | Route::Usage => &["GET"],
             Route::PassThrough | Route::Unknown => &[],
         }
     }
@@ -30,6 +33,9 @@ pub fn route(path: &[u8]) -> Route {
         Some(end) => path.get(..end).unwrap_or_default(),
         None => path,
     };
+    if path == USAGE.as_bytes() || path == format!("{USAGE}/").as_bytes() {
+        return Route::Usage;
+    }
     let Some(rest) = path.strip_prefix(BASE.as_bytes()) else {
         return Route::PassThrough;
     };
@@ -73,5 +79,8 @@ mod tests {
         assert_eq!(route(b"/v1/async/audio/speechless"), Route::PassThrough);
         assert_eq!(route(b"/v1/audio/speech"), Route::PassThrough);
         assert_eq!(route(b"/"), Route::PassThrough);
+        assert_eq!(route(b"/v1/async/usage"), Route::Usage);
+        assert_eq!(route(b"/v1/async/usage?x"), Route::Usage);
+        assert_eq!(route(b"/v1/async/usages"), Route::PassThrough);
     }
 }

@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::governance::Settle;
 use crate::job::{render, retail, Completion, JobRecord, JobStatus, NextStep, Rendered};
 use crate::platform::{Callout, Host};
 use crate::providers::UpstreamResponse;
@@ -210,7 +211,20 @@ impl Engine {
                 id: id.clone(),
                 local: self.store.is_local(),
             });
-            self.let_go(cx, &id, rendered, leave, report);
+            let settle = Settle {
+                was_running: run.record.counted_running,
+                ..Settle::default()
+            };
+            self.let_go(
+                cx,
+                &id,
+                Closing {
+                    rendered,
+                    leave,
+                    settle,
+                    report,
+                },
+            );
         }
         self.finish()
     }
@@ -307,7 +321,7 @@ impl Engine {
     // ---- the store ----------------------------------------------------
 
     fn op(&mut self, cx: &Cx, op: WorkOp, then: Then) {
-        let step = self.store.begin(cx.host, op, cx.now);
+        let step = self.store.begin(cx.host, cx.config, op, cx.now);
         self.step(cx, step, then);
     }
 
@@ -647,9 +661,13 @@ impl Engine {
             return;
         };
         deliver::on_job_end(cx.config, &mut run.record, done, cx.now);
-        let rendered = render(&run.record, done);
-        let leave = leave_for(&run.record, cx.now);
-        self.let_go(cx, id, rendered, leave, Some(report));
+        let closing = Closing {
+            rendered: render(&run.record, done),
+            leave: leave_for(&run.record, cx.now),
+            settle: owed(cx.config, &run.record),
+            report: Some(report),
+        };
+        self.let_go(cx, id, closing);
     }
 
     /// A finished job that needs nothing now: let go of as it stands.
@@ -664,25 +682,35 @@ impl Engine {
             count: 1,
             local: self.store.is_local(),
         });
-        self.let_go(cx, id, rendered, leave, report);
+        let settle = Settle::default();
+        self.let_go(
+            cx,
+            id,
+            Closing {
+                rendered,
+                leave,
+                settle,
+                report,
+            },
+        );
     }
 
-    fn let_go(
-        &mut self,
-        cx: &Cx,
-        id: &str,
-        rendered: Rendered,
-        leave: Leave,
-        report: Option<Report>,
-    ) {
+    fn let_go(&mut self, cx: &Cx, id: &str, closing: Closing) {
         let Some(run) = self.runs.get_mut(id) else {
             return;
         };
         run.ending = true;
+        let Closing {
+            rendered,
+            leave,
+            settle,
+            report,
+        } = closing;
         let ending = Box::new(Ending {
             record: run.record.clone(),
             rendered,
             leave,
+            settle,
         });
         run.letting = Some((ending.clone(), report));
         let then = Then::Ended { id: id.to_string() };
@@ -764,6 +792,35 @@ fn longest_call_ms(config: &Config) -> u64 {
         .values()
         .map(|w| w.attempt_timeout_seconds.saturating_mul(1000));
     providers.chain(webhooks).max().unwrap_or(0)
+}
+
+/// How the engine lets go of a job, and what it reports once the store has it.
+struct Closing {
+    rendered: Rendered,
+    leave: Leave,
+    settle: Settle,
+    report: Option<Report>,
+}
+
+/// What a job that just ended owes its key: its characters back if it made
+/// no audio, the price of the model that served it if it did.
+fn owed(config: &Config, record: &JobRecord) -> Settle {
+    let give_back = match record.status {
+        JobStatus::Failed => record.chars_window_s.map(|w| (w, record.chars)),
+        _ => None,
+    };
+    let served = record.result.as_ref().and_then(|r| {
+        Some(format!(
+            "{}/{}",
+            r.extra_fields.provider.as_ref()?,
+            r.extra_fields.model_requested.as_ref()?
+        ))
+    });
+    Settle {
+        give_back,
+        charge: served.map_or(0, |m| config.pricing.micros(&m, record.chars)),
+        was_running: record.counted_running,
+    }
 }
 
 /// How a finished job is let go of: kept for its webhook, kept until it

@@ -167,6 +167,8 @@ pub enum Report {
     /// A submit refused with this status; `full` when the store was full.
     Rejected {
         status: u16,
+        /// The error's `type`.
+        kind: String,
         message: String,
         full: bool,
     },

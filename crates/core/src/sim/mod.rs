@@ -42,8 +42,8 @@ impl SimShared {
         self.data.borrow().len()
     }
 
-    pub fn queue_len(&self, q: Queue) -> usize {
-        self.queues.borrow().get(&q).map_or(0, VecDeque::len)
+    pub fn queue_len(&self, q: &Queue) -> usize {
+        self.queues.borrow().get(q).map_or(0, VecDeque::len)
     }
 
     pub fn queued_total(&self) -> usize {
@@ -149,24 +149,24 @@ impl Host for SimHost {
         Ok(())
     }
 
-    fn enqueue(&self, queue: Queue, item: &[u8]) -> Result<(), String> {
+    fn enqueue(&self, queue: &Queue, item: &[u8]) -> Result<(), String> {
         self.step();
         self.shared
             .queues
             .borrow_mut()
-            .entry(queue)
+            .entry(queue.clone())
             .or_default()
             .push_back(item.to_vec());
         Ok(())
     }
 
-    fn dequeue(&self, queue: Queue) -> Result<Option<Vec<u8>>, String> {
+    fn dequeue(&self, queue: &Queue) -> Result<Option<Vec<u8>>, String> {
         self.step();
         Ok(self
             .shared
             .queues
             .borrow_mut()
-            .get_mut(&queue)
+            .get_mut(queue)
             .and_then(VecDeque::pop_front))
     }
 

@@ -7,11 +7,14 @@ use super::etcd::call::{Answered, EtcdCall};
 use super::etcd::jobs::{self as etcd_jobs, decode_job};
 use super::etcd::response::{parse_range, parse_txn};
 use super::etcd::{request as req, EtcdConfig, StoreConfig};
-use super::shared::slot::{self, SlotView};
+use super::shared::api::{owned, SharedApi};
+use super::shared::slot;
 use super::work::StoreAnswer;
-use super::{Keys, Store, StoreError};
+use super::{Keys, StoreError};
+use crate::config::Config;
+use crate::governance::{KeyState, Limits};
 use crate::job::{render, JobRecord};
-use crate::platform::{Callout, Host, Queue};
+use crate::platform::{Callout, Host};
 
 /// An operation's next step.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,13 +35,15 @@ pub struct Wait {
 /// What a finished operation gives back.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Done {
-    /// The job is stored (and queued to run).
-    Inserted(Box<JobRecord>),
+    /// The job is stored (and queued to run); its key's counters after it.
+    Inserted(Box<JobRecord>, Box<KeyState>),
     /// The job's bytes as a slot holds them; `None` if it is unknown,
     /// expired or someone else's (the one 404).
     Read(Option<Vec<u8>>),
     /// Whether this call deleted it (false: already gone, or not the caller's).
     Deleted(bool),
+    /// A key's counters, jobs held and jobs running.
+    Usage(Box<KeyState>, u32, u32),
 }
 
 /// Where an operation stands while it waits on a call.
@@ -70,8 +75,7 @@ pub enum Resume {
 pub struct Jobs<'a> {
     pub host: &'a dyn Host,
     pub keys: &'a Keys,
-    pub store: &'a StoreConfig,
-    pub max_jobs: u32,
+    pub config: &'a Config,
     pub generation: u32,
     pub now_ms: u64,
 }
@@ -80,26 +84,38 @@ fn unavailable(why: impl Into<String>) -> StoreError {
     StoreError::Busy(why.into())
 }
 
-/// The job's bytes if it is `owner`'s and unexpired.
-fn owned(payload: Vec<u8>, owner: &[u8], now_ms: u64) -> Option<Vec<u8>> {
-    match slot::decode(&payload) {
-        SlotView::Held(v) if v.owner == owner && !v.is_expired(now_ms) => Some(payload),
-        _ => None,
-    }
-}
-
 impl Jobs<'_> {
-    fn shared(&self) -> Store<'_> {
-        Store::new(self.host, self.keys, self.max_jobs, self.generation)
+    fn shared(&self) -> SharedApi<'_> {
+        SharedApi {
+            host: self.host,
+            keys: self.keys,
+            max_jobs: self.config.max_jobs,
+            generation: self.generation,
+            now_ms: self.now_ms,
+        }
     }
 
-    /// Stores a new job and queues it to run. `make` builds the record once
-    /// its slot (and so its id) is known.
-    pub fn insert(&self, make: &dyn Fn(u32) -> JobRecord) -> Step {
-        match self.store {
-            StoreConfig::SharedData => Step::Done(self.insert_shared(make)),
+    /// The limits of the owner's key (none for an owner without one).
+    fn limits(&self, owner: &str) -> Limits {
+        owner
+            .strip_prefix("vk:")
+            .and_then(|name| self.config.key(name))
+            .map(|k| k.rules.limits.clone())
+            .unwrap_or_default()
+    }
+
+    /// Stores a new job of `chars` input characters and queues it to run, if
+    /// its key's limits allow. `make` builds the record once its slot (and so
+    /// its id) is known.
+    pub fn insert(&self, make: &dyn Fn(u32) -> JobRecord, owner: &str, chars: u64) -> Step {
+        let limits = self.limits(owner);
+        match &self.config.store {
+            StoreConfig::SharedData => {
+                Step::Done(self.shared().insert(make, owner, &limits, chars))
+            }
             StoreConfig::Etcd(etcd) => {
-                let record = make(0);
+                let mut record = make(0);
+                record.chars = chars;
                 let Some(payload) = slot::encode_held(0, &record, &render(&record, None)) else {
                     return Step::Done(Err(unavailable("the job record does not fit")));
                 };
@@ -122,31 +138,18 @@ impl Jobs<'_> {
         }
     }
 
-    fn insert_shared(&self, make: &dyn Fn(u32) -> JobRecord) -> Result<Done, StoreError> {
-        let store = self.shared();
-        let record = store.insert(make)?;
-        if self
-            .host
-            .enqueue(Queue::Jobs, record.id.as_bytes())
-            .is_err()
-        {
-            // Give the slot back; the job never existed for the client.
-            if let Ok(Some(loaded)) = store.load(&record.id) {
-                let _ = store.free(loaded, &|_| true);
-            }
-            return Err(unavailable("the job queue is full"));
+    /// The owner's key's counters.
+    pub fn usage(&self, owner: &str) -> Step {
+        match &self.config.store {
+            StoreConfig::SharedData => Step::Done(self.shared().usage(owner)),
+            StoreConfig::Etcd(_) => Step::Done(Ok(Done::Usage(Box::default(), 0, 0))),
         }
-        Ok(Done::Inserted(Box::new(record)))
     }
 
     /// The job's bytes, if it is `owner`'s and unexpired.
     pub fn read(&self, id: &str, owner: &[u8]) -> Step {
-        match self.store {
-            StoreConfig::SharedData => {
-                Step::Done(self.shared().load(id).map(|loaded| {
-                    Done::Read(loaded.and_then(|l| owned(l.value, owner, self.now_ms)))
-                }))
-            }
+        match &self.config.store {
+            StoreConfig::SharedData => Step::Done(self.shared().read(id, owner)),
             StoreConfig::Etcd(etcd) => {
                 let resume = Resume::Read {
                     id: id.to_string(),
@@ -159,26 +162,10 @@ impl Jobs<'_> {
 
     /// Deletes the job if it is `owner`'s and unexpired.
     pub fn delete(&self, id: &str, owner: &[u8]) -> Step {
-        match self.store {
+        match &self.config.store {
             StoreConfig::SharedData => {
-                let store = self.shared();
-                let loaded = match store.load(id) {
-                    Ok(Some(loaded)) => loaded,
-                    Ok(None) => return Step::Done(Ok(Done::Deleted(false))),
-                    Err(e) => return Step::Done(Err(e)),
-                };
-                let ok = loaded
-                    .view()
-                    .is_some_and(|v| v.owner == owner && !v.is_expired(self.now_ms));
-                if !ok {
-                    return Step::Done(Ok(Done::Deleted(false)));
-                }
-                let id = id.as_bytes().to_vec();
-                Step::Done(
-                    store
-                        .free(loaded, &|v| v.id == id.as_slice())
-                        .map(Done::Deleted),
-                )
+                let limits = self.limits(&String::from_utf8_lossy(owner));
+                Step::Done(self.shared().delete(id, owner, &limits))
             }
             StoreConfig::Etcd(etcd) => {
                 let resume = Resume::DeleteRead {
@@ -197,7 +184,7 @@ impl Jobs<'_> {
 
     /// Goes on with an operation once etcd has answered.
     pub fn resume(&self, wait: Wait, answer: StoreAnswer) -> Step {
-        let StoreConfig::Etcd(etcd) = self.store else {
+        let StoreConfig::Etcd(etcd) = &self.config.store else {
             return Step::Done(Err(unavailable("no call was expected")));
         };
         let Wait { call, resume } = wait;
@@ -234,10 +221,10 @@ impl Jobs<'_> {
         let bad = |_| Step::Done(Err(unavailable("etcd's answer is unreadable")));
         match resume {
             Resume::Insert { record, value } => match parse_txn(body) {
-                Ok(txn) if txn.succeeded => Step::Done(Ok(Done::Inserted(record))),
+                Ok(txn) if txn.succeeded => Step::Done(Ok(Done::Inserted(record, Box::default()))),
                 // An earlier try of this very submit landed.
                 Ok(txn) if txn.range_kv(0).is_some_and(|kv| kv.value == value) => {
-                    Step::Done(Ok(Done::Inserted(record)))
+                    Step::Done(Ok(Done::Inserted(record, Box::default())))
                 }
                 Ok(_) => Step::Done(Err(unavailable("the job id is taken"))),
                 Err(e) => bad(e),

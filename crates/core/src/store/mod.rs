@@ -13,10 +13,12 @@ pub use shared::{Keys, Store};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
-    /// `max_jobs` jobs are held already.
-    Full,
+    /// `max_jobs` jobs are held already (with the key's counters, when read).
+    Full(Option<Box<crate::governance::KeyState>>),
     /// A host failure, or contention that bounded retries did not overcome.
     Busy(String),
     /// The job does not fit one value of the store.
     TooLarge,
+    /// The key's limits refuse it; its counters as they stand.
+    Refused(crate::governance::Refusal, Box<crate::governance::KeyState>),
 }

@@ -12,20 +12,28 @@
 
 use super::etcd::work::{EtcdWait, EtcdWork};
 use super::shared::work::SharedWork;
+use crate::config::Config;
+use crate::governance::Settle;
 use crate::job::{JobRecord, Rendered};
 use crate::platform::{Callout, Host};
 
 /// Where a job the store offers can be taken from (opaque to the engine).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ticket {
-    Shared { id: String },
-    Etcd { id: String },
+    /// `lane`: taken from its lane's queue, and counted as running there.
+    Shared {
+        id: String,
+        lane: Option<String>,
+    },
+    Etcd {
+        id: String,
+    },
 }
 
 impl Ticket {
     pub fn id(&self) -> &str {
         match self {
-            Ticket::Shared { id } | Ticket::Etcd { id } => id,
+            Ticket::Shared { id, .. } | Ticket::Etcd { id } => id,
         }
     }
 }
@@ -57,6 +65,9 @@ pub struct Ending {
     pub record: JobRecord,
     pub rendered: Rendered,
     pub leave: Leave,
+    /// What the job's end settles with its key (nothing when only its
+    /// webhook state changes).
+    pub settle: Settle,
 }
 
 /// What the engine asks of the store.
@@ -154,6 +165,7 @@ impl WorkStore {
                     max_jobs: config.max_jobs,
                     generation,
                     by: u64::from_le_bytes(by),
+                    audit_lane: 0,
                 })
             }
             super::etcd::StoreConfig::Etcd(etcd) => {
@@ -168,9 +180,9 @@ impl WorkStore {
         matches!(self, WorkStore::Shared(_))
     }
 
-    pub fn begin(&mut self, host: &dyn Host, op: WorkOp, now_ms: u64) -> WorkStep {
+    pub fn begin(&mut self, host: &dyn Host, config: &Config, op: WorkOp, now_ms: u64) -> WorkStep {
         match self {
-            WorkStore::Shared(s) => WorkStep::Done(s.run(host, op, now_ms)),
+            WorkStore::Shared(s) => WorkStep::Done(s.run(host, config, op, now_ms)),
             WorkStore::Etcd(e) => e.begin(op, now_ms),
         }
     }

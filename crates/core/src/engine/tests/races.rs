@@ -20,27 +20,33 @@ fn two_workers_claiming_one_job_make_one_claim() {
     for at in 0..8u64 {
         let w = World::shared("");
         let id = w.submit(0, &speech(""));
-        let ticket = Ticket::Shared { id: id.clone() };
+        let ticket = Ticket::Shared {
+            id: id.clone(),
+            lane: None,
+        };
         let mut a = SharedWork::for_test(1);
         let b = Rc::new(RefCell::new(SharedWork::for_test(2)));
         let (host_a, host_b) = (w.workers[0].host.clone(), w.workers[1].host.clone());
         let won_b = Rc::new(RefCell::new(0));
         let (b2, t2, won2) = (b.clone(), ticket.clone(), won_b.clone());
         let now = w.now();
+        let config = w.config();
+        let (config, config_a) = (config.clone(), config);
         host_a.on_call(move |n| {
             if n == at {
                 let op = WorkOp::Claim {
                     ticket: t2.clone(),
                     hold_ms: 10_000,
                 };
-                *won2.borrow_mut() += claims_made(&b2.borrow_mut().run(host_b.as_ref(), op, now));
+                *won2.borrow_mut() +=
+                    claims_made(&b2.borrow_mut().run(host_b.as_ref(), &config, op, now));
             }
         });
         let op = WorkOp::Claim {
             ticket,
             hold_ms: 10_000,
         };
-        let won_a = claims_made(&a.run(host_a.as_ref(), op, now));
+        let won_a = claims_made(&a.run(host_a.as_ref(), &config_a, op, now));
         host_a.clear_hook();
         assert_eq!(won_a + *won_b.borrow(), 1, "interleaved at call {at}");
     }

@@ -18,6 +18,7 @@ use crate::store::{Keys, Store};
 
 pub const START: u64 = 1_800_000_000_000;
 pub const KEY: &str = "sk-bf-team-a";
+pub const KEY_B: &str = "sk-bf-team-b";
 pub const TICK_MS: u64 = 200;
 
 /// How a provider (or a webhook receiver) answers a call.
@@ -69,17 +70,34 @@ pub struct World {
     config_json: String,
 }
 
+/// The world's configuration: `extra` (`,"setting":value`) adds settings or
+/// replaces the defaults of `job_deadline_s`, `max_jobs` and `virtual_keys`.
 pub fn config(store: &str, extra: &str) -> String {
+    let default = |name: &str, value: &str| {
+        if extra.contains(&format!("\"{name}\"")) {
+            String::new()
+        } else {
+            format!(r#","{name}":{value}"#)
+        }
+    };
+    let keys = if extra.contains("\"virtual_keys\"") {
+        String::new()
+    } else {
+        keys("", "")
+    };
     format!(
         r#"{{"providers":{{"a":{{"type":"openai","cluster":"ca","timeout_ms":1000,"max_input_chars":10,"max_parallel_chunks":2}},
                            "b":{{"type":"openai","cluster":"cb","timeout_ms":1000}}}},
-            "virtual_keys":[{{"name":"team-a","value":"{KEY}"}}],
-            "max_jobs":50,"store":{store}{deadline}{extra}}}"#,
-        deadline = if extra.contains("job_deadline_s") {
-            ""
-        } else {
-            r#","job_deadline_s":30"#
-        },
+            "store":{store}{}{}{keys}{extra}}}"#,
+        default("job_deadline_s", "30"),
+        default("max_jobs", "50"),
+    )
+}
+
+/// The two keys, team-a's and team-b's settings (`,"limits":{..}` say).
+pub fn keys(a: &str, b: &str) -> String {
+    format!(
+        r#","virtual_keys":[{{"name":"team-a","value":"{KEY}"{a}}},{{"name":"team-b","value":"{KEY_B}"{b}}}]"#
     )
 }
 
@@ -125,7 +143,7 @@ impl World {
         let host = Rc::new(SimHost::new(&self.envoys[envoy], seed));
         let config = Rc::new(Config::parse(self.config_json.as_bytes(), &|_| None).unwrap());
         let keys = Keys::new("t");
-        let generation = Store::start_generation(host.as_ref(), &keys);
+        let generation = Store::prepare(host.as_ref(), &keys, crate::governance::lanes(&config));
         let mut random = [0u8; 16];
         host.random(&mut random).unwrap();
         let store = WorkStore::for_config(&config, keys.clone(), generation, random);
@@ -138,6 +156,11 @@ impl World {
             generation,
         });
         self.workers.len() - 1
+    }
+
+    /// The configuration every worker runs.
+    pub fn config(&self) -> Config {
+        self.workers[0].config.as_ref().clone()
     }
 
     pub fn is_etcd(&self) -> bool {
@@ -335,6 +358,10 @@ impl World {
         body: Option<&str>,
         more: &[(&str, &str)],
     ) -> Answer {
+        let key = more
+            .iter()
+            .find(|(k, _)| *k == "key")
+            .map_or(KEY, |(_, v)| *v);
         let worker = &self.workers[w];
         let api = Api {
             host: worker.host.as_ref(),
@@ -347,7 +374,7 @@ impl World {
             match name {
                 ":path" => Some(path.as_bytes().to_vec()),
                 ":method" => Some(method.as_bytes().to_vec()),
-                "authorization" => Some(format!("Bearer {KEY}").into_bytes()),
+                "authorization" => Some(format!("Bearer {key}").into_bytes()),
                 "content-type" => Some(b"application/json".to_vec()),
                 _ => more
                     .iter()
@@ -362,7 +389,10 @@ impl World {
         let mut decision = api.on_headers(&head, body.is_none());
         for _ in 0..16 {
             decision = match decision {
-                Decision::Respond(answer) => return answer,
+                Decision::Respond(answer) => {
+                    self.reports.borrow_mut().extend(answer.event.clone());
+                    return answer;
+                }
                 Decision::ReadBody(pending) => {
                     api.on_submit_body(&pending, body.unwrap_or("").as_bytes())
                 }
@@ -375,6 +405,17 @@ impl World {
             };
         }
         panic!("{method} {path} never answered");
+    }
+
+    /// Submits with `key` through worker `w`.
+    pub fn submit_as(&self, w: usize, key: &str, body: &str) -> Answer {
+        self.request_with(
+            w,
+            "POST",
+            "/v1/async/audio/speech",
+            Some(body),
+            &[("key", key)],
+        )
     }
 
     /// Submits through worker `w`; the job's id.
@@ -398,8 +439,17 @@ impl World {
 
     /// The job's status as any worker's poll sees it.
     pub fn status(&self, id: &str) -> String {
-        let (_, body) = self.poll(0, id);
-        body["status"].as_str().unwrap_or("gone").to_string()
+        self.status_as(KEY, id)
+    }
+
+    /// The status of a job of `key`'s.
+    pub fn status_as(&self, key: &str, id: &str) -> String {
+        let path = format!("/v1/async/audio/speech/{id}");
+        let answer = self.request_with(0, "GET", &path, None, &[("key", key)]);
+        json(&answer.body)["status"]
+            .as_str()
+            .unwrap_or("gone")
+            .to_string()
     }
 
     /// Ticks until the job has ended; its last poll.

@@ -201,6 +201,7 @@ impl EtcdWork {
             record,
             rendered,
             leave,
+            ..
         } = ending;
         let Some(payload) = slot::encode_held(0, &record, &rendered) else {
             return WorkStep::Done(WorkDone::Ended(LetGo::Lost));

@@ -18,6 +18,8 @@
 //! share the store; writes that span keys are ordered so that a crash between
 //! them leaves something the audit repairs, never a slot held by two jobs.
 
+pub(crate) mod api;
+pub(crate) mod lanes;
 pub(crate) mod slot;
 pub(crate) mod wheel;
 pub(crate) mod work;
@@ -46,6 +48,10 @@ impl Keys {
             prefix: format!("async-speech/{namespace}/"),
         }
     }
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn slot(&self, n: u32) -> String {
         format!("{}s/{n}", self.prefix)
     }
@@ -120,6 +126,24 @@ impl<'h> Store<'h> {
         }
     }
 
+    /// Readies the store for a VM with this configuration and counts the VM
+    /// (its generation). Keys that are changed by compare-and-swap are made
+    /// here when missing, before any request: Envoy has no create-if-absent,
+    /// and a compare-and-swap write to a missing key always succeeds.
+    pub fn prepare(host: &dyn Host, keys: &Keys, lanes: impl Iterator<Item = String>) -> u32 {
+        let missing = |key: &str| matches!(host.get(key), Ok(None));
+        if missing(&keys.hwm()) {
+            let _ = host.set(&keys.hwm(), &0u32.to_le_bytes(), None);
+        }
+        for lane in lanes {
+            let key = keys.lane(&lane);
+            if missing(&key) {
+                let _ = host.set(&key, &crate::governance::KeyState::default().encode(), None);
+            }
+        }
+        Store::start_generation(host, keys)
+    }
+
     /// Counts a new VM: its generation. The audit puts back on the free list
     /// any free slot marked by an older generation, since a VM that died may
     /// have taken it off the list and never used it.
@@ -178,7 +202,7 @@ impl<'h> Store<'h> {
     /// The first free-list entry whose slot is still free in that epoch.
     fn take_free(&self) -> Result<Option<(u32, u32, Option<u32>)>, StoreError> {
         for _ in 0..FREE_SKIPS {
-            let Some(item) = self.host.dequeue(Queue::Free).map_err(StoreError::Busy)? else {
+            let Some(item) = self.host.dequeue(&Queue::Free).map_err(StoreError::Busy)? else {
                 return Ok(None);
             };
             let Some((slot, epoch)) = decode_free_entry(&item) else {
@@ -207,7 +231,7 @@ impl<'h> Store<'h> {
         for _ in 0..RETRIES {
             let (n, cas) = read_u32(self.host, &self.keys.hwm())?;
             if n >= self.max_jobs {
-                return Err(StoreError::Full);
+                return Err(StoreError::Full(None));
             }
             match self.host.set(&self.keys.hwm(), &(n + 1).to_le_bytes(), cas) {
                 Ok(()) => return Ok(n),
@@ -240,7 +264,7 @@ impl<'h> Store<'h> {
         if slot < self.max_jobs {
             let _ = self
                 .host
-                .enqueue(Queue::Free, &encode_free_entry(slot, epoch));
+                .enqueue(&Queue::Free, &encode_free_entry(slot, epoch));
         }
     }
 

@@ -44,7 +44,7 @@ fn keys_stay_bounded_however_many_jobs_pass() {
     let store = Store::new(&host, &keys, 5, 1);
     for _ in 0..200 {
         let held: Vec<String> = (0..5).map(|_| insert(&store, &host).unwrap().id).collect();
-        assert_eq!(insert(&store, &host).unwrap_err(), StoreError::Full);
+        assert_eq!(insert(&store, &host).unwrap_err(), StoreError::Full(None));
         for id in &held {
             assert!(delete(&store, id));
             assert!(!delete(&store, id), "freeing twice is a no-op");
@@ -56,7 +56,7 @@ fn keys_stay_bounded_however_many_jobs_pass() {
     }
     assert_eq!(store.slots(), 5);
     assert!(shared.keys() <= 5 + 2, "{} keys", shared.keys());
-    assert_eq!(shared.queue_len(Queue::Free), 5);
+    assert_eq!(shared.queue_len(&Queue::Free), 5);
 }
 
 #[test]
@@ -144,7 +144,7 @@ fn interleave(
             })
             .collect();
         assert_eq!(again.iter().collect::<HashSet<_>>().len(), 3);
-        assert_eq!(insert(&store, &ha).unwrap_err(), StoreError::Full);
+        assert_eq!(insert(&store, &ha).unwrap_err(), StoreError::Full(None));
     }
 }
 
@@ -217,11 +217,11 @@ fn a_vm_dying_between_two_writes_loses_no_slot() {
     assert!(delete(&store, &a));
     assert!(delete(&store, &b));
     // A VM takes both free-list entries and dies before writing its jobs.
-    assert!(host.dequeue(Queue::Free).unwrap().is_some());
-    assert!(host.dequeue(Queue::Free).unwrap().is_some());
+    assert!(host.dequeue(&Queue::Free).unwrap().is_some());
+    assert!(host.dequeue(&Queue::Free).unwrap().is_some());
     assert_eq!(
         insert(&store, &host).unwrap_err(),
-        StoreError::Full,
+        StoreError::Full(None),
         "both slots look lost"
     );
     // Its replacement starts a new generation; the audit puts the slots back.
@@ -230,11 +230,11 @@ fn a_vm_dying_between_two_writes_loses_no_slot() {
     assert!(store2.audit_step(64).is_empty());
     insert(&store2, &host).unwrap();
     insert(&store2, &host).unwrap();
-    assert_eq!(insert(&store2, &host).unwrap_err(), StoreError::Full);
+    assert_eq!(insert(&store2, &host).unwrap_err(), StoreError::Full(None));
     // A second audit pass of the same generation queues nothing again.
-    let queued = shared.queue_len(Queue::Free);
+    let queued = shared.queue_len(&Queue::Free);
     store2.audit_step(64);
-    assert_eq!(shared.queue_len(Queue::Free), queued);
+    assert_eq!(shared.queue_len(&Queue::Free), queued);
 }
 
 #[test]
@@ -253,7 +253,7 @@ fn a_lower_max_jobs_retires_slots_above_it() {
     }
     insert(&small, &host).unwrap();
     insert(&small, &host).unwrap();
-    assert_eq!(insert(&small, &host).unwrap_err(), StoreError::Full);
+    assert_eq!(insert(&small, &host).unwrap_err(), StoreError::Full(None));
 }
 
 #[test]

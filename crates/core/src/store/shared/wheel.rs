@@ -98,7 +98,7 @@ pub fn all_buckets() -> impl Iterator<Item = Queue> {
 }
 
 pub fn schedule(host: &dyn Host, timer: Timer, now_s: u64) -> Result<(), String> {
-    host.enqueue(bucket_for(timer.due_s, now_s), &timer.encode())
+    host.enqueue(&bucket_for(timer.due_s, now_s), &timer.encode())
 }
 
 /// Takes up to `cap` due timers; timers found early are placed again.
@@ -107,7 +107,7 @@ pub fn take_due(host: &dyn Host, now_s: u64, cap: usize) -> Vec<Timer> {
     let mut moved = 0usize;
     for bucket in due_buckets(now_s) {
         while due.len() < cap && moved < cap {
-            let item = match host.dequeue(bucket) {
+            let item = match host.dequeue(&bucket) {
                 Ok(Some(item)) => item,
                 _ => break,
             };

@@ -4,9 +4,13 @@
 //! the engine and holds until a time, which every step renews and a timer
 //! checks; expiry is the store's own business, done on the wheel.
 
+use super::api::released;
+use super::lanes;
 use super::{Keys, Loaded, Store};
+use crate::config::Config;
+use crate::governance::{lane_of, settle, Limits, Settle};
 use crate::job::{render, Claim, JobRecord, JobStatus, Rendered};
-use crate::platform::{Host, Queue, SetError};
+use crate::platform::{Host, SetError};
 use crate::store::shared::slot;
 use crate::store::work::{Claimed, Ending, Leave, LetGo, Ticket, WorkDone, WorkOp};
 
@@ -26,6 +30,8 @@ pub struct SharedWork {
     pub generation: u32,
     /// This engine's name in the claims it makes.
     pub by: u64,
+    /// The next lane the audit looks at.
+    pub audit_lane: usize,
 }
 
 impl SharedWork {
@@ -37,6 +43,7 @@ impl SharedWork {
             max_jobs: 50,
             generation: 1,
             by,
+            audit_lane: 0,
         }
     }
 
@@ -44,46 +51,109 @@ impl SharedWork {
         Store::new(host, &self.keys, self.max_jobs, self.generation)
     }
 
-    pub fn run(&mut self, host: &dyn Host, op: WorkOp, now_ms: u64) -> WorkDone {
-        let store = self.store(host);
+    pub fn run(&mut self, host: &dyn Host, config: &Config, op: WorkOp, now_ms: u64) -> WorkDone {
+        let limits = |lane: &str| limits_of(config, lane);
         match op {
-            WorkOp::Upkeep => upkeep(&store, now_ms),
+            WorkOp::Upkeep => {
+                self.audit_lane(host, config, now_ms);
+                upkeep(&self.store(host), &limits, now_ms)
+            }
             WorkOp::Find { room } => WorkDone::Found {
-                tickets: queued(host, room),
+                tickets: self.next_jobs(host, &limits, room, now_ms),
                 expired: 0,
             },
-            WorkOp::Claim { ticket, hold_ms } => WorkDone::Claimed(
-                self.claim(&store, ticket.id(), hold_ms, now_ms)
-                    .map(Box::new),
-            ),
+            WorkOp::Claim { ticket, hold_ms } => {
+                let claimed = self.claim(&self.store(host), &ticket, hold_ms, now_ms);
+                if let (
+                    None,
+                    Ticket::Shared {
+                        lane: Some(lane), ..
+                    },
+                ) = (&claimed, &ticket)
+                {
+                    // Counted as running when taken, but nothing to run: uncounted.
+                    let once = Settle {
+                        was_running: true,
+                        ..Settle::default()
+                    };
+                    settled(host, &self.keys, lane, &limits(lane), &once, now_ms);
+                }
+                WorkDone::Claimed(claimed.map(Box::new))
+            }
             WorkOp::Show { record, hold_ms } => {
-                self.show(&store, *record, hold_ms, now_ms);
+                self.show(&self.store(host), *record, hold_ms, now_ms);
                 WorkDone::Shown
             }
-            WorkOp::End(ending) => WorkDone::Ended(match self.end(&store, *ending, now_ms) {
-                true => LetGo::Done,
-                false => LetGo::Lost,
-            }),
+            WorkOp::End(ending) => {
+                WorkDone::Ended(self.end(&self.store(host), &limits, *ending, now_ms))
+            }
         }
+    }
+
+    /// Up to `room` jobs, their lanes taken in turn.
+    fn next_jobs(
+        &self,
+        host: &dyn Host,
+        limits: &dyn Fn(&str) -> Limits,
+        room: usize,
+        now_ms: u64,
+    ) -> Vec<Ticket> {
+        let mut out = Vec::new();
+        while out.len() < room {
+            // A few stale ring entries may come before a live one.
+            match lanes::next_job(host, &self.keys, limits, 8, now_ms) {
+                Some((lane, id)) => out.push(Ticket::Shared {
+                    id,
+                    lane: Some(lane),
+                }),
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// One lane a tick: a lane whose ring entry was lost with a VM (on the
+    /// ring, with work, and not served for a long while) is put on it again.
+    fn audit_lane(&mut self, host: &dyn Host, config: &Config, now_ms: u64) {
+        let all: Vec<String> = crate::governance::lanes(config).collect();
+        let Some(lane) = all.get(self.audit_lane % all.len().max(1)) else {
+            return;
+        };
+        self.audit_lane = self.audit_lane.wrapping_add(1);
+        let limits = limits_of(config, lane);
+        let _ = lanes::update(host, &self.keys, lane, &limits, |s| {
+            let lost = s.ring.is_some()
+                && s.queued > 0
+                && now_ms.saturating_sub(s.served_ms) > LANE_STUCK_MS;
+            if lost {
+                s.ring = None;
+                s.served_ms = now_ms;
+            }
+            lost
+        });
     }
 
     /// Takes the job if nobody holds it and there is something to do:
     /// pending, or its claim lapsed, or its webhook's attempt is due.
-    fn claim(&self, store: &Store, id: &str, hold_ms: u64, now_ms: u64) -> Option<Claimed> {
+    fn claim(&self, store: &Store, ticket: &Ticket, hold_ms: u64, now_ms: u64) -> Option<Claimed> {
         let claim = Claim {
             by: self.by,
             until_ms: now_ms.saturating_add(hold_ms),
         };
-        let (record, body) = change(store, id, now_ms, |r, body| {
+        let from_lane = matches!(ticket, Ticket::Shared { lane: Some(_), .. });
+        let (record, body) = change(store, ticket.id(), now_ms, |r, body| {
             let wanted = if r.status.is_finished() {
                 r.pending_delivery().is_some_and(|d| d.due(now_ms))
             } else {
                 true
             };
-            if !wanted || r.is_claimed(now_ms) {
+            // A job taken from its lane is only run if still pending (a
+            // takeover comes from the timers instead).
+            if !wanted || r.is_claimed(now_ms) || (from_lane && r.status != JobStatus::Pending) {
                 return None;
             }
             r.claim = Some(claim);
+            r.counted_running |= from_lane;
             Some(kept(r, body))
         })?;
         Some(Claimed {
@@ -110,33 +180,77 @@ impl SharedWork {
         });
     }
 
-    /// Lets go of the job as the engine asks, if it still holds it.
-    fn end(&self, store: &Store, ending: Ending, now_ms: u64) -> bool {
+    /// Lets go of the job as the engine asks, if it still holds it, and
+    /// settles its end with its key.
+    fn end(
+        &self,
+        store: &Store,
+        limits: &dyn Fn(&str) -> Limits,
+        ending: Ending,
+        now_ms: u64,
+    ) -> LetGo {
         let Ending {
             record,
             rendered,
             leave,
+            settle: owed,
         } = ending;
         let id = record.id.clone();
-        if leave == Leave::Forget {
-            return match store.load(&id) {
-                Ok(Some(loaded)) => self.holds(&loaded) && free(store, loaded),
-                _ => false,
-            };
+        let lane = lane_of(&record.owner);
+        let limits = limits(&lane);
+        let loaded = match store.load(&id) {
+            Ok(Some(loaded)) => loaded,
+            // Deleted (or expired) meanwhile: only its running count is still ours to settle.
+            Ok(None) => {
+                let running = Settle {
+                    was_running: owed.was_running,
+                    ..Settle::default()
+                };
+                settled(store.host(), store.keys(), &lane, &limits, &running, now_ms);
+                return LetGo::Lost;
+            }
+            Err(_) => return LetGo::Later,
+        };
+        if !self.holds(&loaded) {
+            return LetGo::Lost;
         }
-        let written = change(store, &id, now_ms, |r, _| {
+        let let_go = if leave == Leave::Forget {
+            free(store, loaded, &limits)
+        } else {
+            self.write_end(store, &record, &rendered, leave, now_ms)
+        };
+        if let_go {
+            settled(store.host(), store.keys(), &lane, &limits, &owed, now_ms);
+        }
+        match let_go {
+            true => LetGo::Done,
+            false => LetGo::Lost,
+        }
+    }
+
+    /// The job's last write by this engine; handed back, it goes back on its lane.
+    fn write_end(
+        &self,
+        store: &Store,
+        record: &JobRecord,
+        rendered: &Rendered,
+        leave: Leave,
+        now_ms: u64,
+    ) -> bool {
+        let written = change(store, &record.id, now_ms, |r, _| {
             if r.claim.map(|c| c.by) != Some(self.by) {
                 return None;
             }
             *r = record.clone();
             r.claim = None;
+            r.counted_running = false;
             Some(match leave {
                 Leave::HandBack => render(r, None),
                 _ => rendered.clone(),
             })
         });
         if written.is_some() && leave == Leave::HandBack {
-            let _ = store.host().enqueue(Queue::Jobs, id.as_bytes());
+            requeue(store, &record.owner, &record.id);
         }
         written.is_some()
     }
@@ -194,29 +308,57 @@ fn change(
     None
 }
 
-fn free(store: &Store, loaded: Loaded) -> bool {
-    let id = loaded.view().map(|v| v.id.to_vec()).unwrap_or_default();
-    matches!(store.free(loaded, &|v| v.id == id.as_slice()), Ok(true))
+/// A lane's counters looked at again when its ring entry may be lost.
+const LANE_STUCK_MS: u64 = 60_000;
+
+/// The limits of a lane: its key's, or none (a shared lane).
+fn limits_of(config: &Config, lane: &str) -> Limits {
+    config
+        .key(lane)
+        .map(|k| k.rules.limits.clone())
+        .unwrap_or_default()
 }
 
-/// Up to `room` jobs from the job queue.
-fn queued(host: &dyn Host, room: usize) -> Vec<Ticket> {
-    let mut out = Vec::new();
-    while out.len() < room {
-        match host.dequeue(Queue::Jobs) {
-            Ok(Some(bytes)) => out.push(Ticket::Shared {
-                id: String::from_utf8_lossy(&bytes).into_owned(),
-            }),
-            _ => break,
-        }
+/// Applies what a job's end owes its key.
+fn settled(host: &dyn Host, keys: &Keys, lane: &str, limits: &Limits, owed: &Settle, now_ms: u64) {
+    if *owed == Settle::default() {
+        return;
     }
-    out
+    let _ = lanes::update(host, keys, lane, limits, |s| {
+        settle(limits, s, owed, now_ms / 1000);
+        true
+    });
+}
+
+/// Frees the job's slot, and counts it out of its lane's held jobs.
+fn free(store: &Store, loaded: Loaded, limits: &Limits) -> bool {
+    let Some(record) = loaded.view().and_then(|v| v.record()) else {
+        return false;
+    };
+    let id = record.id.as_bytes().to_vec();
+    let freed = matches!(store.free(loaded, &|v| v.id == id.as_slice()), Ok(true));
+    if freed {
+        released(store.host(), store.keys(), &record, limits, None);
+    }
+    freed
+}
+
+/// A pending job goes (back) on its lane's queue.
+fn requeue(store: &Store, owner: &str, id: &str) {
+    let lane = lane_of(owner);
+    let counted = lanes::update(store.host(), store.keys(), &lane, &Limits::default(), |s| {
+        s.queued = s.queued.saturating_add(1);
+        true
+    });
+    if counted.is_ok() {
+        let _ = lanes::enqueue_job(store.host(), &lane, id);
+    }
 }
 
 /// Due timers and a few slots of the audit: expired jobs are freed here;
 /// jobs that need a worker (deadline passed, claim lapsed, webhook attempt
 /// due) are offered to the engine.
-fn upkeep(store: &Store, now_ms: u64) -> WorkDone {
+fn upkeep(store: &Store, limits: &dyn Fn(&str) -> Limits, now_ms: u64) -> WorkDone {
     let mut timers = store.due_timers(now_ms, TIMERS_PER_UPKEEP);
     timers.extend(store.audit_step(AUDIT_PER_UPKEEP));
     let mut tickets = Vec::new();
@@ -230,12 +372,15 @@ fn upkeep(store: &Store, now_ms: u64) -> WorkDone {
             continue;
         };
         match look(&record, from_audit, now_ms) {
-            Look::Offer => tickets.push(Ticket::Shared { id: record.id }),
-            Look::Expire => expired += u32::from(free(store, loaded)),
-            Look::DropResult => drop_result(store, &record.id, now_ms),
-            Look::Requeue => {
-                let _ = store.host().enqueue(Queue::Jobs, record.id.as_bytes());
+            Look::Offer => tickets.push(Ticket::Shared {
+                id: record.id,
+                lane: None,
+            }),
+            Look::Expire => {
+                expired += u32::from(free(store, loaded, &limits(&lane_of(&record.owner))))
             }
+            Look::DropResult => drop_result(store, &record.id, now_ms),
+            Look::Requeue => requeue_lost(store, &record),
             Look::Later if !from_audit => {
                 store.schedule(timer.slot, timer.epoch, record.next_timer_ms(), now_ms)
             }
@@ -281,6 +426,17 @@ fn look(record: &JobRecord, from_audit: bool, now_ms: u64) -> Look {
         return Look::Requeue;
     }
     Look::Later
+}
+
+/// A job pending for long while its lane's queue holds nothing: its queue
+/// entry was lost with a VM; it goes on its lane again.
+fn requeue_lost(store: &Store, record: &JobRecord) {
+    let lane = lane_of(&record.owner);
+    if let Ok((state, _)) = lanes::read(store.host(), store.keys(), &lane) {
+        if state.queued == 0 {
+            requeue(store, &record.owner, &record.id);
+        }
+    }
 }
 
 fn drop_result(store: &Store, id: &str, now_ms: u64) {
