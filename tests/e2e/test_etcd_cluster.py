@@ -61,9 +61,15 @@ class LeaderWatch(threading.Thread):
 
 
 @pytest.fixture
-def cluster():
+def cluster(request):
+    failed_before = request.session.testsfailed
     c = EtcdCluster(3).start()
     yield c
+    if request.session.testsfailed > failed_before:
+        # The test failed: its members' data and logs stay for a look.
+        for m in c:
+            m.keep = True
+        print(f"\netcd members kept in {', '.join(m.dir for m in c)}")
     c.stop()
 
 
