@@ -21,10 +21,9 @@ import os
 import threading
 import time
 import uuid
+from datetime import datetime
 
 import pytest
-
-from datetime import datetime
 
 from conftest import Client, clusters_for, plugin_config
 from envoy_harness import Envoy, cluster
