@@ -3,10 +3,22 @@
 No port is picked in advance, so none can be taken by someone else first: the
 listeners and the admin bind port 0, Envoy writes the admin's address to a file
 (`--admin-address-path`) and the listeners' ports are read from the admin's
-`/listeners`. Hot restart is off, so Envoys started side by side share nothing.
-Each Envoy runs in its own session (setsid) and is stopped by pid; its config
-and log live in a temporary directory that `stop()` removes, unless a test
-failed while it ran (conftest then keeps it and shows the log).
+`/listeners`. Hot restart is off unless asked for, so Envoys started side by
+side share nothing. Each Envoy runs in its own session (setsid) and is stopped
+by pid; its config and log live in a temporary directory that `stop()`
+removes, unless a test failed while it ran (conftest then keeps it and shows
+the log).
+
+Two ways to change a running Envoy, as operators do:
+- `Envoy(..., listener_from_file=True)` takes its listener from a file
+  (LDS: `path_config_source` with a watched directory), and `reconfigure()`
+  replaces that listener with one holding a changed plugin configuration, the
+  way a control plane pushes one. `drain_time_s` bounds how long the replaced
+  filter chain drains.
+- `Envoy(..., hot_restart=True)` starts epoch 0 with a base id of its own
+  (`--use-dynamic-base-id`), and `hot_restart()` starts the next epoch, which
+  takes the listening sockets over from it (on the same ports) while the old
+  process drains and then exits (`parent_shutdown_time_s`).
 
 The bootstrap is built here as JSON; `envoy/envoy.yaml` itself is checked
 separately with `envoy --mode validate` and started by test_walkthrough.
@@ -18,6 +30,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -46,6 +59,8 @@ class RefusedPort:
 
 
 def cluster(name, port, host="127.0.0.1"):
+    """A static cluster; `port` may be a list of ports, one endpoint each."""
+    ports = port if isinstance(port, (list, tuple)) else [port]
     return {
         "name": name,
         "type": "STATIC",
@@ -53,12 +68,13 @@ def cluster(name, port, host="127.0.0.1"):
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                "socket_address": {"address": host, "port_value": port}}}}]}],
+                "socket_address": {"address": host, "port_value": p}}}} for p in ports]}],
         },
     }
 
 
-def bootstrap(plugin_config, clusters, listen_port, admin_port, env_keys=(), pre_filters=()):
+def listener(plugin_config, listen_port=0, env_keys=(), pre_filters=()):
+    """The listener "api": the filter with `plugin_config`, then the router to "app"."""
     wasm_filter = {
         "name": "envoy.filters.http.wasm",
         "typed_config": {
@@ -94,23 +110,47 @@ def bootstrap(plugin_config, clusters, listen_port, admin_port, env_keys=(), pre
         }],
     }
     return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "api",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-            }],
-            "clusters": clusters,
-        },
+        "name": "api",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
+
+
+def bootstrap(plugin_config, clusters, listen_port, admin_port, env_keys=(), pre_filters=(), lds_path=None):
+    """A bootstrap with the "api" listener in it, or, given `lds_path`, one
+    that reads its listeners from that file (which the caller writes)."""
+    config = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {"clusters": clusters},
+    }
+    if lds_path is None:
+        config["static_resources"]["listeners"] = [listener(plugin_config, listen_port, env_keys, pre_filters)]
+    else:
+        # LDS wants a node; the watched directory makes a rename into it an update.
+        config["node"] = {"id": "e2e", "cluster": "e2e"}
+        config["dynamic_resources"] = {"lds_config": {"resource_api_version": "V3", "path_config_source": {
+            "path": str(lds_path), "watched_directory": {"path": os.path.dirname(str(lds_path))}}}}
+    return config
+
+
+def write_lds(path, listeners):
+    """Writes an LDS file whole, by renaming it into place, as Envoy's
+    filesystem subscription expects (a write in place may be read half done)."""
+    resources = [dict(l, **{"@type": "type.googleapis.com/envoy.config.listener.v3.Listener"}) for l in listeners]
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"version_info": str(time.monotonic_ns()), "resources": resources}, f)
+    os.rename(tmp, path)
 
 
 class EnvoyProcess:
     """One Envoy on a bootstrap given as text, its listeners and admin on port 0."""
 
-    def __init__(self, config_text, config_name="envoy.json", concurrency=2, env=None, cwd=None, args=()):
+    def __init__(self, config_text, config_name="envoy.json", concurrency=2, env=None, cwd=None, args=(),
+                 hot_restart=None):
+        """`hot_restart`: None (off), "new" (epoch 0 with a base id of its own),
+        or (base id, epoch) to take over from the epoch before."""
         self.dir = tempfile.mkdtemp(prefix="envoy-e2e-")
         self.config_path = os.path.join(self.dir, config_name)
         with open(self.config_path, "w") as f:
@@ -121,6 +161,9 @@ class EnvoyProcess:
         self.env = dict(os.environ) if env is None else env
         self.cwd = cwd
         self.args = list(args)
+        self.hot_restart_mode = hot_restart
+        self.base_id = None if hot_restart in (None, "new") else hot_restart[0]
+        self.epoch = 0 if hot_restart in (None, "new") else hot_restart[1]
         self.proc = None
         self.admin_port = None
         self.ports = {}
@@ -140,11 +183,19 @@ class EnvoyProcess:
     def url(self):
         return f"http://127.0.0.1:{self.port}"
 
+    def _restart_args(self):
+        if self.hot_restart_mode is None:
+            return ["--disable-hot-restart"]
+        if self.hot_restart_mode == "new":
+            # A base id no other Envoy on the machine uses, written to a file for the next epoch.
+            return ["--use-dynamic-base-id", "--base-id-path", os.path.join(self.dir, "base-id")]
+        return ["--base-id", str(self.base_id), "--restart-epoch", str(self.epoch)]
+
     def start(self, timeout=30):
         self._log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [str(ENVOY), "-c", self.config_path, "--concurrency", str(self.concurrency),
-             "--disable-hot-restart", "--admin-address-path", self.admin_address_path, *self.args],
+             *self._restart_args(), "--admin-address-path", self.admin_address_path, *self.args],
             stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True, env=self.env, cwd=self.cwd)
         RUNNING.add(self)
         try:
@@ -154,6 +205,9 @@ class EnvoyProcess:
             self.keep = True
             self.stop()
             raise RuntimeError(f"envoy did not become ready ({e}); its files are in {self.dir}:\n{self.log()}") from e
+        if self.hot_restart_mode == "new":
+            with open(os.path.join(self.dir, "base-id")) as f:
+                self.base_id = int(f.read().strip())
         return self
 
     def _ready(self):
@@ -175,7 +229,9 @@ class EnvoyProcess:
         self.ports = ports
         return True
 
-    def stop(self):
+    def halt(self):
+        """SIGTERM (SIGKILL after 10 s), as an operator's stop; its files stay
+        until `stop()`, so that a failing test still shows its log."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -183,6 +239,9 @@ class EnvoyProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def stop(self):
+        self.halt()
         RUNNING.discard(self)
         if self._log_file:
             self._log_file.close()
@@ -201,14 +260,90 @@ class EnvoyProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
             return r.read().decode()
 
+    def counter(self, name):
+        """One of Envoy's own counters or gauges (0 when it does not exist yet)."""
+        for line in self.admin(f"/stats?filter=^{name.replace('.', '[.]')}$").splitlines():
+            stat, _, value = line.partition(": ")
+            if stat == name and value.strip().lstrip("-").isdigit():
+                return int(value)
+        return 0
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
 
 class Envoy(EnvoyProcess):
-    """Envoy with the filter built from `plugin_config` in front of `clusters`."""
+    """Envoy with the filter built from `plugin_config` in front of `clusters`.
 
-    def __init__(self, plugin_config, clusters, concurrency=2, env=None, env_keys=(), pre_filters=()):
-        config = bootstrap(plugin_config, clusters, 0, 0, env_keys, pre_filters)
-        super().__init__(json.dumps(config), "envoy.json", concurrency, dict(os.environ, **(env or {})),
-                         args=["--log-level", "warn", "--component-log-level", "wasm:info"])
+    `listener_from_file`: the listener comes from an LDS file, and
+    `reconfigure()` replaces it. `drain_time_s`: how long a replaced listener
+    (or, on a hot restart, the old process) drains. `hot_restart`: start as
+    epoch 0 of a hot-restartable Envoy; `hot_restart()` starts the next epoch.
+    """
+
+    def __init__(self, plugin_config, clusters, concurrency=2, env=None, env_keys=(), pre_filters=(),
+                 listener_from_file=False, drain_time_s=None, hot_restart=False, parent_shutdown_time_s=None,
+                 log_level="warn", _epoch_of=None):
+        self.plugin_config = plugin_config
+        self.clusters = clusters
+        self.env_keys, self.pre_filters = env_keys, pre_filters
+        self.listener_from_file = listener_from_file
+        self.drain_time_s, self.parent_shutdown_time_s = drain_time_s, parent_shutdown_time_s
+        self.log_level = log_level
+        self.reconfigurations = 0
+        listen_port = 0
+        if _epoch_of is not None:
+            # The next epoch asks for the very addresses the old one bound, so that
+            # it is handed those sockets instead of binding new ones.
+            listen_port = _epoch_of.port
+        self.listen_port = listen_port
+        args = ["--log-level", log_level, "--component-log-level", "wasm:info"]
+        if drain_time_s is not None:
+            args += ["--drain-time-s", str(drain_time_s)]
+        if parent_shutdown_time_s is not None:
+            args += ["--parent-shutdown-time-s", str(parent_shutdown_time_s)]
+        restart = None
+        if _epoch_of is not None:
+            restart = (_epoch_of.base_id, _epoch_of.epoch + 1)
+        elif hot_restart:
+            restart = "new"
+        env = _epoch_of.env if _epoch_of is not None else dict(os.environ, **(env or {}))
+        super().__init__("", "envoy.json", concurrency, env, args=args, hot_restart=restart)
+        self.lds_path = os.path.join(self.dir, "lds", "listeners.json") if listener_from_file else None
+        config = bootstrap(plugin_config, clusters, listen_port, 0, env_keys, pre_filters, self.lds_path)
+        if self.lds_path:
+            os.makedirs(os.path.dirname(self.lds_path))
+            write_lds(self.lds_path, [listener(plugin_config, listen_port, env_keys, pre_filters)])
+        with open(self.config_path, "w") as f:
+            json.dump(config, f)
+
+    def reconfigure(self, plugin_config, timeout=20):
+        """Replaces the listener with one whose filter has `plugin_config` (an LDS
+        update) and waits until Envoy took it; raises if Envoy rejected it."""
+        assert self.lds_path, "start this Envoy with listener_from_file=True"
+        before = self.counter("listener_manager.lds.update_success")
+        rejected = self.counter("listener_manager.lds.update_rejected")
+        # The listener keeps the port it is bound to, so the update is made in place.
+        write_lds(self.lds_path, [listener(plugin_config, self.port, self.env_keys, self.pre_filters)])
+        self.plugin_config = plugin_config
+
+        def taken():
+            if self.counter("listener_manager.lds.update_rejected") != rejected:
+                raise AssertionError(f"Envoy rejected the listener update:\n{self.log()[-3000:]}")
+            return self.counter("listener_manager.lds.update_success") > before
+
+        eventually(taken, timeout, what="Envoy to take the listener update", retry_on=(OSError,))
+        self.reconfigurations += 1
+
+    def hot_restart(self, timeout=30):
+        """Starts the next epoch, which takes this one's listeners over; returns
+        it, started. This process drains and exits on its own."""
+        assert self.base_id is not None, "start this Envoy with hot_restart=True"
+        child = Envoy(self.plugin_config, self.clusters, self.concurrency, env_keys=self.env_keys,
+                      pre_filters=self.pre_filters, listener_from_file=self.listener_from_file,
+                      drain_time_s=self.drain_time_s, parent_shutdown_time_s=self.parent_shutdown_time_s,
+                      log_level=self.log_level, _epoch_of=self)
+        return child.start(timeout)
 
 
 def validate(config_path, env=None):

@@ -13,6 +13,14 @@ the same data directory and ports (the keys written before are back).
     etcd = Etcd().start()
     etcd.call("/v3/kv/put", {"key": b64("k"), "value": b64("v")})  # -> (200, {...})
     etcd.stop()
+
+`EtcdCluster(3)` is a real cluster of three such members on loopback, each
+with the same faults; `leader()` names the member the others follow (from
+`etcdctl endpoint status`), `followers()` the rest.
+
+    cluster = EtcdCluster(3).start()
+    cluster.leader().kill()      # a new leader is elected among the other two
+    cluster.stop()
 """
 
 import base64
@@ -29,6 +37,7 @@ import urllib.request
 from waiting import eventually
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
 
 
 def b64(data):
@@ -51,12 +60,16 @@ def free_port():
 class Etcd:
     """One etcd member on loopback."""
 
-    def __init__(self, binary=ETCD, args=()):
+    def __init__(self, binary=ETCD, args=(), name="default"):
         if not os.path.exists(binary):
             raise RuntimeError(f"etcd is not installed ({binary}); run `make setup` (Debian's etcd-server)")
         self.binary = binary
         self.args = list(args)
-        self.dir = tempfile.mkdtemp(prefix="etcd-e2e-")
+        self.name = name
+        # Set by EtcdCluster: every member's peer URL, and the cluster's token.
+        self.initial_cluster = None
+        self.cluster_token = None
+        self.dir = tempfile.mkdtemp(prefix=f"etcd-e2e-{name}-")
         self.data_dir = os.path.join(self.dir, "data")
         self.log_path = os.path.join(self.dir, "etcd.log")
         self.client_port = None
@@ -78,13 +91,42 @@ class Etcd:
     def running(self):
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def peer_url(self):
+        return f"http://127.0.0.1:{self.peer_port}"
+
     def _command(self):
         client = f"http://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        return [self.binary, "--name", "default", "--data-dir", self.data_dir,
+        peer = self.peer_url
+        cluster = ["--initial-cluster", self.initial_cluster or f"{self.name}={peer}"]
+        if self.cluster_token:
+            cluster += ["--initial-cluster-token", self.cluster_token, "--initial-cluster-state", "new"]
+        return [self.binary, "--name", self.name, "--data-dir", self.data_dir,
                 "--listen-client-urls", client, "--advertise-client-urls", client,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"default={peer}", "--log-level", "warn", *self.args]
+                *cluster, "--log-level", "warn", *self.args]
+
+    def pick_ports(self, taken=()):
+        self.client_port, self.peer_port = free_port(), free_port()
+        while self.peer_port == self.client_port or {self.client_port, self.peer_port} & set(taken):
+            self.client_port, self.peer_port = free_port(), free_port()
+
+    def launch(self):
+        """Starts the process without waiting (a cluster's members must all be
+        up before any of them is ready)."""
+        assert not self.running(), "etcd is running already"
+        self._log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self._command(), stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.paused = False
+
+    def wait_ready(self, timeout=20):
+        eventually(self._ready, timeout, what=f"etcd {self.name} to answer /health and /v3/kv/range",
+                   interval=0.05, retry_on=(AssertionError, OSError))
+
+    def lost_its_ports(self):
+        """Whether it exited because a port was taken between picking and binding."""
+        return self.proc is not None and self.proc.poll() is not None and "address already in use" in self.log()
 
     def start(self, timeout=20):
         """Starts etcd (again, after `kill()`, on the same data and ports) and
@@ -93,16 +135,10 @@ class Etcd:
         first = self.client_port is None
         for _ in range(3 if first else 1):
             if first:
-                self.client_port, self.peer_port = free_port(), free_port()
-                while self.peer_port == self.client_port:
-                    self.peer_port = free_port()
-            self._log_file = open(self.log_path, "ab")
-            self.proc = subprocess.Popen(self._command(), stdout=self._log_file, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-            self.paused = False
+                self.pick_ports()
+            self.launch()
             try:
-                eventually(self._ready, timeout, what="etcd to answer /health and /v3/kv/range",
-                           interval=0.05, retry_on=(AssertionError, OSError))
+                self.wait_ready(timeout)
                 return self
             except Exception as e:
                 exited = self.proc.poll() is not None
@@ -116,7 +152,7 @@ class Etcd:
 
     def _ready(self):
         if self.proc.poll() is not None:
-            raise RuntimeError(f"etcd exited with {self.proc.returncode}")
+            raise RuntimeError(f"etcd {self.name} exited with {self.proc.returncode}")
         with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
             if json.loads(r.read()).get("health") != "true":
                 return False
@@ -211,3 +247,142 @@ class Etcd:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class EtcdCluster:
+    """`size` etcd members on loopback forming one cluster (a fresh token each
+    time, so two clusters never mistake each other's members)."""
+
+    def __init__(self, size=3, binary=ETCD, args=()):
+        self.members = [Etcd(binary, args, name=f"m{i}") for i in range(size)]
+        self.token = f"e2e-{os.getpid()}-{id(self):x}"
+
+    def __iter__(self):
+        return iter(self.members)
+
+    def __getitem__(self, i):
+        return self.members[i]
+
+    @property
+    def client_ports(self):
+        return [m.client_port for m in self.members]
+
+    def running(self):
+        return [m for m in self.members if m.running()]
+
+    def start(self, timeout=30):
+        """Starts every member and waits until each answers; returns self. A
+        port taken between picking and binding starts the whole cluster again
+        on new ports (with fresh data)."""
+        for _ in range(3):
+            taken = []
+            for m in self.members:
+                m.pick_ports(taken)
+                taken += [m.client_port, m.peer_port]
+            spec = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+            for m in self.members:
+                m.initial_cluster, m.cluster_token = spec, self.token
+                m.launch()
+            try:
+                for m in self.members:
+                    m.wait_ready(timeout)
+                return self
+            except Exception as e:
+                lost = any(m.lost_its_ports() for m in self.members)
+                for m in self.members:
+                    m._halt()
+                if lost:
+                    for m in self.members:
+                        shutil.rmtree(m.data_dir, ignore_errors=True)
+                    continue
+                for m in self.members:
+                    m.keep = True
+                logs = "\n".join(f"--- {m.name} ({m.dir}):\n{m.log()[-2000:]}" for m in self.members)
+                raise RuntimeError(f"the etcd cluster did not become ready ({e}):\n{logs}") from e
+        raise RuntimeError("the etcd cluster found no free ports")
+
+    def endpoint_status(self, members=None, timeout=3):
+        """`etcdctl endpoint status` of the running (not paused) members: a list
+        of (member, its id, the leader's id as it sees it)."""
+        members = [m for m in (members or self.members) if m.running() and not m.paused]
+        if not members:
+            return []
+        out = subprocess.run(
+            [ETCDCTL, "--endpoints", ",".join(m.url for m in members), "--command-timeout", f"{timeout}s",
+             "endpoint", "status", "-w", "json"],
+            capture_output=True, text=True, timeout=timeout + 5, env=dict(os.environ, ETCDCTL_API="3"))
+        by_url = {m.url: m for m in members}
+        found = []
+        for entry in json.loads(out.stdout or "[]"):
+            member = by_url.get(entry["Endpoint"])
+            status = entry.get("Status", {})
+            if member is not None:
+                found.append((member, status["header"]["member_id"], status.get("leader", 0)))
+        return found
+
+    def member_ids(self):
+        return {m.name: member_id for m, member_id, _ in self.endpoint_status()}
+
+    def leader(self, timeout=20):
+        """The member every running member follows (waits for an election to end)."""
+        def agreed():
+            status = self.endpoint_status()
+            leaders = {leader for _, _, leader in status}
+            by_id = {member_id: m for m, member_id, _ in status}
+            return len(leaders) == 1 and by_id.get(leaders.pop())
+
+        return eventually(agreed, timeout, what="the etcd members to agree on a leader",
+                          retry_on=(AssertionError, OSError, ValueError, KeyError, subprocess.SubprocessError))
+
+    def followers(self):
+        leader = self.leader()
+        return [m for m in self.members if m is not leader]
+
+    def has_leader(self, timeout=0.3):
+        """Whether a running member answers with a leader that is running: asked
+        of each member's own status through the gateway (quicker than etcdctl,
+        for watching an election as it happens)."""
+        ids = {}
+        leaders = set()
+        for m in self.members:
+            if not m.running() or m.paused:
+                continue
+            try:
+                status, body = m.call("/v3/maintenance/status", {}, timeout=timeout)
+            except OSError:
+                continue
+            if status == 200 and isinstance(body, dict):
+                ids[body["header"]["member_id"]] = m
+                leaders.add(body.get("leader", "0"))
+        return any(l in ids for l in leaders)
+
+    def stop(self):
+        for m in self.members:
+            m.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def envoy_cluster(name, ports):
+    """The Envoy cluster a filter replica reaches etcd through: every member,
+    checked on etcd's `/health` twice a second (a member without a leader, or
+    stopped, answers false or nothing, and is taken out after two checks),
+    and ejected after repeated 5xx or connection failures."""
+    from envoy_harness import cluster
+
+    c = cluster(name, list(ports))
+    c["connect_timeout"] = "0.25s"
+    c["health_checks"] = [{
+        "timeout": "0.4s", "interval": "0.5s", "no_traffic_interval": "0.5s",
+        "unhealthy_threshold": 2, "healthy_threshold": 1,
+        "http_health_check": {"path": "/health"},
+    }]
+    c["outlier_detection"] = {
+        "consecutive_5xx": 3, "consecutive_gateway_failure": 3, "interval": "0.5s",
+        "base_ejection_time": "5s", "max_ejection_percent": 34,
+    }
+    return c
