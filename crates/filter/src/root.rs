@@ -47,6 +47,8 @@ pub struct Root {
     engine: Option<Engine>,
     registered_on_tick: Cell<bool>,
     ticks: u32,
+    /// `on_done` was called: Envoy waits for `done()`.
+    draining: bool,
 }
 
 /// Logs at Envoy's level for the `wasm` component, so that lines Envoy would
@@ -104,9 +106,15 @@ impl Context for Root {
         self.run(|engine, cx| engine.answered(cx, token, answer));
     }
 
+    /// The listener this root serves is draining (a configuration push, or
+    /// Envoy going away): take nothing new, let the calls out end and the
+    /// jobs held finish (the engine hands back what outlives its longest
+    /// call), and tell Envoy when done. Until then Envoy keeps the root
+    /// alive, ticking and answering its callouts.
     fn on_done(&mut self) -> bool {
-        self.run(|engine, cx| engine.close(cx));
-        true
+        self.draining = true;
+        self.run(|engine, cx| engine.drain(cx));
+        self.engine.as_ref().is_none_or(Engine::is_closed)
     }
 }
 

@@ -340,20 +340,20 @@ fn put_be32(frame: &mut [u8], at: usize, value: u32) {
 /// Rewrites the first part's Xing/Info frame to describe `audio` (the joined audio frames
 /// that follow it), ending with `end_pad` samples of encoder padding.
 fn rewrite_xing(frame: &mut [u8], at: usize, audio: &[&[u8]], end_pad: Option<u16>) {
-    let Some(layout) = xing_layout(frame, at) else {
+    let Some(keys) = xing_layout(frame, at) else {
         return;
     };
     let frame_len = frame.len();
     let audio_bytes: usize = audio.iter().map(|f| f.len()).sum();
     let total_bytes = frame_len + audio_bytes;
     let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-    if let Some(f) = layout.frames {
+    if let Some(f) = keys.frames {
         put_be32(frame, f, clamp(audio.len()));
     }
-    if let Some(b) = layout.bytes {
+    if let Some(b) = keys.bytes {
         put_be32(frame, b, clamp(total_bytes));
     }
-    if let Some(toc) = layout.toc {
+    if let Some(toc) = keys.toc {
         // Entry i: where i% of the frames (so of the duration, for one sample rate) starts,
         // as a fraction of the bytes, times 256.
         let mut offsets = Vec::with_capacity(audio.len());
@@ -371,7 +371,7 @@ fn rewrite_xing(frame: &mut [u8], at: usize, audio: &[&[u8]], end_pad: Option<u1
             }
         }
     }
-    if let Some(lame) = layout.lame {
+    if let Some(lame) = keys.lame {
         if let (Some(pad), Some(d)) = (end_pad, frame.get_mut(lame + 22..lame + 24)) {
             let [hi, lo] = pad.min(0x0FFF).to_be_bytes();
             if let Some(first) = d.first_mut() {
@@ -508,7 +508,7 @@ mod tests {
             1
         );
         assert_eq!(xing_frames_field(&m) as usize, audio);
-        // The tag's CRC was recomputed (the layout still parses with a good LAME CRC).
+        // The tag's CRC was recomputed (the keys still parses with a good LAME CRC).
         let Some(InfoFrame::Xing(at)) = m.info else {
             unreachable!()
         };

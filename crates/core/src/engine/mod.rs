@@ -49,6 +49,7 @@ enum Then {
     Claimed,
     Shown,
     Ended { id: String },
+    Returned,
 }
 
 /// A call out, handed back with its answer.
@@ -114,8 +115,10 @@ pub struct Engine {
     finding: bool,
     /// Work found and not yet claimed.
     found: VecDeque<Ticket>,
-    /// Going away: nothing new is taken, answers are dropped.
+    /// Going away: nothing new is taken; what it holds ends, or is handed
+    /// back at `hand_back_at`.
     closing: bool,
+    hand_back_at: u64,
     out: Vec<Report>,
 }
 
@@ -134,6 +137,7 @@ impl Engine {
             finding: false,
             found: VecDeque::new(),
             closing: false,
+            hand_back_at: u64::MAX,
             out: Vec::new(),
         }
     }
@@ -171,6 +175,9 @@ impl Engine {
             self.fail_late(cx, &id);
         }
         self.let_go_again(cx);
+        if self.closing && cx.now >= self.hand_back_at {
+            self.hand_back(cx);
+        }
         if !self.closing {
             self.op(cx, WorkOp::Upkeep, Then::Upkeep);
         }
@@ -185,10 +192,35 @@ impl Engine {
         self.finish()
     }
 
-    /// The worker is going away: every job it holds is handed back at once,
-    /// for another worker to take, and nothing new is taken.
+    /// The worker is going away (its listener drains): it takes nothing new,
+    /// lets the calls it has out end and the jobs it holds finish, and hands
+    /// back what is left once the longest call could have ended. Work found
+    /// but not claimed goes back at once.
+    pub fn drain(&mut self, cx: &Cx) -> Vec<Report> {
+        if !self.closing {
+            self.closing = true;
+            self.hand_back_at = cx
+                .now
+                .saturating_add(longest_call_ms(cx.config))
+                .saturating_add(GRACE_MS);
+            for ticket in std::mem::take(&mut self.found) {
+                self.op(cx, WorkOp::Return(ticket), Then::Returned);
+            }
+        }
+        self.finish()
+    }
+
+    /// The worker is going away now: every job it holds is handed back at
+    /// once, for another worker to take, and nothing new is taken.
     pub fn close(&mut self, cx: &Cx) -> Vec<Report> {
-        self.closing = true;
+        let mut reports = self.drain(cx);
+        self.hand_back(cx);
+        reports.extend(self.finish());
+        reports
+    }
+
+    fn hand_back(&mut self, cx: &Cx) {
+        self.hand_back_at = u64::MAX;
         self.ready.clear();
         let ids: Vec<String> = self
             .runs
@@ -197,41 +229,43 @@ impl Engine {
             .map(|(id, _)| id.clone())
             .collect();
         for id in ids {
-            let Some(run) = self.runs.get_mut(&id) else {
-                continue;
-            };
-            let leave = if run.record.status.is_finished() {
-                Leave::DeliverAt(cx.now)
-            } else {
-                run.record.status = JobStatus::Pending;
-                Leave::HandBack
-            };
-            let rendered = kept_body(run, cx.now);
-            let report = (leave == Leave::HandBack).then(|| Report::Requeued {
-                id: id.clone(),
-                local: self.store.is_local(),
-            });
-            let settle = Settle {
-                was_running: run.record.counted_running,
-                ..Settle::default()
-            };
-            self.let_go(
-                cx,
-                &id,
-                Closing {
-                    rendered,
-                    leave,
-                    settle,
-                    report,
-                },
-            );
+            self.hand_back_one(cx, &id);
         }
-        self.finish()
     }
 
-    /// Whether every job has been let go of since `close` (the worker may go).
+    /// Lets go of a job before it ends: pending again (a finished job's
+    /// delivery due at once), for any worker to take.
+    fn hand_back_one(&mut self, cx: &Cx, id: &str) {
+        let Some(run) = self.runs.get_mut(id) else {
+            return;
+        };
+        let leave = if run.record.status.is_finished() {
+            Leave::DeliverAt(cx.now)
+        } else {
+            run.record.status = JobStatus::Pending;
+            Leave::HandBack
+        };
+        let rendered = kept_body(run, cx.now);
+        let report = (leave == Leave::HandBack).then(|| Report::Requeued {
+            id: id.to_string(),
+            local: self.store.is_local(),
+        });
+        let settle = Settle {
+            was_running: run.record.counted_running,
+            ..Settle::default()
+        };
+        let closing = Closing {
+            rendered,
+            leave,
+            settle,
+            report,
+        };
+        self.let_go(cx, id, closing);
+    }
+
+    /// Whether every job has been let go of since `drain` (the worker may go).
     pub fn is_closed(&self) -> bool {
-        self.closing && self.runs.is_empty()
+        self.closing && self.runs.is_empty() && self.claiming == 0
     }
 
     /// A callout came back (or failed: no status).
@@ -366,6 +400,7 @@ impl Engine {
             (Then::Ended { id }, _) => {
                 self.runs.remove(&id);
             }
+            (Then::Returned, _) => {}
             _ => {}
         }
     }
@@ -404,9 +439,6 @@ impl Engine {
     fn start_run(&mut self, cx: &Cx, claimed: Claimed) {
         let Claimed { mut record, body } = claimed;
         let id = record.id.clone();
-        if self.closing {
-            return;
-        }
         let finished = record.status.is_finished();
         if !finished {
             if record.status == JobStatus::Pending {
@@ -429,6 +461,10 @@ impl Engine {
             let_again: false,
         };
         self.runs.insert(id.clone(), run);
+        if self.closing {
+            // Claimed as the worker began to go away: straight back.
+            return self.hand_back_one(cx, &id);
+        }
         match (finished, late, due) {
             (true, _, true) => self.deliver(cx, &id),
             (true, _, false) => self.let_go_as_is(cx, &id),
@@ -552,7 +588,7 @@ impl Engine {
         let Some(run) = self.runs.get(&attempt.id) else {
             return;
         };
-        if run.ending || self.closing || !run.record.is_running(attempt.attempt) {
+        if run.ending || !run.record.is_running(attempt.attempt) {
             return;
         }
         let started_ms = run.started_ms;

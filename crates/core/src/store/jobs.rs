@@ -125,7 +125,7 @@ impl Jobs<'_> {
                     return Step::Done(Err(StoreError::TooLarge));
                 }
                 let submit =
-                    etcd_jobs::submit(&etcd.layout(), &record.id, &value, record.deadline_ms);
+                    etcd_jobs::submit(&etcd.keys(), &record.id, &value, record.deadline_ms);
                 self.call(
                     etcd,
                     submit,
@@ -155,7 +155,7 @@ impl Jobs<'_> {
                     id: id.to_string(),
                     owner: owner.to_vec(),
                 };
-                self.call(etcd, req::range(&etcd.layout().job(id)), resume)
+                self.call(etcd, req::range(&etcd.keys().job(id)), resume)
             }
         }
     }
@@ -172,7 +172,7 @@ impl Jobs<'_> {
                     id: id.to_string(),
                     owner: owner.to_vec(),
                 };
-                self.call(etcd, req::range(&etcd.layout().job(id)), resume)
+                self.call(etcd, req::range(&etcd.keys().job(id)), resume)
             }
         }
     }
@@ -212,12 +212,12 @@ impl Jobs<'_> {
         if !owned || tries >= 3 {
             return Step::Done(Ok(Done::Deleted(false)));
         }
-        let delete = etcd_jobs::delete(&etcd.layout(), &id, kv.mod_revision);
+        let delete = etcd_jobs::delete(&etcd.keys(), &id, kv.mod_revision);
         self.call(etcd, delete, Resume::Delete { id, owner, tries })
     }
 
     fn resume_etcd(&self, etcd: &EtcdConfig, resume: Resume, body: &[u8]) -> Step {
-        let layout = etcd.layout();
+        let keys = etcd.keys();
         let bad = |_| Step::Done(Err(unavailable("etcd's answer is unreadable")));
         match resume {
             Resume::Insert { record, value } => match parse_txn(body) {
@@ -246,7 +246,7 @@ impl Jobs<'_> {
                     }
                     None => self.call(
                         etcd,
-                        req::range_prefix(&layout.audio(&id), 0),
+                        req::range_prefix(&keys.audio(&id), 0),
                         Resume::ReadParts {
                             id,
                             parts: job.parts,
@@ -256,7 +256,7 @@ impl Jobs<'_> {
             }
             Resume::ReadParts { id, parts } => match parse_range(body) {
                 Ok(range) => Step::Done(Ok(Done::Read(
-                    layout.join_audio(&id, &range.kvs, parts).ok(),
+                    keys.join_audio(&id, &range.kvs, parts).ok(),
                 ))),
                 Err(e) => bad(e),
             },

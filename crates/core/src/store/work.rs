@@ -87,6 +87,8 @@ pub enum WorkOp {
     },
     /// Lets go of a job.
     End(Box<Ending>),
+    /// Gives back work found but not claimed (the worker is going away).
+    Return(Ticket),
 }
 
 /// What a finished operation gives back.

@@ -379,3 +379,45 @@ fn while_etcd_is_away_submits_answer_503_and_jobs_end_once_it_is_back() {
     assert_eq!(audio(&job), b"AUDIO");
     assert_eq!(w.count(|r| matches!(r, Report::Completed { .. })), 1);
 }
+
+#[test]
+fn a_draining_worker_finishes_its_calls_and_takes_nothing_new() {
+    for mut w in both("") {
+        w.set_provider(|_| Reply::After(2_000, Box::new(Reply::Audio(b"AUDIO".to_vec()))));
+        let first = w.submit(0, &speech(""));
+        w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1).unwrap();
+        let draining = w.holder();
+        w.drain(draining);
+        let second = w.submit(0, &speech(""));
+        assert_eq!(w.wait(&first, 5_000)["status"], "completed");
+        assert_eq!(w.wait(&second, 5_000)["status"], "completed");
+        assert!(w.is_closed(draining), "let go of everything");
+        assert_eq!(w.provider_calls.borrow().len(), 2, "no call made twice");
+        assert_eq!(w.count(|r| matches!(r, Report::Requeued { .. })), 0);
+        let by_drainer = w
+            .reports
+            .borrow()
+            .iter()
+            .filter(|r| matches!(r, Report::Started { .. }))
+            .count();
+        assert_eq!(by_drainer, 2);
+    }
+}
+
+#[test]
+fn a_draining_worker_hands_back_what_outlives_its_longest_call() {
+    for mut w in both("") {
+        w.set_provider(first_call_hangs());
+        let id = w.submit(0, &speech(""));
+        w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1).unwrap();
+        let draining = w.holder();
+        w.drain(draining);
+        let job = w.wait(&id, 20_000);
+        assert_eq!(audio(&job), b"AUDIO");
+        w.run_for(1_000);
+        assert!(w.is_closed(draining), "let go of everything");
+        // Handed back, or taken over when its claim lapsed first.
+        assert!(w.count(|r| matches!(r, Report::Requeued { .. })) <= 1);
+        assert_eq!(w.count(|r| matches!(r, Report::Failed { .. })), 0);
+    }
+}

@@ -196,7 +196,18 @@ impl World {
         self.workers[w].host.sent.borrow_mut().clear();
     }
 
-    /// The worker is told it goes away (a listener drained): it hands back.
+    /// The worker's listener drains: it finishes what it holds, takes nothing new.
+    pub fn drain(&mut self, w: usize) {
+        self.on_worker(w, |engine, cx| engine.drain(cx));
+        self.settle();
+    }
+
+    /// Whether the worker has let go of everything since it began to drain.
+    pub fn is_closed(&self, w: usize) -> bool {
+        self.workers[w].engine.as_ref().is_none_or(Engine::is_closed)
+    }
+
+    /// The worker is told it goes away now: it hands back.
     pub fn close(&mut self, w: usize) {
         let now = self.now();
         let worker = &mut self.workers[w];

@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value};
 
-use super::keys::Layout;
+use super::keys::Keys;
 use super::request::Request;
 use crate::platform::Callout;
 
@@ -45,8 +45,8 @@ pub struct EtcdConfig {
 }
 
 impl EtcdConfig {
-    pub fn layout(&self) -> Layout {
-        Layout::new(&self.prefix)
+    pub fn keys(&self) -> Keys {
+        Keys::new(&self.prefix)
     }
 
     /// The largest part of audio one request carries: `max_value_bytes` less
@@ -229,7 +229,7 @@ mod tests {
         );
         assert_eq!(e.part_bytes(), 1_570_816);
         assert_eq!(
-            e.layout().pending_prefix(),
+            e.keys().pending_prefix(),
             b"/async-speech/pending/".to_vec()
         );
         let c = e.callout(&super::super::request::range(b"k"));

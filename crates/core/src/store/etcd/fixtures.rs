@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-use super::keys::{split_audio, Layout};
+use super::keys::{split_audio, Keys};
 use super::request::{self, Compare, Op, Request, Txn};
 
 const FIXTURES: &str = include_str!("../../../../../tests/fixtures/etcd/requests.json");
@@ -28,24 +28,24 @@ fn lease(call: &Value) -> Option<i64> {
 }
 
 /// Writes a job with its audio parts and its pending entry, if the job is new.
-fn store_job(layout: &Layout, id: &str, record: &[u8], audio: &[&[u8]], lease: i64) -> Txn {
+fn store_job(keys: &Keys, id: &str, record: &[u8], audio: &[&[u8]], lease: i64) -> Txn {
     let mut txn = Txn::new()
-        .when(Compare::absent(&layout.job(id)))
-        .then(Op::put(&layout.job(id), record, Some(lease)));
+        .when(Compare::absent(&keys.job(id)))
+        .then(Op::put(&keys.job(id), record, Some(lease)));
     for (i, part) in audio.iter().enumerate() {
-        txn = txn.then(Op::put(&layout.audio_part(id, i as u32), part, Some(lease)));
+        txn = txn.then(Op::put(&keys.audio_part(id, i as u32), part, Some(lease)));
     }
-    txn.then(Op::put(&layout.pending(id), b"", None))
+    txn.then(Op::put(&keys.pending(id), b"", None))
 }
 
 /// Deletes a job and everything that goes with it, if it is still unchanged.
-fn delete_job(layout: &Layout, id: &str, mod_revision: i64) -> Txn {
+fn delete_job(keys: &Keys, id: &str, mod_revision: i64) -> Txn {
     Txn::new()
-        .when(Compare::unchanged(&layout.job(id), mod_revision))
-        .then(Op::delete(&layout.job(id)))
-        .then(Op::delete_prefix(&layout.audio(id)))
-        .then(Op::delete(&layout.claim(id)))
-        .then(Op::delete(&layout.pending(id)))
+        .when(Compare::unchanged(&keys.job(id), mod_revision))
+        .then(Op::delete(&keys.job(id)))
+        .then(Op::delete_prefix(&keys.audio(id)))
+        .then(Op::delete(&keys.claim(id)))
+        .then(Op::delete(&keys.pending(id)))
 }
 
 fn build(call: &Value) -> Request {
@@ -70,7 +70,7 @@ fn build(call: &Value) -> Request {
         "lease_keepalive" => request::lease_keepalive(n(call, "id")),
         "lease_revoke" => request::lease_revoke(n(call, "id")),
         "txn_store_job" => {
-            let layout = Layout::new(call["prefix"].as_str().unwrap());
+            let keys = Keys::new(call["prefix"].as_str().unwrap());
             let audio: Vec<u8> = call["parts"]
                 .as_array()
                 .unwrap()
@@ -80,12 +80,12 @@ fn build(call: &Value) -> Request {
             // The fixture's parts are 5 bytes each.
             let parts = split_audio(&audio, 5);
             let id = call["id"].as_str().unwrap();
-            store_job(&layout, id, s(call, "record"), &parts, n(call, "lease")).request()
+            store_job(&keys, id, s(call, "record"), &parts, n(call, "lease")).request()
         }
         "txn_delete_job" => {
-            let layout = Layout::new(call["prefix"].as_str().unwrap());
+            let keys = Keys::new(call["prefix"].as_str().unwrap());
             delete_job(
-                &layout,
+                &keys,
                 call["id"].as_str().unwrap(),
                 n(call, "mod_revision"),
             )

@@ -16,7 +16,7 @@
 //! A finished job's keys carry a lease of its TTL, so etcd removes them when
 //! it expires. Every key lives under the configured prefix.
 
-use super::keys::{split_audio, Layout};
+use super::keys::{split_audio, Keys};
 use super::request::{self as req, Compare, Op, Request, Txn};
 
 /// How long a replica's claims outlive it (its lease, kept alive every few seconds).
@@ -85,17 +85,17 @@ pub fn decode_job(value: &[u8]) -> Option<StoredJob<'_>> {
 }
 
 /// A new job, stored only if no job has that id: the record and its pending entry.
-pub fn submit(layout: &Layout, id: &str, job_value: &[u8], deadline_ms: u64) -> Request {
+pub fn submit(keys: &Keys, id: &str, job_value: &[u8], deadline_ms: u64) -> Request {
     Txn::new()
-        .when(Compare::absent(&layout.job(id)))
-        .then(Op::put(&layout.job(id), job_value, None))
+        .when(Compare::absent(&keys.job(id)))
+        .then(Op::put(&keys.job(id), job_value, None))
         .then(Op::put(
-            &layout.pending(id),
+            &keys.pending(id),
             &pending(Pending::Run, deadline_ms),
             None,
         ))
         // When it fails, the job is read back: as written, an earlier try landed.
-        .otherwise(Op::range(&layout.job(id)))
+        .otherwise(Op::range(&keys.job(id)))
         .request()
 }
 
@@ -128,15 +128,15 @@ pub fn parse_pending(value: &[u8]) -> Option<(Pending, u64)> {
 }
 
 /// Forgets a job if it is still as read (`mod_revision`): every key it has.
-pub fn delete(layout: &Layout, id: &str, mod_revision: i64) -> Request {
+pub fn delete(keys: &Keys, id: &str, mod_revision: i64) -> Request {
     Txn::new()
-        .when(Compare::unchanged(&layout.job(id), mod_revision))
-        .then(Op::delete(&layout.job(id)))
-        .then(Op::delete_prefix(&layout.audio(id)))
-        .then(Op::delete(&layout.pending(id)))
-        .then(Op::delete(&layout.claim(id)))
+        .when(Compare::unchanged(&keys.job(id), mod_revision))
+        .then(Op::delete(&keys.job(id)))
+        .then(Op::delete_prefix(&keys.audio(id)))
+        .then(Op::delete(&keys.pending(id)))
+        .then(Op::delete(&keys.claim(id)))
         // When it fails, the job is read back: gone, an earlier try landed.
-        .otherwise(Op::range(&layout.job(id)))
+        .otherwise(Op::range(&keys.job(id)))
         .request()
 }
 
@@ -144,14 +144,14 @@ pub fn delete(layout: &Layout, id: &str, mod_revision: i64) -> Request {
 /// step — only while it is still pending (a scan may be older than the job's
 /// end) and no one else holds it. When it fails, the claim and the job are
 /// read back: a claim already `owner`'s (an earlier try that landed) holds.
-pub fn claim(layout: &Layout, id: &str, owner: &[u8], lease: i64) -> Request {
+pub fn claim(keys: &Keys, id: &str, owner: &[u8], lease: i64) -> Request {
     Txn::new()
-        .when(Compare::absent(&layout.claim(id)))
-        .when(Compare::present(&layout.pending(id)))
-        .then(Op::put(&layout.claim(id), owner, Some(lease)))
-        .then(Op::range(&layout.job(id)))
-        .otherwise(Op::range(&layout.claim(id)))
-        .otherwise(Op::range(&layout.job(id)))
+        .when(Compare::absent(&keys.claim(id)))
+        .when(Compare::present(&keys.pending(id)))
+        .then(Op::put(&keys.claim(id), owner, Some(lease)))
+        .then(Op::range(&keys.job(id)))
+        .otherwise(Op::range(&keys.claim(id)))
+        .otherwise(Op::range(&keys.job(id)))
         .request()
 }
 
@@ -172,44 +172,44 @@ pub enum Release {
 /// Lets go of a job, only while `owner` still holds the claim: the record
 /// as it now stands (its parts were written before), the pending entry, and
 /// the claim released.
-pub fn release(layout: &Layout, id: &str, owner: &[u8], job_value: &[u8], how: Release) -> Request {
-    let txn = Txn::new().when(Compare::holds(&layout.claim(id), owner));
+pub fn release(keys: &Keys, id: &str, owner: &[u8], job_value: &[u8], how: Release) -> Request {
+    let txn = Txn::new().when(Compare::holds(&keys.claim(id), owner));
     let txn = match how {
         Release::Done { ttl_lease } => txn
-            .then(Op::put(&layout.job(id), job_value, Some(ttl_lease)))
-            .then(Op::delete(&layout.pending(id))),
+            .then(Op::put(&keys.job(id), job_value, Some(ttl_lease)))
+            .then(Op::delete(&keys.pending(id))),
         Release::DeliverAt(due_ms) => {
-            txn.then(Op::put(&layout.job(id), job_value, None))
+            txn.then(Op::put(&keys.job(id), job_value, None))
                 .then(Op::put(
-                    &layout.pending(id),
+                    &keys.pending(id),
                     &pending(Pending::Deliver, due_ms),
                     None,
                 ))
         }
         Release::Forget => txn
-            .then(Op::delete(&layout.job(id)))
-            .then(Op::delete_prefix(&layout.audio(id)))
-            .then(Op::delete(&layout.pending(id))),
-        Release::HandBack => txn.then(Op::put(&layout.job(id), job_value, None)),
+            .then(Op::delete(&keys.job(id)))
+            .then(Op::delete_prefix(&keys.audio(id)))
+            .then(Op::delete(&keys.pending(id))),
+        Release::HandBack => txn.then(Op::put(&keys.job(id), job_value, None)),
     };
     // When it fails, the job is read back: as written, an earlier try landed.
-    txn.then(Op::delete(&layout.claim(id)))
-        .otherwise(Op::range(&layout.job(id)))
+    txn.then(Op::delete(&keys.claim(id)))
+        .otherwise(Op::range(&keys.job(id)))
         .request()
 }
 
 /// A running job's record as it now stands (`processing`, its progress),
 /// written only while `owner` holds the claim; best effort.
-pub fn show_running(layout: &Layout, id: &str, owner: &[u8], job_value: &[u8]) -> Request {
+pub fn show_running(keys: &Keys, id: &str, owner: &[u8], job_value: &[u8]) -> Request {
     Txn::new()
-        .when(Compare::holds(&layout.claim(id), owner))
-        .then(Op::put(&layout.job(id), job_value, None))
+        .when(Compare::holds(&keys.claim(id), owner))
+        .then(Op::put(&keys.job(id), job_value, None))
         .request()
 }
 
 /// One part of a large job, under the job's TTL lease once it has one.
-pub fn put_part(layout: &Layout, id: &str, n: u32, part: &[u8], lease: Option<i64>) -> Request {
-    req::put(&layout.audio_part(id, n), part, lease)
+pub fn put_part(keys: &Keys, id: &str, n: u32, part: &[u8], lease: Option<i64>) -> Request {
+    req::put(&keys.audio_part(id, n), part, lease)
 }
 
 #[cfg(test)]

@@ -16,18 +16,18 @@ use super::response::Kv;
 
 /// Digits of a part number: enough for 256 MiB of audio in 512-byte parts.
 const PART_DIGITS: usize = 6;
-/// The highest part number the layout can write.
+/// The highest part number the keys can write.
 pub const MAX_PARTS: u32 = 999_999;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Layout {
+pub struct Keys {
     prefix: String,
 }
 
-impl Layout {
+impl Keys {
     /// `prefix` as configured (it starts and ends with '/').
-    pub fn new(prefix: &str) -> Layout {
-        Layout {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
             prefix: prefix.to_string(),
         }
     }
@@ -89,7 +89,7 @@ impl Layout {
         (!id.is_empty() && !id.contains('/')).then_some(id)
     }
 
-    /// A job's audio from the keys of a range over [`Layout::audio`]: exactly
+    /// A job's audio from the keys of a range over [`Keys::audio`]: exactly
     /// parts `0..parts`, in any order, each once, and nothing else.
     pub fn join_audio(&self, id: &str, kvs: &[Kv], parts: u32) -> Result<Vec<u8>, String> {
         if parts > MAX_PARTS {
@@ -147,8 +147,8 @@ pub fn join_parts(parts: &[&[u8]]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn l() -> Layout {
-        Layout::new("/async-speech/")
+    fn l() -> Keys {
+        Keys::new("/async-speech/")
     }
 
     #[test]

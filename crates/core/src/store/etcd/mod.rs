@@ -1,5 +1,5 @@
 //! Groundwork for the etcd job store (SPEC §4): pure request builders and
-//! answer parsers for etcd's HTTP/JSON gateway, the key layout under the
+//! answer parsers for etcd's HTTP/JSON gateway, the key keys under the
 //! configured prefix, and the `store` config. Nothing here calls the host:
 //! a store built on it sends [`request::Request`]s as callouts
 //! ([`EtcdConfig::callout`]) and parses their answers with [`response`].
@@ -28,7 +28,7 @@ pub(crate) mod wire;
 pub(crate) mod work;
 
 pub use config::{parse_store_config, EtcdConfig, StoreConfig};
-pub use keys::{join_parts, parts_needed, split_audio, Layout};
+pub use keys::{join_parts, parts_needed, split_audio, Keys};
 pub use request::{Compare, CompareResult, CompareTarget, Op, Request, Txn};
 pub use response::{EtcdError, Kv, LeaseGrant, RangeResponse, TxnResponse};
 

@@ -130,6 +130,7 @@ impl EtcdWork {
             WorkOp::Claim { ticket, .. } => self.claim(&ticket, now_ms),
             WorkOp::Show { record, .. } => self.show(&record, now_ms),
             WorkOp::End(ending) => self.end(*ending, now_ms),
+            WorkOp::Return(_) => WorkStep::Done(WorkDone::Shown),
         }
     }
 
@@ -165,7 +166,7 @@ impl EtcdWork {
         }
         self.scanning = true;
         self.next_scan_ms = now_ms + SCAN_EVERY_MS;
-        let scan = req::range_prefix(&self.etcd.layout().pending_prefix(), SCAN_LIMIT);
+        let scan = req::range_prefix(&self.etcd.keys().pending_prefix(), SCAN_LIMIT);
         self.call(scan, Waiting::Scan, now_ms)
     }
 
@@ -173,8 +174,8 @@ impl EtcdWork {
         let Lease::Held { id: lease, .. } = self.lease else {
             return WorkStep::Done(WorkDone::Claimed(None));
         };
-        let layout = self.etcd.layout();
-        let claim = jobs::claim(&layout, ticket.id(), &self.owner, lease);
+        let keys = self.etcd.keys();
+        let claim = jobs::claim(&keys, ticket.id(), &self.owner, lease);
         self.call(claim, Waiting::Claim, now_ms)
     }
 
@@ -189,8 +190,8 @@ impl EtcdWork {
         if !parts.is_empty() {
             return WorkStep::Done(WorkDone::Shown);
         }
-        let layout = self.etcd.layout();
-        let write = jobs::show_running(&layout, &record.id, &self.owner, &value);
+        let keys = self.etcd.keys();
+        let write = jobs::show_running(&keys, &record.id, &self.owner, &value);
         self.call(write, Waiting::Show, now_ms)
     }
 
@@ -235,7 +236,7 @@ impl EtcdWork {
     }
 
     fn next_letting(&self, letting: Letting, now_ms: u64) -> WorkStep {
-        let layout = self.etcd.layout();
+        let keys = self.etcd.keys();
         let release = match letting.leave {
             Leave::Forget => Release::Forget,
             Leave::HandBack => Release::HandBack,
@@ -254,10 +255,10 @@ impl EtcdWork {
             matches!(letting.leave, Leave::Forget | Leave::HandBack),
         ) {
             let n = u32::try_from(letting.next_part).unwrap_or(u32::MAX);
-            let put = jobs::put_part(&layout, &letting.id, n, part, letting.ttl_lease);
+            let put = jobs::put_part(&keys, &letting.id, n, part, letting.ttl_lease);
             return self.call(put, Waiting::Part(Box::new(letting)), now_ms);
         }
-        let finish = jobs::release(&layout, &letting.id, &self.owner, &letting.value, release);
+        let finish = jobs::release(&keys, &letting.id, &self.owner, &letting.value, release);
         self.call(finish, Waiting::Release(Box::new(letting)), now_ms)
     }
 
@@ -334,7 +335,7 @@ impl EtcdWork {
         if range.more || i64::try_from(range.kvs.len()).unwrap_or(0) >= SCAN_LIMIT {
             self.next_scan_ms = now_ms;
         }
-        let layout = self.etcd.layout();
+        let keys = self.etcd.keys();
         let tickets = range
             .kvs
             .iter()
@@ -342,7 +343,7 @@ impl EtcdWork {
                 Some((Pending::Deliver, due_ms)) => due_ms <= now_ms,
                 _ => true,
             })
-            .filter_map(|kv| layout.id_of(&kv.key))
+            .filter_map(|kv| keys.id_of(&kv.key))
             .map(|id| Ticket::Etcd { id: id.to_string() })
             .collect();
         WorkStep::Done(WorkDone::Found {

@@ -84,6 +84,20 @@ impl SharedWork {
                 self.show(&self.store(host), *record, hold_ms, now_ms);
                 WorkDone::Shown
             }
+            WorkOp::Return(Ticket::Shared {
+                id,
+                lane: Some(lane),
+            }) => {
+                let store = self.store(host);
+                let back = Settle {
+                    was_running: true,
+                    ..Settle::default()
+                };
+                settled(host, &self.keys, &lane, &limits(&lane), &back, now_ms);
+                requeue(&store, &lane, &id, true);
+                WorkDone::Shown
+            }
+            WorkOp::Return(_) => WorkDone::Shown,
             WorkOp::End(ending) => {
                 WorkDone::Ended(self.end(&self.store(host), &limits, *ending, now_ms))
             }
@@ -250,7 +264,7 @@ impl SharedWork {
             })
         });
         if written.is_some() && leave == Leave::HandBack {
-            requeue(store, &record.owner, &record.id);
+            requeue(store, &record.owner, &record.id, false);
         }
         written.is_some()
     }
@@ -343,9 +357,14 @@ fn free(store: &Store, loaded: Loaded, limits: &Limits) -> bool {
     freed
 }
 
-/// A pending job goes (back) on its lane's queue.
-fn requeue(store: &Store, owner: &str, id: &str) {
-    let lane = lane_of(owner);
+/// A pending job goes (back) on its lane's queue (`is_lane`: `owner` names
+/// the lane itself).
+fn requeue(store: &Store, owner: &str, id: &str, is_lane: bool) {
+    let lane = if is_lane {
+        owner.to_string()
+    } else {
+        lane_of(owner)
+    };
     let counted = lanes::update(store.host(), store.keys(), &lane, &Limits::default(), |s| {
         s.queued = s.queued.saturating_add(1);
         true
@@ -434,7 +453,7 @@ fn requeue_lost(store: &Store, record: &JobRecord) {
     let lane = lane_of(&record.owner);
     if let Ok((state, _)) = lanes::read(store.host(), store.keys(), &lane) {
         if state.queued == 0 {
-            requeue(store, &record.owner, &record.id);
+            requeue(store, &record.owner, &record.id, false);
         }
     }
 }
