@@ -34,7 +34,7 @@ clippy:
 	cargo clippy -p async-speech --target wasm32-wasip1 -- -D warnings
 
 e2e: build
-	$(VENV)/bin/python -m pytest -q tests/e2e
+	$(VENV)/bin/python -m pytest -q -rs tests/e2e
 
 test: build unit lint e2e
 

