@@ -275,7 +275,7 @@ def test_etcd_compose_runs_three_members_and_a_job_survives_killing_its_replica(
         eventually(lambda: get(base + "/healthz") == (200, b"ok\n"), 60, what="the front to reach a replica",
                    interval=0.2, retry_on=(OSError,))
         client = Client(base)
-        # Both replicas answer through the front before one is killed.
+        # The walk-through works through the front before anything is killed.
         first = speak(client, "Hello from Envoy!")
         fetched_audio(client, first, timeout=30)
 
