@@ -124,9 +124,19 @@ class Project:
         self.compose("up", "-d", "--no-build", timeout=300)
 
     def down(self):
-        self.compose("unpause", timeout=60, check=False)
-        self.compose("down", "-v", "--remove-orphans", "-t", "5", timeout=180, check=False)
-        _run(["docker", "rmi", self.tts_image], timeout=60)
+        """Removes the project's containers, network and volumes, and its image name."""
+        steps = ([*self.tool, "-p", self.name, "-f", self.file, "unpause"],
+                 [*self.tool, "-p", self.name, "-f", self.file, "down", "-v", "--remove-orphans", "-t", "5"],
+                 ["docker", "rmi", self.tts_image])
+        failed = []
+        for step in steps:
+            try:
+                _run(step, timeout=180, env=self.env)
+            except subprocess.TimeoutExpired:
+                failed.append(" ".join(step))
+        left = _run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.name}"],
+                    timeout=60).stdout.split()
+        assert not failed and not left, f"project {self.name} not removed: timed out {failed}, containers {left}"
 
     def logs(self, *services):
         r = _run([*self.tool, "-p", self.name, "-f", self.file, "logs", "--no-color", *services],
