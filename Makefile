@@ -3,6 +3,7 @@
 # make lint      — rustfmt --check, and clippy (-D warnings) natively and for wasm32-wasip1
 # make e2e       — build what the end-to-end tests run (filter and local-tts), then run them
 # make bench     — the soak benchmark (see README)
+# make wasm-sha256 — the sha256 of the built plugin (pins it in envoy/istio-wasmplugin.yaml)
 # make clean     — remove build output; the installed Envoy in .venv stays
 # make distclean — clean, and remove .venv too
 WASM := target/wasm32-wasip1/release/async_speech.wasm
@@ -34,7 +35,7 @@ clippy:
 	cargo clippy -p async-speech --target wasm32-wasip1 -- -D warnings
 
 e2e: build
-	$(VENV)/bin/python -m pytest -q tests/e2e
+	$(VENV)/bin/python -m pytest -q -rs tests/e2e
 
 test: build unit lint e2e
 
@@ -55,3 +56,10 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# The sha256 of the built module, which pins it in envoy/istio-wasmplugin.yaml
+# (it changes with every build: publish that very file).
+.PHONY: wasm-sha256
+wasm-sha256:
+	@test -f $(WASM) || { echo "$(WASM) is missing: run make build" >&2; exit 1; }
+	@sha256sum $(WASM) | cut -d' ' -f1

@@ -1,15 +1,29 @@
-"""The etcd deployment example (envoy/etcd-compose.yaml): the front Envoy
-validates with Envoy 1.40, and so does the replica config with its etcd `store`
-(until the filter accepts it), and the compose file, the front and the
-replicas agree on service names, ports and files. Docker itself is not run."""
+"""The etcd deployment example (envoy/etcd-compose.yaml, envoy/front.yaml,
+envoy/replica.yaml): the compose file, the front and the replicas agree on
+service names, ports and files; the replica names every member of the
+three-member etcd cluster with health checks and outlier detection, and those
+settings do their job against three real etcd members (Debian's etcd-server):
+a member that dies is taken out and the filter goes on serving from the other
+two. (tests/e2e/test_compose.py runs the compose file itself.)"""
 
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import urllib.request
 
+import pytest
 import yaml
 
-from envoy_harness import ROOT, validate
-from test_deploy_configs import plugin_configs
+from conftest import Client, eventually
+from envoy_harness import ROOT, EnvoyProcess, cluster, validate
+from etcd_harness import ETCD, free_port
+from mock_provider import MockProvider
+from test_deploy_configs import enables_filter, plugin_configs, routes, wasm_filters
 
 ENVOY_DIR = ROOT / "envoy"
+MEMBERS = ["etcd-1", "etcd-2", "etcd-3"]
 
 
 def load(name):
@@ -20,10 +34,10 @@ def clusters(doc):
     return {c["name"]: c for c in doc["static_resources"]["clusters"]}
 
 
-def endpoints(cluster):
+def endpoints(c):
     return [(e["endpoint"]["address"]["socket_address"]["address"],
              e["endpoint"]["address"]["socket_address"]["port_value"])
-            for group in cluster["load_assignment"]["endpoints"] for e in group["lb_endpoints"]]
+            for group in c["load_assignment"]["endpoints"] for e in group["lb_endpoints"]]
 
 
 def listener_port(doc):
@@ -42,13 +56,26 @@ def test_front_validates_and_balances_round_robin_over_both_replicas():
     assert plugin_configs(doc) == []
 
 
-def test_replica_runs_the_filter_over_etcd_and_validates():
+def test_the_fronts_health_check_is_answered_by_the_replica_outside_the_filter():
+    [check] = clusters(load("front.yaml"))["replicas"]["health_checks"]
+    path = check["http_health_check"]["path"]
+    replica = load("replica.yaml")
+    [wasm] = wasm_filters(replica)
+    [route] = [r for r in routes(replica) if r["match"] == {"path": path}]
+    assert route["direct_response"]["status"] == 200
+    assert not enables_filter(route, wasm["name"])
+    # It comes before any route that could take it.
+    assert routes(replica).index(route) == 0
+
+
+def test_replica_runs_the_filter_over_every_etcd_member_and_validates():
     doc = load("replica.yaml")
     [config] = plugin_configs(doc)
     store = config["store"]
     assert store["type"] == "etcd"
     by_name = clusters(doc)
-    assert endpoints(by_name[store["cluster"]]) == [("etcd", 2379)]
+    etcd = by_name[store["cluster"]]
+    assert endpoints(etcd) == [(m, 2379) for m in MEMBERS]
     assert store["prefix"].startswith("/") and store["prefix"].endswith("/")
     for p in config["providers"].values():
         assert p["cluster"] in by_name
@@ -58,14 +85,46 @@ def test_replica_runs_the_filter_over_etcd_and_validates():
     assert "async-speech: configured" in out
 
 
-def test_compose_wires_etcd_two_replicas_a_front_and_the_speech_server():
-    compose = yaml.safe_load((ENVOY_DIR / "etcd-compose.yaml").read_text())
+def test_the_etcd_cluster_is_health_checked_and_ejects_at_most_one_member():
+    etcd = clusters(load("replica.yaml"))[load_store()["cluster"]]
+    [check] = etcd["health_checks"]
+    assert check["http_health_check"]["path"] == "/health"
+    outlier = etcd["outlier_detection"]
+    assert outlier["split_external_local_origin_errors"] is True
+    assert outlier["enforcing_consecutive_local_origin_failure"] == 100
+    # Envoy ejects while (ejected + 1) / hosts stays within the percentage: one of three, never two.
+    assert 100 / len(MEMBERS) <= outlier["max_ejection_percent"] < 200 / len(MEMBERS)
+
+
+def load_store():
+    [config] = plugin_configs(load("replica.yaml"))
+    return config["store"]
+
+
+def test_compose_wires_three_etcd_members_two_replicas_a_front_and_the_speech_server():
+    compose = load("etcd-compose.yaml")
     services = compose["services"]
-    assert set(services) == {"etcd", "local-tts", "replica-a", "replica-b", "front"}
-    assert services["etcd"]["image"] in ("quay.io/coreos/etcd:v3.4.34", "gcr.io/etcd-development/etcd:v3.4.34")
-    etcd_args = " ".join(services["etcd"]["command"])
-    assert "--listen-client-urls=http://0.0.0.0:2379" in etcd_args
-    assert "--advertise-client-urls=http://etcd:2379" in etcd_args
+    assert set(services) == {*MEMBERS, "local-tts", "replica-a", "replica-b", "front"}
+
+    peers = {}
+    for member in MEMBERS:
+        s = services[member]
+        assert s["image"] == "quay.io/coreos/etcd:v3.4.34"
+        env = s["environment"]
+        assert env["ETCD_NAME"] == member
+        assert env["ETCD_LISTEN_CLIENT_URLS"] == "http://0.0.0.0:2379"
+        assert env["ETCD_ADVERTISE_CLIENT_URLS"] == f"http://{member}:2379"
+        assert env["ETCD_INITIAL_CLUSTER_STATE"] == "new"
+        peers[member] = env["ETCD_INITIAL_ADVERTISE_PEER_URLS"]
+        # Exec form: the official image has no shell.
+        assert s["healthcheck"]["test"][0] == "CMD"
+        [volume] = s["volumes"]
+        assert volume.split(":")[1] == env["ETCD_DATA_DIR"]
+    # Every member names the same three peers, each where that peer says it is.
+    for member in MEMBERS:
+        initial = dict(entry.split("=", 1) for entry in services[member]["environment"]["ETCD_INITIAL_CLUSTER"].split(","))
+        assert initial == peers
+    assert len({services[m]["volumes"][0].split(":")[0] for m in MEMBERS}) == 3, "a volume each"
 
     replica = load("replica.yaml")
     tts = clusters(replica)["local_tts"]
@@ -84,12 +143,163 @@ def test_compose_wires_etcd_two_replicas_a_front_and_the_speech_server():
         assert any(v.startswith("../envoy/replica.yaml:/repo/envoy/replica.yaml") for v in s["volumes"])
         assert any("async_speech.wasm" in v for v in s["volumes"])
         assert "ports" not in s
+        # Started once the etcd cluster has a leader.
+        assert {m: s["depends_on"][m]["condition"] for m in MEMBERS} == {m: "service_healthy" for m in MEMBERS}
     front = services["front"]
     assert "/etc/envoy/front.yaml" in front["command"]
-    assert front["ports"] == [f"127.0.0.1:10000:{listener_port(load('front.yaml'))}"]
+    # Published on the host's loopback only, on 10000 unless ASYNC_SPEECH_PORT says otherwise.
+    [published] = front["ports"]
+    assert published == "127.0.0.1:${ASYNC_SPEECH_PORT:-10000}:%d" % listener_port(load("front.yaml"))
     # Every file the services mount exists (the plugin once built).
     for s in services.values():
         for volume in s.get("volumes", []):
             source = volume.split(":")[0]
             if source.startswith("../") and not source.endswith(".wasm"):
                 assert (ENVOY_DIR / source).resolve().is_file(), volume
+
+
+# --- The replica's etcd cluster settings against three real members ----------
+
+class EtcdCluster:
+    """Three etcd members on loopback, each in its own session, stopped by pid."""
+
+    def __init__(self):
+        if not os.path.exists(ETCD):
+            pytest.fail(f"etcd is not installed ({ETCD}); run `make setup` (Debian's etcd-server)")
+        self.dir = tempfile.mkdtemp(prefix="etcd-cluster-e2e-")
+        self.ports = {m: (free_port(), free_port()) for m in MEMBERS}
+        initial = ",".join(f"{m}=http://127.0.0.1:{peer}" for m, (_, peer) in self.ports.items())
+        self.procs = {}
+        for m, (client, peer) in self.ports.items():
+            log = open(os.path.join(self.dir, f"{m}.log"), "wb")
+            self.procs[m] = subprocess.Popen(
+                [ETCD, "--name", m, "--data-dir", os.path.join(self.dir, m),
+                 "--listen-client-urls", f"http://127.0.0.1:{client}",
+                 "--advertise-client-urls", f"http://127.0.0.1:{client}",
+                 "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                 "--initial-cluster", initial, "--initial-cluster-state", "new", "--log-level", "warn"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            log.close()
+        eventually(lambda: all(self.healthy(m) for m in MEMBERS), 30, what="three etcd members with a leader",
+                   interval=0.1, retry_on=(OSError, AssertionError))
+
+    def client_port(self, member):
+        return self.ports[member][0]
+
+    def healthy(self, member):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.client_port(member)}/health", timeout=1) as r:
+            return json.loads(r.read()).get("health") == "true"
+
+    def leader(self, among=MEMBERS):
+        """The member that leads now, once every member `among` names the same one."""
+        def agreed():
+            ids, leaders = {}, set()
+            for m in among:
+                req = urllib.request.Request(f"http://127.0.0.1:{self.client_port(m)}/v3/maintenance/status",
+                                             data=b"{}", method="POST")
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    status = json.loads(r.read())
+                ids[status["header"]["member_id"]] = m
+                leaders.add(status.get("leader"))
+            return len(leaders) == 1 and ids.get(leaders.pop())
+
+        return eventually(agreed, 15, what="the members to agree on a leader", interval=0.1, retry_on=(OSError,))
+
+    def kill(self, member):
+        p = self.procs[member]
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+
+    def stop(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        subprocess.run(["rm", "-rf", self.dir], check=False)
+
+
+def replica_on(etcd_cluster, provider_port):
+    """replica.yaml as shipped, but for loopback: the etcd cluster (its health
+    checks and outlier detection untouched) on the three members, every other
+    cluster on the mock provider, the listener and admin on port 0."""
+    doc = load("replica.yaml")
+    doc["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": 0}
+    doc["static_resources"]["listeners"][0]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": 0}
+    store = load_store()["cluster"]
+    new = []
+    for c in doc["static_resources"]["clusters"]:
+        if c["name"] == store:
+            c["type"] = "STATIC"
+            c.pop("dns_lookup_family", None)
+            c["load_assignment"]["endpoints"] = [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                             "port_value": etcd_cluster.client_port(m)}}}}
+                for m in MEMBERS]}]
+            new.append(c)
+        else:
+            new.append(cluster(c["name"], provider_port))
+    doc["static_resources"]["clusters"] = new
+    return doc
+
+
+def health_flags(envoy, port):
+    for line in envoy.admin("/clusters").splitlines():
+        if line.startswith(f"etcd::127.0.0.1:{port}::health_flags::"):
+            return line.rsplit("::", 1)[1]
+    return None
+
+
+def test_a_dead_etcd_member_is_taken_out_and_jobs_go_on():
+    members = EtcdCluster()
+    provider = MockProvider()
+    provider.start()
+    provider.add_rule(path_prefix="/v1/audio/speech", body=b"spoken")
+    envoy = None
+    try:
+        envoy = EnvoyProcess(json.dumps(replica_on(members, provider.port)), "envoy.json", concurrency=2, cwd=ROOT,
+                             args=["--log-level", "warn", "--component-log-level", "wasm:info"]).start()
+        eventually(lambda: all(health_flags(envoy, members.client_port(m)) == "healthy" for m in MEMBERS), 15,
+                   what=lambda: "Envoy to find all three members healthy: " + envoy.admin("/clusters"))
+        client = Client(envoy.url)
+        body = {"model": "local/tts-1", "input": "hello", "voice": "alloy"}
+        first = client.submit(body, key="sk-bf-demo-key")
+        assert first.status == 202, first
+
+        dead = members.leader()
+        members.kill(dead)
+        port = members.client_port(dead)
+        survivors = [m for m in MEMBERS if m != dead]
+        # The other two elect a leader, and Envoy takes the dead member out
+        # while it finds the two others healthy.
+        assert members.leader(among=survivors) in survivors
+        eventually(lambda: "failed" in (health_flags(envoy, port) or "") and all(
+            health_flags(envoy, members.client_port(m)) == "healthy" for m in survivors), 15,
+            what=lambda: f"Envoy to take {dead} (the old leader) out: " + envoy.admin("/clusters"))
+
+        # Right after an election a member may still refuse a call or two (the
+        # filter answers 503 then); once calls go through, they keep going
+        # through on the two members left.
+        def round_trip():
+            r = client.submit(body, key="sk-bf-demo-key")
+            return r.status == 202 and client.poll(r.json()["id"], key="sk-bf-demo-key").status in (200, 202)
+
+        eventually(lambda: all(round_trip() for _ in range(3)), 20, what="submits and polls to go through again")
+        jobs = [first.json()["id"]]
+        for _ in range(10):
+            r = client.submit(body, key="sk-bf-demo-key")
+            assert r.status == 202, r
+            jobs.append(r.json()["id"])
+            assert client.poll(jobs[0], key="sk-bf-demo-key").status in (200, 202)
+        for job_id in jobs:
+            done = client.wait(job_id, key="sk-bf-demo-key", timeout=30).json()
+            assert done.get("status") == "completed", done
+    finally:
+        if envoy:
+            envoy.stop()
+        provider.stop()
+        members.stop()
