@@ -128,6 +128,13 @@ pub struct JobRecord {
     /// Counted among its lane's running jobs (shared data).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub counted_running: bool,
+    /// Its place in fair dispatch (etcd).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub round: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A worker's hold on a job (shared data): its name, and when the hold
@@ -215,6 +222,7 @@ impl JobRecord {
             chars: 0,
             chars_window_s: None,
             counted_running: false,
+            round: 0,
         }
     }
 

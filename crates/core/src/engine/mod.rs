@@ -113,8 +113,13 @@ pub struct Engine {
     provider_calls: usize,
     claiming: usize,
     finding: bool,
-    /// Work found and not yet claimed.
+    /// Work the store's upkeep offered (jobs past a deadline, claims
+    /// lapsed, deliveries due), kept until claimed.
+    offered: VecDeque<Ticket>,
+    /// Work the last find turned up, in the store's order; the next find
+    /// replaces it, so that it never goes stale behind newer work.
     found: VecDeque<Ticket>,
+    found_at: u64,
     /// Going away: nothing new is taken; what it holds ends, or is handed
     /// back at `hand_back_at`.
     closing: bool,
@@ -122,6 +127,8 @@ pub struct Engine {
     out: Vec<Report>,
 }
 
+/// How long work found stays worth claiming before it is found again.
+const FOUND_FRESH_MS: u64 = 500;
 /// Work found beyond this waits in the store.
 const FOUND_CAP: usize = 4096;
 
@@ -135,7 +142,9 @@ impl Engine {
             provider_calls: 0,
             claiming: 0,
             finding: false,
+            offered: VecDeque::new(),
             found: VecDeque::new(),
+            found_at: 0,
             closing: false,
             hand_back_at: u64::MAX,
             out: Vec::new(),
@@ -203,7 +212,10 @@ impl Engine {
                 .now
                 .saturating_add(longest_call_ms(cx.config))
                 .saturating_add(GRACE_MS);
-            for ticket in std::mem::take(&mut self.found) {
+            let all = std::mem::take(&mut self.offered)
+                .into_iter()
+                .chain(std::mem::take(&mut self.found));
+            for ticket in all {
                 self.op(cx, WorkOp::Return(ticket), Then::Returned);
             }
         }
@@ -368,14 +380,24 @@ impl Engine {
 
     fn done(&mut self, cx: &Cx, then: Then, done: WorkDone) {
         match (then, done) {
-            (Then::Upkeep | Then::Found, WorkDone::Found { tickets, expired }) => {
+            (then @ (Then::Upkeep | Then::Found), WorkDone::Found { tickets, expired }) => {
                 self.out.push(Report::Expired {
                     count: expired,
                     local: self.store.is_local(),
                 });
-                let room = FOUND_CAP.saturating_sub(self.found.len());
-                self.found.extend(tickets.into_iter().take(room));
-                self.finding = false;
+                if then == Then::Found {
+                    self.finding = false;
+                    // What the last find turned up and is still unclaimed goes
+                    // back (a ticket counted as running must not be lost).
+                    for ticket in std::mem::take(&mut self.found) {
+                        self.op(cx, WorkOp::Return(ticket), Then::Returned);
+                    }
+                    self.found = tickets.into();
+                    self.found_at = cx.now;
+                } else {
+                    let room = FOUND_CAP.saturating_sub(self.offered.len());
+                    self.offered.extend(tickets.into_iter().take(room));
+                }
                 self.take_work(cx, false);
             }
             (Then::Found, _) => self.finding = false,
@@ -416,8 +438,16 @@ impl Engine {
                 .max_in_flight
                 .saturating_sub(e.runs.len() + e.claiming)
         };
+        // Work found a while ago may have been taken by others, and newer work
+        // come before it: found again.
+        if find && cx.now.saturating_sub(self.found_at) >= FOUND_FRESH_MS && !self.found.is_empty()
+        {
+            for ticket in std::mem::take(&mut self.found) {
+                self.op(cx, WorkOp::Return(ticket), Then::Returned);
+            }
+        }
         while room(self) > 0 {
-            let Some(ticket) = self.found.pop_front() else {
+            let Some(ticket) = self.offered.pop_front().or_else(|| self.found.pop_front()) else {
                 break;
             };
             if self.runs.contains_key(ticket.id()) {

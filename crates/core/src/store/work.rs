@@ -21,19 +21,17 @@ use crate::platform::{Callout, Host};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ticket {
     /// `lane`: taken from its lane's queue, and counted as running there.
-    Shared {
-        id: String,
-        lane: Option<String>,
-    },
+    Shared { id: String, lane: Option<String> },
     Etcd {
         id: String,
+        from: super::etcd::work::Source,
     },
 }
 
 impl Ticket {
     pub fn id(&self) -> &str {
         match self {
-            Ticket::Shared { id, .. } | Ticket::Etcd { id } => id,
+            Ticket::Shared { id, .. } | Ticket::Etcd { id, .. } => id,
         }
     }
 }
@@ -185,7 +183,7 @@ impl WorkStore {
     pub fn begin(&mut self, host: &dyn Host, config: &Config, op: WorkOp, now_ms: u64) -> WorkStep {
         match self {
             WorkStore::Shared(s) => WorkStep::Done(s.run(host, config, op, now_ms)),
-            WorkStore::Etcd(e) => e.begin(op, now_ms),
+            WorkStore::Etcd(e) => e.begin(config, op, now_ms),
         }
     }
 

@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use super::world::{json, keys, speech, Reply, World, KEY, KEY_B, SHARED};
+use super::world::{json, keys, speech, Reply, World, ETCD, KEY, KEY_B, SHARED};
 use crate::engine::Report;
 
 fn header<'a>(answer: &'a crate::api::Answer, name: &str) -> Option<&'a str> {
@@ -27,7 +27,10 @@ fn error_type(answer: &crate::api::Answer) -> String {
 /// Worlds of both stores with these keys' settings.
 fn worlds(a: &str, b: &str, extra: &str) -> Vec<World> {
     let extra = format!("{}{extra}", keys(a, b));
-    vec![World::new(SHARED, &extra, 1, 2)]
+    vec![
+        World::new(SHARED, &extra, 1, 2),
+        World::new(ETCD, &extra, 2, 1),
+    ]
 }
 
 #[test]
@@ -205,6 +208,19 @@ fn a_backlog_of_one_key_never_holds_back_another() {
         let took = w.run_until(30_000, |w| {
             b.iter().all(|id| w.status_as(KEY_B, id) == "completed")
         });
+        if took.is_none() {
+            for id in &b {
+                let path = format!("/v1/async/audio/speech/{id}");
+                let a = w.request_with(0, "GET", &path, None, &[("key", KEY_B)]);
+                eprintln!("{}", String::from_utf8_lossy(&a.body));
+            }
+            for r in w.reports.borrow().iter() {
+                let text = format!("{r:?}");
+                if b.iter().any(|id| text.contains(id.as_str())) {
+                    eprintln!("{text}");
+                }
+            }
+        }
         assert!(
             took.is_some(),
             "{:?} after {} calls",
@@ -234,10 +250,10 @@ fn max_running_jobs_caps_a_key_and_the_rest_wait_pending() {
         w.set_provider(move |_| {
             let mut o = seen.borrow_mut();
             o.0 += 1;
-            Reply::After(600, Box::new(Reply::Audio(b"x".to_vec())))
+            Reply::After(3_000, Box::new(Reply::Audio(b"x".to_vec())))
         });
         let ids: Vec<String> = (0..6).map(|_| w.submit(0, &speech(""))).collect();
-        w.run_for(400);
+        w.run_for(1_500);
         assert_eq!(w.provider_calls.borrow().len(), 2, "two at once");
         let statuses: Vec<String> = ids.iter().map(|id| w.status(id)).collect();
         assert_eq!(
@@ -246,7 +262,7 @@ fn max_running_jobs_caps_a_key_and_the_rest_wait_pending() {
             "{statuses:?}"
         );
         for id in &ids {
-            assert_eq!(w.wait(id, 10_000)["status"], "completed");
+            assert_eq!(w.wait(id, 20_000)["status"], "completed");
         }
         assert_eq!(w.most_at_once.get(), 2);
         let _ = open;
@@ -279,4 +295,39 @@ fn two_workers_racing_never_let_one_request_too_many_through() {
         assert_eq!(usage["limits"]["requests"]["used"], 1);
         assert_eq!(usage["held_jobs"], 1, "the refused one holds nothing");
     }
+}
+
+/// Two replicas submit at once with one request left in the window: the
+/// second submits whole between the first's read of the key's counters and
+/// its write. Exactly one is accepted.
+#[test]
+fn two_replicas_racing_never_let_one_request_too_many_through() {
+    let a = r#","limits":{"requests":{"max":1,"per":"1h"}}"#;
+    let w = World::new(ETCD, &keys(a, ""), 2, 1);
+    let mut second = None;
+    let body = speech("");
+    let first = w.request_between(
+        0,
+        "POST",
+        "/v1/async/audio/speech",
+        Some(&body),
+        &[],
+        1,
+        &mut || {
+            second = Some(w.submit_as(1, KEY, &speech("")).status);
+        },
+    );
+    assert_eq!(second, Some(202), "the second came first and was counted");
+    assert_eq!(
+        (first.status, error_type(&first)),
+        (429, "request_limit_exceeded".into())
+    );
+    let usage = json(&w.request(0, "GET", "/v1/async/usage", None).body);
+    assert_eq!(
+        (
+            usage["limits"]["requests"]["used"].as_u64(),
+            usage["held_jobs"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
 }

@@ -385,7 +385,8 @@ fn a_draining_worker_finishes_its_calls_and_takes_nothing_new() {
     for mut w in both("") {
         w.set_provider(|_| Reply::After(2_000, Box::new(Reply::Audio(b"AUDIO".to_vec()))));
         let first = w.submit(0, &speech(""));
-        w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1).unwrap();
+        w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1)
+            .unwrap();
         let draining = w.holder();
         w.drain(draining);
         let second = w.submit(0, &speech(""));
@@ -409,7 +410,8 @@ fn a_draining_worker_hands_back_what_outlives_its_longest_call() {
     for mut w in both("") {
         w.set_provider(first_call_hangs());
         let id = w.submit(0, &speech(""));
-        w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1).unwrap();
+        w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1)
+            .unwrap();
         let draining = w.holder();
         w.drain(draining);
         let job = w.wait(&id, 20_000);

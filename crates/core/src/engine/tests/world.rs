@@ -204,7 +204,10 @@ impl World {
 
     /// Whether the worker has let go of everything since it began to drain.
     pub fn is_closed(&self, w: usize) -> bool {
-        self.workers[w].engine.as_ref().is_none_or(Engine::is_closed)
+        self.workers[w]
+            .engine
+            .as_ref()
+            .is_none_or(Engine::is_closed)
     }
 
     /// The worker is told it goes away now: it hands back.
@@ -273,6 +276,11 @@ impl World {
             now,
         };
         let reports = f(engine, &cx);
+        if std::env::var("WORLD_TRACE").is_ok() {
+            for r in &reports {
+                eprintln!("t={} w={w} {r:?}", now - START);
+            }
+        }
         self.reports.borrow_mut().extend(reports);
     }
 
@@ -369,6 +377,21 @@ impl World {
         body: Option<&str>,
         more: &[(&str, &str)],
     ) -> Answer {
+        self.request_between(w, method, path, body, more, usize::MAX, &mut || {})
+    }
+
+    /// A request whose `at`-th store call is answered only after `between` ran.
+    #[allow(clippy::too_many_arguments)]
+    pub fn request_between(
+        &self,
+        w: usize,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        more: &[(&str, &str)],
+        at: usize,
+        between: &mut dyn FnMut(),
+    ) -> Answer {
         let key = more
             .iter()
             .find(|(k, _)| *k == "key")
@@ -398,6 +421,7 @@ impl World {
             jwt_claim: None,
         };
         let mut decision = api.on_headers(&head, body.is_none());
+        let mut calls = 0;
         for _ in 0..16 {
             decision = match decision {
                 Decision::Respond(answer) => {
@@ -408,6 +432,10 @@ impl World {
                     api.on_submit_body(&pending, body.unwrap_or("").as_bytes())
                 }
                 Decision::Call(call) => {
+                    if calls == at {
+                        between();
+                    }
+                    calls += 1;
                     let answer = (!self.etcd_down.get())
                         .then(|| self.etcd.answer(&call.callout, self.now()));
                     api.on_store_answer(call.then, answer)

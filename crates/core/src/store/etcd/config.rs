@@ -228,10 +228,7 @@ mod tests {
             }
         );
         assert_eq!(e.part_bytes(), 1_570_816);
-        assert_eq!(
-            e.keys().pending_prefix(),
-            b"/async-speech/pending/".to_vec()
-        );
+        assert_eq!(e.keys().queue_prefix(), b"/async-speech/queue/".to_vec());
         let c = e.callout(&super::super::request::range(b"k"));
         assert_eq!((c.cluster.as_str(), c.timeout_ms), ("etcd", 2000));
     }

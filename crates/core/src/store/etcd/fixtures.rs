@@ -27,6 +27,12 @@ fn lease(call: &Value) -> Option<i64> {
     call["lease"].as_i64()
 }
 
+/// An index entry of the fixture's own layout (the requests' shapes are what
+/// is checked, not the store's key names).
+fn pending(keys: &Keys, id: &str) -> Vec<u8> {
+    format!("{}pending/{id}", keys.prefix()).into_bytes()
+}
+
 /// Writes a job with its audio parts and its pending entry, if the job is new.
 fn store_job(keys: &Keys, id: &str, record: &[u8], audio: &[&[u8]], lease: i64) -> Txn {
     let mut txn = Txn::new()
@@ -35,7 +41,7 @@ fn store_job(keys: &Keys, id: &str, record: &[u8], audio: &[&[u8]], lease: i64) 
     for (i, part) in audio.iter().enumerate() {
         txn = txn.then(Op::put(&keys.audio_part(id, i as u32), part, Some(lease)));
     }
-    txn.then(Op::put(&keys.pending(id), b"", None))
+    txn.then(Op::put(&pending(keys, id), b"", None))
 }
 
 /// Deletes a job and everything that goes with it, if it is still unchanged.
@@ -45,7 +51,7 @@ fn delete_job(keys: &Keys, id: &str, mod_revision: i64) -> Txn {
         .then(Op::delete(&keys.job(id)))
         .then(Op::delete_prefix(&keys.audio(id)))
         .then(Op::delete(&keys.claim(id)))
-        .then(Op::delete(&keys.pending(id)))
+        .then(Op::delete(&pending(keys, id)))
 }
 
 fn build(call: &Value) -> Request {
@@ -84,12 +90,7 @@ fn build(call: &Value) -> Request {
         }
         "txn_delete_job" => {
             let keys = Keys::new(call["prefix"].as_str().unwrap());
-            delete_job(
-                &keys,
-                call["id"].as_str().unwrap(),
-                n(call, "mod_revision"),
-            )
-            .request()
+            delete_job(&keys, call["id"].as_str().unwrap(), n(call, "mod_revision")).request()
         }
         other => panic!("no builder for fixture call {other}"),
     }

@@ -1,12 +1,23 @@
-//! Where a job's keys live in etcd, all under one configured prefix:
+//! Where the etcd store keeps things, all under one configured prefix:
 //!
 //! ```text
-//! <prefix>jobs/<id>            the job record
-//! <prefix>audio/<id>/<part>    the audio, in parts (part numbers zero-padded to 6 digits,
-//!                              so that a range lists them in order)
-//! <prefix>claims/<id>          who works on the job, under that worker's lease
-//! <prefix>pending/<id>         present while the job waits for a worker: a range over
-//!                              <prefix>pending/ finds the jobs to take
+//! jobs/<id>                   the job (its head, and the job as a slot holds it)
+//! audio/<id>/<part>           a large job's bytes, in parts (numbers zero-padded to 6
+//!                             digits, so that a range lists them in order)
+//! queue/<round>/<id>          a job waiting to run; the round (16 hex digits) is its
+//!                             place in fair dispatch, so a range lists them in order
+//! deliver/<due>/<id>          a finished job whose webhook attempt is due then (ms)
+//! deadline/<at>/<id>          an unfinished job and its deadline (ms)
+//! claims/<id>                 the replica running the job, under that replica's lease
+//! active/<replica>/<id>       a job the replica holds, and the queue or deliver key to
+//!                             put back if the replica dies (no lease)
+//! replicas/<replica>          every replica that may hold jobs (no lease)
+//! alive/<replica>             a live replica, under its lease
+//! running/<lane>/<name>       a job of the lane with a provider, under its replica's
+//!                             lease (a numbered slot where the key caps them)
+//! lanes/<lane>                a key's counters and its last place in the queue
+//! held/<lane>/<id>            a job the key holds (under the job's TTL lease once finished)
+//! round                       the place of the job claimed last
 //! ```
 //!
 //! Audio is split in parts of at most `part_bytes` bytes, each written by a
@@ -69,24 +80,108 @@ impl Keys {
         self.key(&["claims/", id])
     }
 
-    /// The job's entry in the pending index.
-    pub fn pending(&self, id: &str) -> Vec<u8> {
-        self.key(&["pending/", id])
+    /// A job waiting to run, at its place in the dispatch order.
+    pub fn queue(&self, round: u64, id: &str) -> Vec<u8> {
+        self.key(&["queue/", &format!("{round:016x}"), "/", id])
     }
 
-    /// The prefix of the pending index.
-    pub fn pending_prefix(&self) -> Vec<u8> {
-        self.key(&["pending/"])
+    pub fn queue_prefix(&self) -> Vec<u8> {
+        self.key(&["queue/"])
     }
 
-    /// The job id of a key under `jobs/`, `claims/` or `pending/`.
-    pub fn id_of<'a>(&self, key: &'a [u8]) -> Option<&'a str> {
+    /// A finished job whose webhook attempt is due at `due_ms`.
+    pub fn deliver(&self, due_ms: u64, id: &str) -> Vec<u8> {
+        self.key(&["deliver/", &format!("{due_ms:016x}"), "/", id])
+    }
+
+    pub fn deliver_prefix(&self) -> Vec<u8> {
+        self.key(&["deliver/"])
+    }
+
+    /// An unfinished job, by its deadline.
+    pub fn deadline(&self, at_ms: u64, id: &str) -> Vec<u8> {
+        self.key(&["deadline/", &format!("{at_ms:016x}"), "/", id])
+    }
+
+    pub fn deadline_prefix(&self) -> Vec<u8> {
+        self.key(&["deadline/"])
+    }
+
+    /// Where a time-ordered index (`deliver/`, `deadline/`) passes `at_ms`:
+    /// the end of a range of what is due by then.
+    pub fn by_time(&self, prefix: &[u8], at_ms: u64) -> Vec<u8> {
+        let mut end = prefix.to_vec();
+        end.extend_from_slice(format!("{:016x}", at_ms.saturating_add(1)).as_bytes());
+        end
+    }
+
+    /// A job held by a replica.
+    pub fn active(&self, replica: &str, id: &str) -> Vec<u8> {
+        self.key(&["active/", replica, "/", id])
+    }
+
+    pub fn active_of(&self, replica: &str) -> Vec<u8> {
+        self.key(&["active/", replica, "/"])
+    }
+
+    pub fn replica(&self, replica: &str) -> Vec<u8> {
+        self.key(&["replicas/", replica])
+    }
+
+    pub fn replicas(&self) -> Vec<u8> {
+        self.key(&["replicas/"])
+    }
+
+    pub fn alive(&self, replica: &str) -> Vec<u8> {
+        self.key(&["alive/", replica])
+    }
+
+    pub fn alives(&self) -> Vec<u8> {
+        self.key(&["alive/"])
+    }
+
+    /// A running job of the lane: `name` is a slot number or the job id.
+    pub fn running(&self, lane: &str, name: &str) -> Vec<u8> {
+        self.key(&["running/", lane, "/", name])
+    }
+
+    pub fn running_of(&self, lane: &str) -> Vec<u8> {
+        self.key(&["running/", lane, "/"])
+    }
+
+    /// A lane's counters.
+    pub fn lane(&self, lane: &str) -> Vec<u8> {
+        self.key(&["lanes/", lane])
+    }
+
+    /// A job the lane holds.
+    pub fn held(&self, lane: &str, id: &str) -> Vec<u8> {
+        self.key(&["held/", lane, "/", id])
+    }
+
+    pub fn held_of(&self, lane: &str) -> Vec<u8> {
+        self.key(&["held/", lane, "/"])
+    }
+
+    /// The place of the job claimed last.
+    pub fn round(&self) -> Vec<u8> {
+        self.key(&["round"])
+    }
+
+    /// The last segment of a key: a job id, or a replica's name.
+    pub fn last<'a>(&self, key: &'a [u8]) -> Option<&'a str> {
         let rest = key.strip_prefix(self.prefix.as_bytes())?;
-        let id = ["jobs/", "claims/", "pending/"]
-            .iter()
-            .find_map(|dir| rest.strip_prefix(dir.as_bytes()))?;
-        let id = std::str::from_utf8(id).ok()?;
-        (!id.is_empty() && !id.contains('/')).then_some(id)
+        let at = rest.iter().rposition(|b| *b == b'/')?;
+        let last = std::str::from_utf8(rest.get(at + 1..)?).ok()?;
+        (!last.is_empty()).then_some(last)
+    }
+
+    /// The round of a `queue/` key, or the time of a `deliver/` or `deadline/` key.
+    pub fn number_of(&self, key: &[u8]) -> Option<u64> {
+        let rest = key.strip_prefix(self.prefix.as_bytes())?;
+        let mut parts = rest.split(|b| *b == b'/');
+        let _ = parts.next()?;
+        u64::from_str_radix(std::str::from_utf8(parts.next()?).ok()?, 16).ok()
     }
 
     /// A job's audio from the keys of a range over [`Keys::audio`]: exactly
@@ -160,26 +255,18 @@ mod tests {
             format!("/async-speech/audio/{id}/000012").into_bytes()
         );
         assert_eq!(
-            l().audio(id),
-            format!("/async-speech/audio/{id}/").into_bytes()
+            l().queue(255, id),
+            format!("/async-speech/queue/00000000000000ff/{id}").into_bytes()
         );
-        assert_eq!(
-            l().claim(id),
-            format!("/async-speech/claims/{id}").into_bytes()
-        );
-        assert_eq!(
-            l().pending(id),
-            format!("/async-speech/pending/{id}").into_bytes()
-        );
-        assert_eq!(l().pending_prefix(), b"/async-speech/pending/".to_vec());
-        assert_eq!(l().jobs(), b"/async-speech/jobs/".to_vec());
-        assert_eq!(l().id_of(&l().pending(id)), Some(id));
-        assert_eq!(l().id_of(&l().claim(id)), Some(id));
-        assert_eq!(l().id_of(&l().job(id)), Some(id));
-        assert_eq!(l().id_of(&l().audio_part(id, 0)), None);
-        assert_eq!(l().id_of(b"/other/jobs/x"), None);
-        assert_eq!(l().id_of(b"/async-speech/jobs/"), None);
-        assert_eq!(l().id_of(b"/async-speech/jobs/a/b"), None);
+        assert_eq!(l().last(&l().queue(255, id)), Some(id));
+        assert_eq!(l().number_of(&l().queue(255, id)), Some(255));
+        assert_eq!(l().number_of(&l().deliver(1_000, id)), Some(1_000));
+        assert_eq!(l().last(&l().alive("replica-1")), Some("replica-1"));
+        assert_eq!(l().last(b"/other/jobs/x"), None);
+        assert_eq!(l().last(b"/async-speech/jobs/"), None);
+        // What is due by a time sorts before that time's range end, and what is later after.
+        let end = l().by_time(&l().deadline_prefix(), 5_000);
+        assert!(l().deadline(5_000, id) < end && l().deadline(5_001, id) >= end);
         assert_eq!(
             l().audio_part(id, MAX_PARTS).len(),
             l().audio_part(id, 0).len()

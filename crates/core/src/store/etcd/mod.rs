@@ -18,6 +18,7 @@
 //! - **Delete**: a txn on the record's mod_revision that deletes the record,
 //!   the audio prefix, the claim and the pending entry.
 
+pub(crate) mod api;
 pub(crate) mod call;
 pub mod config;
 pub(crate) mod jobs;

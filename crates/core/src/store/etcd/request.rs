@@ -136,6 +136,26 @@ impl Op {
         })
     }
 
+    /// How many keys start with `prefix` (no keys returned).
+    pub fn count_prefix(prefix: &[u8]) -> Op {
+        Op::RequestRange(RangeRequest {
+            key: prefix.to_vec(),
+            range_end: prefix_end(prefix),
+            count_only: true,
+            ..RangeRequest::default()
+        })
+    }
+
+    /// The keys in `[start, end)`, at most `limit` (0: all).
+    pub fn range_between(start: &[u8], end: &[u8], limit: i64) -> Op {
+        Op::RequestRange(RangeRequest {
+            key: start.to_vec(),
+            range_end: end.to_vec(),
+            limit,
+            ..RangeRequest::default()
+        })
+    }
+
     pub fn put(key: &[u8], value: &[u8], lease: Option<i64>) -> Op {
         Op::RequestPut(PutRequest {
             key: key.to_vec(),
