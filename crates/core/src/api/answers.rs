@@ -6,6 +6,7 @@ use serde_json::json;
 
 use super::routes::{Route, BASE};
 use super::Answer;
+use crate::engine::report::Who;
 use crate::engine::Report;
 use crate::error::ApiError;
 use crate::governance::{ratelimit_fields, KeyState, Limits};
@@ -21,6 +22,8 @@ pub struct SubmitFacts {
     pub ttl_s: u64,
     pub limits: Limits,
     pub local: bool,
+    pub who: Who,
+    pub chars: u64,
 }
 
 impl Answer {
@@ -47,6 +50,8 @@ pub fn submitted(record: &JobRecord, facts: &SubmitFacts) -> Answer {
         fallbacks: facts.fallbacks,
         ttl_s: facts.ttl_s,
         local: facts.local,
+        who: facts.who.clone(),
+        chars: facts.chars,
     });
     answer
 }
@@ -99,8 +104,9 @@ pub fn content_answer(view: &HeldView) -> Result<Answer, ApiError> {
     }
 }
 
-/// The error answer; a refused submit carries its status for stats.
-pub fn refused(route: &Route, e: &ApiError) -> Answer {
+/// The error answer; a refused submit carries its status for stats, and
+/// whose it was (as far as known).
+pub fn refused(route: &Route, e: &ApiError, who: &Who) -> Answer {
     let mut answer = Answer::error(e);
     if e.status_code == 405 {
         answer = answer.with("allow", route.allowed().join(", "));
@@ -111,6 +117,7 @@ pub fn refused(route: &Route, e: &ApiError) -> Answer {
             kind: e.error.kind.clone().unwrap_or_default(),
             message: e.error.message.clone(),
             full: e.error.code.as_deref() == Some("store_full"),
+            who: who.clone(),
         });
     }
     answer

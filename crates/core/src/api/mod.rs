@@ -7,6 +7,7 @@ pub mod routes;
 
 use crate::auth::authenticate;
 use crate::config::Config;
+use crate::engine::report::Who;
 use crate::engine::Report;
 use crate::error::ApiError;
 use crate::governance::{self, refusal_error, KeyState, Rules};
@@ -127,7 +128,7 @@ impl Api<'_> {
         }
         match self.route(&route, head, end_of_stream) {
             Ok(decision) => decision,
-            Err(e) => Decision::Respond(refused(&route, &e)),
+            Err(e) => Decision::Respond(refused(&route, &e, &Who::of("", ""))),
         }
     }
 
@@ -215,7 +216,10 @@ impl Api<'_> {
     pub fn on_submit_body(&self, pending: &PendingSubmit, body: &[u8]) -> Decision {
         match self.submit(pending, body) {
             Ok(decision) => decision,
-            Err(e) => Decision::Respond(refused(&Route::Submit, &e)),
+            Err((e, model)) => {
+                let who = Who::of(&pending.owner, &model);
+                Decision::Respond(refused(&Route::Submit, &e, &who))
+            }
         }
     }
 
@@ -241,23 +245,32 @@ impl Api<'_> {
         Ok(())
     }
 
-    fn submit(&self, pending: &PendingSubmit, body: &[u8]) -> Result<Decision, ApiError> {
+    /// A submit's body: the decision, or the refusal and the model it named.
+    fn submit(&self, pending: &PendingSubmit, body: &[u8]) -> Result<Decision, (ApiError, String)> {
+        let no_model = |e| (e, String::new());
         if body.len() > self.config.max_body_bytes {
-            return Err(ApiError::payload_too_large(self.config.max_body_bytes));
+            return Err(no_model(ApiError::payload_too_large(
+                self.config.max_body_bytes,
+            )));
         }
-        let request = parse_speech_request(body, self.config)?;
-        self.check_models(&pending.owner, &request)?;
+        let request = parse_speech_request(body, self.config).map_err(no_model)?;
+        let model = request
+            .chain
+            .first()
+            .map(|m| format!("{}/{}", m.provider, m.model))
+            .unwrap_or_default();
+        let with_model = |e| (e, model.clone());
+        self.check_models(&pending.owner, &request)
+            .map_err(with_model)?;
         let mut random = [0u8; 16];
         self.host
             .random(&mut random)
-            .map_err(|e| ApiError::internal(format!("no secure random source: {e}")))?;
+            .map_err(|e| with_model(ApiError::internal(format!("no secure random source: {e}"))))?;
         let chars = u64::try_from(request.input.chars().count()).unwrap_or(u64::MAX);
         let facts = SubmitFacts {
-            model: request
-                .chain
-                .first()
-                .map(|m| format!("{}/{}", m.provider, m.model))
-                .unwrap_or_default(),
+            who: Who::of(&pending.owner, &model),
+            chars,
+            model: model.clone(),
             fallbacks: request.chain.len().saturating_sub(1),
             ttl_s: pending.ttl_s,
             limits: self
@@ -316,7 +329,7 @@ impl Api<'_> {
         let done = match (done, &op) {
             (Ok(done), _) => done,
             (Err(e), Op::Submit(facts)) => return self.submit_refused(e, facts),
-            (Err(e), _) => return refused(&Route::Unknown, &self.store_error(e)),
+            (Err(e), _) => return refused(&Route::Unknown, &self.store_error(e), &Who::of("", "")),
         };
         let found = match (op, done) {
             (Op::Submit(facts), Done::Inserted(record, state)) => {
@@ -330,13 +343,21 @@ impl Api<'_> {
                 SlotView::Held(view) => content_answer(&view),
                 _ => Err(ApiError::job_not_found()),
             },
-            (Op::Delete { id }, Done::Deleted(true)) => Ok(Answer {
+            (Op::Delete { id }, Done::Deleted(Some(record))) => Ok(Answer {
                 status: 204,
                 headers: vec![],
                 body: vec![],
                 event: Some(Report::Deleted {
                     id,
                     local: self.config.store == StoreConfig::SharedData,
+                    who: Who::of(&record.owner, &first_model(&record)),
+                    // A job that made no audio gives its characters back (a
+                    // failed one did when it failed).
+                    returned: if record.status.is_finished() {
+                        0
+                    } else {
+                        record.chars
+                    },
                 }),
             }),
             (Op::Usage { owner }, Done::Usage(state, held, running)) => {
@@ -345,7 +366,7 @@ impl Api<'_> {
             // Unknown, expired, someone else's, or freed by someone else since it was read.
             _ => Err(ApiError::job_not_found()),
         };
-        found.unwrap_or_else(|e| refused(&Route::Unknown, &e))
+        found.unwrap_or_else(|e| refused(&Route::Unknown, &e, &Who::of("", "")))
     }
 
     /// A submit the store refused: a key's limit, a full store, or a store
@@ -363,7 +384,7 @@ impl Api<'_> {
             }
             other => self.store_error(other),
         };
-        let answer = refused(&Route::Submit, &error);
+        let answer = refused(&Route::Submit, &error, &facts.who);
         match state {
             Some(state) => answer.with_ratelimit(&facts.limits, &state, self.now_ms),
             None => answer,
@@ -387,6 +408,15 @@ impl Api<'_> {
             StoreError::Refused(..) => ApiError::unavailable("job store unavailable"),
         }
     }
+}
+
+/// The model a job named first, as `provider/model`.
+fn first_model(record: &JobRecord) -> String {
+    record
+        .chain
+        .first()
+        .map(|m| format!("{}/{}", m.provider, m.model))
+        .unwrap_or_default()
 }
 
 fn check_method(route: &Route, method: &str) -> Result<(), ApiError> {

@@ -91,7 +91,7 @@ struct Run {
     ending: bool,
     /// How it is let go of, kept until the store has it (tried again on
     /// the next tick if the store could not be reached).
-    letting: Option<(Box<Ending>, Option<Report>)>,
+    letting: Option<(Box<Ending>, Vec<Report>)>,
     /// The store could not take the ending: try it again on the next tick.
     let_again: bool,
 }
@@ -258,10 +258,13 @@ impl Engine {
             Leave::HandBack
         };
         let rendered = kept_body(run, cx.now);
-        let report = (leave == Leave::HandBack).then(|| Report::Requeued {
-            id: id.to_string(),
-            local: self.store.is_local(),
-        });
+        let report: Vec<Report> = (leave == Leave::HandBack)
+            .then(|| Report::Requeued {
+                id: id.to_string(),
+                local: self.store.is_local(),
+            })
+            .into_iter()
+            .collect();
         let settle = Settle {
             was_running: run.record.counted_running,
             ..Settle::default()
@@ -415,8 +418,8 @@ impl Engine {
             }
             (Then::Ended { id }, WorkDone::Ended(how)) => {
                 let run = self.runs.remove(&id);
-                if let (LetGo::Done, Some((_, Some(report)))) = (how, run.and_then(|r| r.letting)) {
-                    self.out.push(report);
+                if let (LetGo::Done, Some((_, reports))) = (how, run.and_then(|r| r.letting)) {
+                    self.out.extend(reports);
                 }
             }
             (Then::Ended { id }, _) => {
@@ -727,11 +730,12 @@ impl Engine {
             return;
         };
         deliver::on_job_end(cx.config, &mut run.record, done, cx.now);
+        let settle = owed(cx.config, &run.record);
         let closing = Closing {
             rendered: render(&run.record, done),
             leave: leave_for(&run.record, cx.now),
-            settle: owed(cx.config, &run.record),
-            report: Some(report),
+            report: vec![report, key_job(&run.record, &settle)],
+            settle,
         };
         self.let_go(cx, id, closing);
     }
@@ -744,10 +748,13 @@ impl Engine {
         let rendered = kept_body(run, cx.now);
         let leave = leave_for(&run.record, cx.now);
         // Past its expiry with nothing left to deliver: it goes now.
-        let report = (leave == Leave::Forget).then(|| Report::Expired {
-            count: 1,
-            local: self.store.is_local(),
-        });
+        let report: Vec<Report> = (leave == Leave::Forget)
+            .then(|| Report::Expired {
+                count: 1,
+                local: self.store.is_local(),
+            })
+            .into_iter()
+            .collect();
         let settle = Settle::default();
         self.let_go(
             cx,
@@ -865,7 +872,7 @@ struct Closing {
     rendered: Rendered,
     leave: Leave,
     settle: Settle,
-    report: Option<Report>,
+    report: Vec<Report>,
 }
 
 /// What a job that just ended owes its key: its characters back if it made
@@ -886,6 +893,29 @@ fn owed(config: &Config, record: &JobRecord) -> Settle {
         give_back,
         charge: served.map_or(0, |m| config.pricing.micros(&m, record.chars)),
         was_running: record.counted_running,
+    }
+}
+
+/// The job's end, for its key's stats.
+fn key_job(record: &JobRecord, settle: &Settle) -> Report {
+    let completed = record.status == JobStatus::Completed;
+    let model = match &record.result {
+        Some(r) => format!(
+            "{}/{}",
+            r.extra_fields.provider.as_deref().unwrap_or(""),
+            r.extra_fields.model_requested.as_deref().unwrap_or("")
+        ),
+        None => record
+            .attempts
+            .last()
+            .map(|a| format!("{}/{}", a.provider, a.model))
+            .unwrap_or_default(),
+    };
+    Report::KeyJob {
+        who: report::Who::of(&record.owner, &model),
+        completed,
+        spend_micros: settle.charge,
+        returned: if completed { 0 } else { record.chars },
     }
 }
 

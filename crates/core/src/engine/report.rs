@@ -69,6 +69,8 @@ pub fn defined_at_start() -> Vec<Stat> {
         "jobs_rejected.validation",
         "jobs_rejected.store_full",
         "jobs_rejected.unavailable",
+        "jobs_rejected.limit",
+        "jobs_rejected.forbidden",
         "webhooks_delivered",
         "webhooks_retried",
         "webhooks_failed",
@@ -86,6 +88,44 @@ pub fn defined_at_start() -> Vec<Stat> {
             .map(|n| Stat::gauge(n, 0)),
     );
     out
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Whose job, on which model: the stat names' key and model parts. Owners
+/// without a virtual key are `none` (a JWT identity never names a stat).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Who {
+    pub key: String,
+    pub model: String,
+}
+
+/// A name as one part of a stat name: no dots (they separate the parts).
+fn segment(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '_' | '-' | '/' => c,
+            _ => '_',
+        })
+        .collect()
+}
+
+impl Who {
+    pub fn of(owner: &str, model: &str) -> Who {
+        Who {
+            key: segment(owner.strip_prefix("vk:").unwrap_or("none")),
+            model: match model {
+                "" => "none".to_string(),
+                m => segment(m),
+            },
+        }
+    }
+
+    fn stat(&self, what: &str) -> String {
+        format!("key.{}.model.{}.{what}", self.key, self.model)
+    }
 }
 
 /// Something that happened to a job or a call. `local` marks events whose
@@ -163,6 +203,8 @@ pub enum Report {
         fallbacks: usize,
         ttl_s: u64,
         local: bool,
+        who: Who,
+        chars: u64,
     },
     /// A submit refused with this status; `full` when the store was full.
     Rejected {
@@ -171,11 +213,22 @@ pub enum Report {
         kind: String,
         message: String,
         full: bool,
+        who: Who,
     },
-    /// A job deleted by its owner.
+    /// A job deleted by its owner, and the characters it gave back.
     Deleted {
         id: String,
         local: bool,
+        who: Who,
+        returned: u64,
+    },
+    /// A job ended, for its key's stats: completed or not, what it cost
+    /// (micro-dollars), the characters it gave back.
+    KeyJob {
+        who: Who,
+        completed: bool,
+        spend_micros: u64,
+        returned: u64,
     },
 }
 
@@ -294,6 +347,7 @@ impl Report {
                 format!("submit refused with {status}: {}", escape(message)),
             ),
             Report::Deleted { id, .. } => (Level::Info, format!("job {id} deleted by its owner")),
+            Report::KeyJob { .. } => return None,
         })
     }
 
@@ -340,27 +394,75 @@ impl Report {
                 out
             }
             Report::InFlight(delta) => vec![Stat::gauge("jobs_in_flight", *delta)],
-            Report::Submitted { local, .. } => {
-                let mut out = vec![Stat::count("jobs_submitted")];
+            Report::Submitted {
+                local, who, chars, ..
+            } => {
+                let mut out = vec![
+                    Stat::count("jobs_submitted"),
+                    Stat::count(who.stat("submits")),
+                    Stat::gauge(&who.stat("characters"), i64::try_from(*chars).unwrap_or(0)),
+                ];
                 if *local {
                     out.push(Stat::gauge("jobs_held", 1));
                     out.push(Stat::gauge("jobs_pending", 1));
                 }
                 out
             }
-            Report::Rejected { status, full, .. } => {
+            Report::Rejected {
+                status,
+                full,
+                kind,
+                who,
+                ..
+            } => {
                 let reason = match (status, full) {
                     (_, true) => "store_full",
                     (401, _) => "auth",
+                    (402 | 429, _) => "limit",
+                    (403, _) => "forbidden",
                     (503, _) => "unavailable",
                     _ => "validation",
                 };
-                vec![Stat::count(format!("jobs_rejected.{reason}"))]
+                let kind = match kind.as_str() {
+                    "" => "none".to_string(),
+                    k => segment(k),
+                };
+                vec![
+                    Stat::count(format!("jobs_rejected.{reason}")),
+                    Stat::count(who.stat(&format!("refusals.{kind}"))),
+                ]
             }
-            Report::Deleted { local, .. } => {
+            Report::Deleted {
+                local,
+                who,
+                returned,
+                ..
+            } => {
                 let mut out = vec![Stat::count("jobs_deleted")];
                 if *local {
                     out.push(Stat::gauge("jobs_held", -1));
+                }
+                if *returned > 0 {
+                    out.push(Stat::gauge(&who.stat("characters"), -to_i64(*returned)));
+                }
+                out
+            }
+            Report::KeyJob {
+                who,
+                completed,
+                spend_micros,
+                returned,
+            } => {
+                let ended = if *completed { "completed" } else { "failed" };
+                let mut out = vec![Stat::count(who.stat(ended))];
+                if *spend_micros > 0 {
+                    out.push(Stat {
+                        value: to_i64(*spend_micros),
+                        ..Stat::count(who.stat("spend_micros"))
+                    });
+                }
+                if *returned > 0 {
+                    out.push(Stat::gauge(&who.stat("characters"), -to_i64(*returned)));
                 }
                 out
             }

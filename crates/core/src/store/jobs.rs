@@ -44,8 +44,8 @@ pub enum Done {
     /// The job's bytes as a slot holds them; `None` if it is unknown,
     /// expired or someone else's (the one 404).
     Read(Option<Vec<u8>>),
-    /// Whether this call deleted it (false: already gone, or not the caller's).
-    Deleted(bool),
+    /// The job this call deleted (none: already gone, or not the caller's).
+    Deleted(Option<Box<JobRecord>>),
     /// A key's counters, jobs held and jobs running.
     Usage(Box<KeyState>, u32, u32),
 }

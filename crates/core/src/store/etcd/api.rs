@@ -66,7 +66,7 @@ enum DeleteStage {
         record: Box<JobRecord>,
         revision: i64,
     },
-    Delete,
+    Delete(Box<JobRecord>),
 }
 
 pub struct EtcdApi<'a> {
@@ -228,7 +228,7 @@ impl EtcdApi<'_> {
 
     fn delete_answered(&self, mut d: Deleting, body: &[u8]) -> Step {
         let keys = self.etcd.keys();
-        match std::mem::replace(&mut d.stage, DeleteStage::Delete) {
+        match std::mem::replace(&mut d.stage, DeleteStage::Job) {
             DeleteStage::Job => match parse_range(body) {
                 Ok(range) => self.delete_job(d, range.kvs.first().cloned()),
                 Err(_) => busy("etcd's answer is unreadable"),
@@ -239,7 +239,7 @@ impl EtcdApi<'_> {
                 };
                 match keys.join_audio(&d.id, &range.kvs, parts) {
                     Ok(payload) => self.delete_record(d, &payload, kv.mod_revision),
-                    Err(_) => Step::Done(Ok(Done::Deleted(false))),
+                    Err(_) => Step::Done(Ok(Done::Deleted(None))),
                 }
             }
             DeleteStage::Lane { record, revision } => match parse_txn(body) {
@@ -251,7 +251,7 @@ impl EtcdApi<'_> {
                         state.characters.take_back(w, record.chars);
                     }
                     let delete = jobs::delete(&keys, &record, revision, (&state, lane_revision));
-                    d.stage = DeleteStage::Delete;
+                    d.stage = DeleteStage::Delete(record);
                     self.call(delete, Resume::Delete(Box::new(d)))
                 }
                 Err(_) => busy("etcd's answer is unreadable"),
@@ -259,10 +259,10 @@ impl EtcdApi<'_> {
             // Gone after a failed compare: an earlier try landed, or it expired
             // meanwhile. Changed (it progressed, or its key's counters moved):
             // read and deleted again as it now is.
-            DeleteStage::Delete => match parse_txn(body) {
-                Ok(txn) if txn.succeeded => Step::Done(Ok(Done::Deleted(true))),
+            DeleteStage::Delete(record) => match parse_txn(body) {
+                Ok(txn) if txn.succeeded => Step::Done(Ok(Done::Deleted(Some(record)))),
                 Ok(txn) => match txn.range_kv(0) {
-                    None => Step::Done(Ok(Done::Deleted(true))),
+                    None => Step::Done(Ok(Done::Deleted(Some(record)))),
                     Some(_) if d.tries < TRIES => {
                         d.tries += 1;
                         d.stage = DeleteStage::Job;
@@ -279,13 +279,13 @@ impl EtcdApi<'_> {
     /// parts read first, for a large one).
     fn delete_job(&self, mut d: Deleting, kv: Option<Kv>) -> Step {
         let Some(kv) = kv else {
-            return Step::Done(Ok(Done::Deleted(false)));
+            return Step::Done(Ok(Done::Deleted(None)));
         };
         let Some(job) = decode_job(&kv.value) else {
-            return Step::Done(Ok(Done::Deleted(false)));
+            return Step::Done(Ok(Done::Deleted(None)));
         };
         if job.owner != d.owner.as_slice() || job.is_expired(self.now_ms) {
-            return Step::Done(Ok(Done::Deleted(false)));
+            return Step::Done(Ok(Done::Deleted(None)));
         }
         match job.whole {
             Some(payload) => {
@@ -303,10 +303,10 @@ impl EtcdApi<'_> {
 
     fn delete_record(&self, mut d: Deleting, payload: &[u8], revision: i64) -> Step {
         let SlotView::Held(view) = slot::decode(payload) else {
-            return Step::Done(Ok(Done::Deleted(false)));
+            return Step::Done(Ok(Done::Deleted(None)));
         };
         let Some(record) = view.record() else {
-            return Step::Done(Ok(Done::Deleted(false)));
+            return Step::Done(Ok(Done::Deleted(None)));
         };
         let read = jobs::read_lane(&self.etcd.keys(), &lane_of(&record.owner));
         d.stage = DeleteStage::Lane {

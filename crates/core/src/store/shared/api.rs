@@ -110,24 +110,24 @@ impl SharedApi<'_> {
     pub fn delete(&self, id: &str, owner: &[u8], limits: &Limits) -> Result<Done, StoreError> {
         let store = self.store();
         let Some(loaded) = store.load(id)? else {
-            return Ok(Done::Deleted(false));
+            return Ok(Done::Deleted(None));
         };
         let Some(record) = loaded
             .view()
             .filter(|v| v.owner == owner && !v.is_expired(self.now_ms))
             .and_then(|v| v.record())
         else {
-            return Ok(Done::Deleted(false));
+            return Ok(Done::Deleted(None));
         };
         let id = id.as_bytes().to_vec();
         if !store.free(loaded, &|v| v.id == id.as_slice())? {
-            return Ok(Done::Deleted(false));
+            return Ok(Done::Deleted(None));
         }
         let give_back = (!record.status.is_finished())
             .then_some(())
             .and(record.chars_window_s);
         released(self.host, self.keys, &record, limits, give_back);
-        Ok(Done::Deleted(true))
+        Ok(Done::Deleted(Some(Box::new(record))))
     }
 
     pub fn usage(&self, owner: &str) -> Result<Done, StoreError> {
