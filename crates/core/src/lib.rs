@@ -8,6 +8,8 @@
 
 pub mod api;
 pub(crate) mod audio;
+/// The WAV reader and writer, for tools/local-tts.
+pub use audio::wav;
 pub mod auth;
 pub mod clock;
 pub mod config;

@@ -98,22 +98,6 @@ fn has_ffmpeg() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The PCM samples of espeak-ng's WAV (16-bit mono), found by its "data" chunk.
-fn wav_data(wav: &[u8]) -> Option<(u32, &[u8])> {
-    let rate = u32::from_le_bytes(wav.get(24..28)?.try_into().ok()?);
-    let mut at = 12;
-    while at + 8 <= wav.len() {
-        let id = wav.get(at..at + 4)?;
-        let size = u32::from_le_bytes(wav.get(at + 4..at + 8)?.try_into().ok()?) as usize;
-        if id == b"data" {
-            let end = (at + 8 + size).min(wav.len());
-            return Some((rate, wav.get(at + 8..end)?));
-        }
-        at += 8 + size + (size & 1);
-    }
-    None
-}
-
 /// Linear resampling of 16-bit mono PCM, for raw PCM at OpenAI's 24 kHz without ffmpeg.
 fn resample(pcm: &[u8], from: u32, to: u32) -> Vec<u8> {
     let samples: Vec<i16> = pcm
@@ -212,9 +196,9 @@ fn speech(body: &[u8], ffmpeg: bool) -> Answer {
             run("ffmpeg", &args, &wav)
         }
         // Without ffmpeg only pcm is left (checked above): resample espeak-ng's samples.
-        _ => wav_data(&wav)
-            .map(|(rate, pcm)| resample(pcm, rate, 24_000))
-            .ok_or_else(|| "espeak-ng made no audio".into()),
+        _ => async_speech_core::wav::parse(&wav)
+            .map(|w| resample(w.data, w.format.sample_rate, 24_000))
+            .map_err(|_| "espeak-ng made no audio".into()),
     };
     match audio {
         Ok(body) => Answer {

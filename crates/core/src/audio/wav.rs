@@ -140,37 +140,57 @@ pub fn join(parts: &[Vec<u8>]) -> Result<Vec<u8>, JoinError> {
         wavs.push(wav);
     }
     let first = first.ok_or(JoinError::NoParts)?;
-    let pad = data_len % 2;
-    let fmt_len = first.fmt_body.len();
-    let riff_len = 4 + (8 + fmt_len + fmt_len % 2) + (8 + data_len + pad);
-    let too_big = || {
+    let datas: Vec<&[u8]> = wavs.iter().map(|w| w.data).collect();
+    write(first.fmt_body, &datas).ok_or_else(|| {
         JoinError::malformed(
             FORMAT,
             "the joined data is over the 4 GiB a RIFF header can hold",
         )
-    };
-    let riff_size = u32::try_from(riff_len).map_err(|_| too_big())?;
-    let data_size = u32::try_from(data_len).map_err(|_| too_big())?;
-    let fmt_size = u32::try_from(fmt_len).map_err(|_| too_big())?;
+    })
+}
 
+/// The one WAV writer: a RIFF header, the `fmt ` chunk's body, one `data`
+/// chunk holding `datas` in order (padded to even length, as RIFF wants).
+/// `None` when it would pass the 4 GiB a RIFF header can hold.
+pub fn write(fmt_body: &[u8], datas: &[&[u8]]) -> Option<Vec<u8>> {
+    let data_len: usize = datas.iter().map(|d| d.len()).sum();
+    let (fmt_len, pad) = (fmt_body.len(), data_len % 2);
+    let riff_len = 4 + (8 + fmt_len + fmt_len % 2) + (8 + data_len + pad);
+    let riff_size = u32::try_from(riff_len).ok()?;
+    let data_size = u32::try_from(data_len).ok()?;
+    let fmt_size = u32::try_from(fmt_len).ok()?;
     let mut out = Vec::with_capacity(riff_len + 8);
     out.extend_from_slice(b"RIFF");
     out.extend_from_slice(&riff_size.to_le_bytes());
     out.extend_from_slice(b"WAVEfmt ");
     out.extend_from_slice(&fmt_size.to_le_bytes());
-    out.extend_from_slice(first.fmt_body);
+    out.extend_from_slice(fmt_body);
     if fmt_len % 2 == 1 {
         out.push(0);
     }
     out.extend_from_slice(b"data");
     out.extend_from_slice(&data_size.to_le_bytes());
-    for wav in &wavs {
-        out.extend_from_slice(wav.data);
+    for data in datas {
+        out.extend_from_slice(data);
     }
     if pad == 1 {
         out.push(0);
     }
-    Ok(out)
+    Some(out)
+}
+
+/// 16-bit little-endian integer PCM in a WAV file.
+pub fn from_pcm16(pcm: &[u8], sample_rate: u32, channels: u16) -> Vec<u8> {
+    let block_align = channels.saturating_mul(2);
+    let byte_rate = sample_rate.saturating_mul(u32::from(block_align));
+    let mut fmt = Vec::with_capacity(16);
+    fmt.extend_from_slice(&1u16.to_le_bytes()); // integer PCM
+    fmt.extend_from_slice(&channels.to_le_bytes());
+    fmt.extend_from_slice(&sample_rate.to_le_bytes());
+    fmt.extend_from_slice(&byte_rate.to_le_bytes());
+    fmt.extend_from_slice(&block_align.to_le_bytes());
+    fmt.extend_from_slice(&16u16.to_le_bytes());
+    write(&fmt, &[pcm]).unwrap_or_default()
 }
 
 /// Seconds of audio in a WAV file, from its own header.

@@ -127,7 +127,7 @@ fn pcm_of(json: &Value, max_audio_bytes: usize) -> Result<Option<Vec<u8>>, ApiEr
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::providers::wav_from_pcm16;
+    use crate::audio::wav::from_pcm16 as wav_from_pcm16;
     use crate::request::parse_speech_request;
 
     fn setup(body: &str) -> (Config, SpeechRequest) {

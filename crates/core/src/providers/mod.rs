@@ -289,7 +289,7 @@ pub fn pcm16_as(
     max_audio_bytes: usize,
 ) -> Result<Vec<u8>, ApiError> {
     let audio = if format == AudioFormat::Wav {
-        wav_from_pcm16(&pcm, sample_rate, 1)
+        crate::audio::wav::from_pcm16(&pcm, sample_rate, 1)
     } else {
         pcm
     };
@@ -317,28 +317,6 @@ pub fn check_format(
             names.join(", ")
         ),
     ))
-}
-
-/// Wraps 16-bit little-endian PCM in a WAV (RIFF) header.
-pub fn wav_from_pcm16(pcm: &[u8], sample_rate: u32, channels: u16) -> Vec<u8> {
-    let data_len = u32::try_from(pcm.len()).unwrap_or(u32::MAX - 36);
-    let block_align = channels.saturating_mul(2);
-    let byte_rate = sample_rate.saturating_mul(u32::from(block_align));
-    let mut wav = Vec::with_capacity(44 + pcm.len());
-    wav.extend_from_slice(b"RIFF");
-    wav.extend_from_slice(&(36u32.saturating_add(data_len)).to_le_bytes());
-    wav.extend_from_slice(b"WAVEfmt ");
-    wav.extend_from_slice(&16u32.to_le_bytes());
-    wav.extend_from_slice(&1u16.to_le_bytes()); // PCM
-    wav.extend_from_slice(&channels.to_le_bytes());
-    wav.extend_from_slice(&sample_rate.to_le_bytes());
-    wav.extend_from_slice(&byte_rate.to_le_bytes());
-    wav.extend_from_slice(&block_align.to_le_bytes());
-    wav.extend_from_slice(&16u16.to_le_bytes());
-    wav.extend_from_slice(b"data");
-    wav.extend_from_slice(&data_len.to_le_bytes());
-    wav.extend_from_slice(pcm);
-    wav
 }
 
 /// Maps a provider's error answer into the error shape, keeping the provider's own
@@ -450,7 +428,7 @@ mod tests {
 
     #[test]
     fn wav_header_describes_the_pcm() {
-        let wav = wav_from_pcm16(&[1, 0, 2, 0], 24_000, 1);
+        let wav = crate::audio::wav::from_pcm16(&[1, 0, 2, 0], 24_000, 1);
         assert_eq!(&wav[..4], b"RIFF");
         assert_eq!(u32::from_le_bytes(wav[4..8].try_into().unwrap()), 40);
         assert_eq!(&wav[8..16], b"WAVEfmt ");

@@ -1,4 +1,4 @@
-//! The delivery body (SPEC §5), Bifrost's envelope, made once when the job ends:
+//! The delivery body, Bifrost's envelope, made once when the job ends:
 //!
 //! ```json
 //! {"event":"async_job.completed","created_at":"…","data":{"job_id":"…","request_type":"speech",
@@ -6,12 +6,12 @@
 //!  "result_url":"/v1/async/audio/speech/…","result_expires_at":"…"}}
 //! ```
 //!
-//! The job's result may be large (base64 audio), so it is spliced in as raw bytes rather than
-//! parsed into a tree and written again. It is still checked to be one valid JSON value
-//! (a streaming pass that builds nothing); bytes that are not are left out as if too large,
-//! so the body is always valid JSON.
+//! The job's result may be large (base64 audio), so it goes in as a `RawValue`: checked to be
+//! one valid JSON value and written as it is, never parsed into a tree. Bytes that are not
+//! valid JSON are left out as if too large, so the body is always valid JSON.
 
-use serde::de::IgnoredAny;
+use serde::Serialize;
+use serde_json::value::RawValue;
 
 use super::config::Event;
 
@@ -39,6 +39,46 @@ pub fn event_for_status(status: &str) -> Option<Event> {
     Event::ALL.into_iter().find(|e| e.job_status() == status)
 }
 
+/// The envelope, its fields in Bifrost's order.
+#[derive(Serialize)]
+struct Envelope<'a, D: Serialize> {
+    event: &'a str,
+    created_at: &'a str,
+    data: D,
+}
+
+#[derive(Serialize)]
+struct Data<'a> {
+    job_id: &'a str,
+    request_type: &'static str,
+    status: &'static str,
+    status_code: u16,
+    created_at: &'a str,
+    completed_at: &'a str,
+    result_url: String,
+    result_expires_at: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_omitted: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_omitted: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct Expired<'a> {
+    job_id: &'a str,
+    status: &'static str,
+    result_expired: bool,
+}
+
+fn to_bytes(value: &impl Serialize) -> Vec<u8> {
+    // Plain strings, numbers and already-checked raw JSON: this cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
 /// The body of every attempt before the job expires. `event` gives `data.status`
 /// (`completed` or `failed`); `created_at` is when the event happened (the job's end).
 ///
@@ -52,93 +92,48 @@ pub fn envelope(
     include_response: bool,
     max_payload_bytes: usize,
 ) -> Vec<u8> {
-    let payload_len = if include_response {
-        match event {
-            Event::Completed => job.result.map_or(0, <[u8]>::len),
-            Event::Failed => job.error.map_or(0, <[u8]>::len),
-        }
-    } else {
-        0
+    let raw = match event {
+        Event::Completed => job.result,
+        Event::Failed => job.error,
     };
-    let mut out = Vec::with_capacity(512 + payload_len.min(max_payload_bytes));
-    open(&mut out, event, created_at, job.job_id);
-    out.extend_from_slice(b",\"request_type\":\"speech\",\"status\":");
-    push_json_str(&mut out, event.job_status());
-    out.extend_from_slice(b",\"status_code\":");
-    out.extend_from_slice(job.status_code.to_string().as_bytes());
-    out.extend_from_slice(b",\"created_at\":");
-    push_json_str(&mut out, job.created_at);
-    out.extend_from_slice(b",\"completed_at\":");
-    push_json_str(&mut out, job.completed_at);
-    out.extend_from_slice(b",\"result_url\":");
-    push_json_str(&mut out, &format!("{RESULT_PATH_PREFIX}{}", job.job_id));
-    out.extend_from_slice(b",\"result_expires_at\":");
-    push_json_str(&mut out, job.result_expires_at);
-    if include_response {
-        let (key, raw) = match event {
-            Event::Completed => ("response", job.result),
-            Event::Failed => ("error", job.error),
-        };
-        match raw.filter(|r| r.len() <= max_payload_bytes && is_one_json_value(r)) {
-            Some(raw) => {
-                out.extend_from_slice(format!(",\"{key}\":").as_bytes());
-                out.extend_from_slice(raw);
-            }
-            None => out.extend_from_slice(format!(",\"{key}_omitted\":true").as_bytes()),
-        }
-    }
-    out.extend_from_slice(b"}}");
-    out
+    let embedded = raw
+        .filter(|r| include_response && r.len() <= max_payload_bytes)
+        .and_then(|r| serde_json::from_slice::<&RawValue>(r).ok());
+    let omitted = (include_response && embedded.is_none()).then_some(true);
+    let (completed, failed) = (event == Event::Completed, event == Event::Failed);
+    let data = Data {
+        job_id: job.job_id,
+        request_type: "speech",
+        status: event.job_status(),
+        status_code: job.status_code,
+        created_at: job.created_at,
+        completed_at: job.completed_at,
+        result_url: format!("{RESULT_PATH_PREFIX}{}", job.job_id),
+        result_expires_at: job.result_expires_at,
+        response: embedded.filter(|_| completed),
+        response_omitted: omitted.filter(|_| completed),
+        error: embedded.filter(|_| failed),
+        error_omitted: omitted.filter(|_| failed),
+    };
+    to_bytes(&Envelope {
+        event: event.as_str(),
+        created_at,
+        data,
+    })
 }
 
 /// The body of an attempt made after the job expired: the same `event` and `created_at`,
 /// and `data` exactly `{"job_id", "status", "result_expired": true}`.
 pub fn expired_envelope(event: Event, created_at: &str, job_id: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(160);
-    open(&mut out, event, created_at, job_id);
-    out.extend_from_slice(b",\"status\":");
-    push_json_str(&mut out, event.job_status());
-    out.extend_from_slice(b",\"result_expired\":true}}");
-    out
-}
-
-/// `{"event":…,"created_at":…,"data":{"job_id":…` (the data object left open).
-fn open(out: &mut Vec<u8>, event: Event, created_at: &str, job_id: &str) {
-    out.extend_from_slice(b"{\"event\":");
-    push_json_str(out, event.as_str());
-    out.extend_from_slice(b",\"created_at\":");
-    push_json_str(out, created_at);
-    out.extend_from_slice(b",\"data\":{\"job_id\":");
-    push_json_str(out, job_id);
-}
-
-/// Whether `raw` is exactly one JSON value (surrounding whitespace allowed). Builds nothing;
-/// serde_json's depth limit keeps deep nesting from exhausting the stack.
-fn is_one_json_value(raw: &[u8]) -> bool {
-    serde_json::from_slice::<IgnoredAny>(raw).is_ok()
-}
-
-/// Appends `s` as a JSON string literal.
-fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0..=0x1f => {
-                out.extend_from_slice(b"\\u00");
-                for nibble in [b >> 4, b & 0xf] {
-                    out.extend(HEX.get(usize::from(nibble)).copied());
-                }
-            }
-            _ => out.push(b),
-        }
-    }
-    out.push(b'"');
+    to_bytes(&Envelope {
+        event: event.as_str(),
+        created_at,
+        data: Expired {
+            job_id,
+            status: event.job_status(),
+            result_expired: true,
+        },
+    })
 }
 
 #[cfg(test)]
