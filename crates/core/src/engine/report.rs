@@ -235,7 +235,14 @@ pub enum Report {
 impl Report {
     /// The log line, if any (already escaped where it carries client input).
     pub fn log(&self) -> Option<(Level, String)> {
-        Some(match self {
+        self.call_log()
+            .or_else(|| self.job_log())
+            .or_else(|| self.webhook_log())
+            .or_else(|| self.api_log())
+    }
+
+    fn call_log(&self) -> Option<(Level, String)> {
+        match self {
             Report::Sent {
                 id,
                 attempt,
@@ -244,13 +251,10 @@ impl Report {
                 model,
             } => {
                 let part = part.map(|p| format!(" part {p}")).unwrap_or_default();
-                (
-                    Level::Info,
-                    format!(
-                        "job {id} attempt {attempt}{part} sent to provider {provider} (model {})",
-                        escape(model)
-                    ),
-                )
+                let model = escape(model);
+                let line =
+                    format!("job {id} attempt {attempt}{part} sent to provider {provider} (model {model})");
+                Some((Level::Info, line))
             }
             Report::AttemptEnded {
                 id,
@@ -259,20 +263,23 @@ impl Report {
                 status,
                 latency_ms,
             } => match (result, status) {
-                (AttemptResult::Success, _) => return None,
-                (AttemptResult::Error, Some(status)) => (
+                (AttemptResult::Success, _) => None,
+                (AttemptResult::Error, Some(status)) => Some((
                     Level::Warn,
                     format!("job {id} provider {provider} answered {status}"),
-                ),
-                _ => (
+                )),
+                _ => Some((
                     Level::Warn,
-                    format!(
-                        "job {id} provider {provider}: {} after {latency_ms} ms",
-                        result.name()
-                    ),
-                ),
+                    format!("job {id} provider {provider}: {} after {latency_ms} ms", result.name()),
+                )),
             },
-            Report::Started { .. } | Report::InFlight(_) | Report::StoreCall { .. } => return None,
+            Report::Warning(text) => Some((Level::Warn, text.clone())),
+            _ => None,
+        }
+    }
+
+    fn job_log(&self) -> Option<(Level, String)> {
+        Some(match self {
             Report::Requeued { id, .. } => (
                 Level::Warn,
                 format!("job {id}: waits again (its worker let go of it, or was lost)"),
@@ -280,53 +287,63 @@ impl Report {
             Report::Completed { id } => (Level::Info, format!("job {id} completed")),
             Report::Failed {
                 id,
-                status,
-                reason,
+                reason: FailReason::Deadline,
                 deadline_s,
-            } => match reason {
-                FailReason::Deadline => (
-                    Level::Warn,
-                    format!("job {id} failed: past its deadline of {deadline_s} s"),
-                ),
-                _ => (
-                    Level::Warn,
-                    format!("job {id} failed with status {status} ({})", reason.name()),
-                ),
-            },
+                ..
+            } => (
+                Level::Warn,
+                format!("job {id} failed: past its deadline of {deadline_s} s"),
+            ),
+            Report::Failed {
+                id, status, reason, ..
+            } => (
+                Level::Warn,
+                format!("job {id} failed with status {status} ({})", reason.name()),
+            ),
             Report::Expired { count, .. } if *count > 0 => (
                 Level::Info,
                 format!("{count} finished jobs expired and were freed"),
             ),
-            Report::Expired { .. } => return None,
+            _ => return None,
+        })
+    }
+
+    fn webhook_log(&self) -> Option<(Level, String)> {
+        match self {
             Report::WebhookSent {
                 id,
                 webhook_id,
                 endpoint,
-            } => (
+            } => Some((
                 Level::Info,
                 format!("job {id} webhook {webhook_id} sent to endpoint {endpoint}"),
-            ),
+            )),
             Report::Webhook {
                 id,
                 webhook_id,
                 endpoint,
                 result,
                 outcome,
-            } => match result {
-                DeliveryResult::Delivered => (
-                    Level::Info,
-                    format!("job {id} webhook {webhook_id} delivered to {endpoint}"),
-                ),
-                DeliveryResult::Retrying => (
-                    Level::Warn,
-                    format!("job {id} webhook {webhook_id} to {endpoint}: {outcome}; will retry"),
-                ),
-                DeliveryResult::Failed => (
-                    Level::Warn,
-                    format!("job {id} webhook {webhook_id} to {endpoint}: {outcome}; given up"),
-                ),
-            },
-            Report::Warning(text) => (Level::Warn, text.clone()),
+            } => {
+                let (level, how) = match result {
+                    DeliveryResult::Delivered => (Level::Info, "delivered".to_string()),
+                    DeliveryResult::Retrying => (Level::Warn, format!("{outcome}; will retry")),
+                    DeliveryResult::Failed => (Level::Warn, format!("{outcome}; given up")),
+                };
+                let line = match result {
+                    DeliveryResult::Delivered => {
+                        format!("job {id} webhook {webhook_id} {how} to {endpoint}")
+                    }
+                    _ => format!("job {id} webhook {webhook_id} to {endpoint}: {how}"),
+                };
+                Some((level, line))
+            }
+            _ => None,
+        }
+    }
+
+    fn api_log(&self) -> Option<(Level, String)> {
+        Some(match self {
             Report::Submitted {
                 id,
                 model,
@@ -347,12 +364,22 @@ impl Report {
                 format!("submit refused with {status}: {}", escape(message)),
             ),
             Report::Deleted { id, .. } => (Level::Info, format!("job {id} deleted by its owner")),
-            Report::KeyJob { .. } => return None,
+            _ => return None,
         })
     }
 
     /// The stats this moves.
     pub fn stats(&self) -> Vec<Stat> {
+        match self {
+            Report::Submitted { .. } | Report::Rejected { .. } | Report::Deleted { .. } => {
+                self.api_stats()
+            }
+            Report::KeyJob { .. } => self.key_job_stats(),
+            _ => self.job_stats(),
+        }
+    }
+
+    fn job_stats(&self) -> Vec<Stat> {
         match self {
             Report::AttemptEnded {
                 provider,
@@ -382,7 +409,11 @@ impl Report {
             Report::Webhook { result, .. } => {
                 vec![Stat::count(format!("webhooks_{}", result.name()))]
             }
-            Report::StoreCall { op, ok, latency_ms } => {
+            Report::StoreCall {
+                op,
+                ok,
+                latency_ms,
+            } => {
                 let mut out = vec![
                     Stat::count("store_calls"),
                     Stat::count(format!("store_calls.{op}")),
@@ -394,79 +425,151 @@ impl Report {
                 out
             }
             Report::InFlight(delta) => vec![Stat::gauge("jobs_in_flight", *delta)],
-            Report::Submitted {
-                local, who, chars, ..
-            } => {
-                let mut out = vec![
+            _ => Vec::new(),
+        }
+    }
+
+    fn api_stats(&self) -> Vec<Stat> {
+        let (mut out, local_held) = match self {
+            Report::Submitted { who, chars, .. } => (
+                vec![
                     Stat::count("jobs_submitted"),
                     Stat::count(who.stat("submits")),
-                    Stat::gauge(&who.stat("characters"), i64::try_from(*chars).unwrap_or(0)),
-                ];
-                if *local {
-                    out.push(Stat::gauge("jobs_held", 1));
-                    out.push(Stat::gauge("jobs_pending", 1));
-                }
-                out
-            }
+                    Stat::gauge(&who.stat("characters"), to_i64(*chars)),
+                ],
+                1,
+            ),
             Report::Rejected {
                 status,
                 full,
                 kind,
                 who,
                 ..
-            } => {
-                let reason = match (status, full) {
-                    (_, true) => "store_full",
-                    (401, _) => "auth",
-                    (402 | 429, _) => "limit",
-                    (403, _) => "forbidden",
-                    (503, _) => "unavailable",
-                    _ => "validation",
-                };
-                let kind = match kind.as_str() {
-                    "" => "none".to_string(),
-                    k => segment(k),
-                };
+            } => (rejected_stats(*status, *full, kind, who), 0),
+            Report::Deleted { who, returned, .. } => (
                 vec![
-                    Stat::count(format!("jobs_rejected.{reason}")),
-                    Stat::count(who.stat(&format!("refusals.{kind}"))),
-                ]
+                    Stat::count("jobs_deleted"),
+                    Stat::gauge(&who.stat("characters"), -to_i64(*returned)),
+                ],
+                -1,
+            ),
+            _ => return Vec::new(),
+        };
+        let local = matches!(
+            self,
+            Report::Submitted { local: true, .. } | Report::Deleted { local: true, .. }
+        );
+        if local {
+            out.push(Stat::gauge("jobs_held", local_held));
+            if local_held > 0 {
+                out.push(Stat::gauge("jobs_pending", 1));
             }
-            Report::Deleted {
-                local,
-                who,
-                returned,
-                ..
-            } => {
-                let mut out = vec![Stat::count("jobs_deleted")];
-                if *local {
-                    out.push(Stat::gauge("jobs_held", -1));
-                }
-                if *returned > 0 {
-                    out.push(Stat::gauge(&who.stat("characters"), -to_i64(*returned)));
-                }
-                out
-            }
-            Report::KeyJob {
-                who,
-                completed,
-                spend_micros,
-                returned,
-            } => {
-                let ended = if *completed { "completed" } else { "failed" };
-                let mut out = vec![Stat::count(who.stat(ended))];
-                if *spend_micros > 0 {
-                    out.push(Stat {
-                        value: to_i64(*spend_micros),
-                        ..Stat::count(who.stat("spend_micros"))
-                    });
-                }
-                if *returned > 0 {
-                    out.push(Stat::gauge(&who.stat("characters"), -to_i64(*returned)));
-                }
-                out
-            }
-            _ => Vec::new(),
         }
+        out
+    }
+
+    fn key_job_stats(&self) -> Vec<Stat> {
+        let Report::KeyJob {
+            who,
+            completed,
+            spend_micros,
+            returned,
+        } = self
+        else {
+            return Vec::new();
+        };
+        let ended = if *completed { "completed" } else { "failed" };
+        let mut out = vec![Stat::count(who.stat(ended))];
+        if *spend_micros > 0 {
+            out.push(Stat {
+                value: to_i64(*spend_micros),
+                ..Stat::count(who.stat("spend_micros"))
+            });
+        }
+        if *returned > 0 {
+            out.push(Stat::gauge(&who.stat("characters"), -to_i64(*returned)));
+        }
+        out
+    }
+}
+
+/// A refused submit's stats: by reason, and by key, model and error type.
+fn rejected_stats(status: u16, full: bool, kind: &str, who: &Who) -> Vec<Stat> {
+    let reason = match (status, full) {
+        (_, true) => "store_full",
+        (401, _) => "auth",
+        (402 | 429, _) => "limit",
+        (403, _) => "forbidden",
+        (503, _) => "unavailable",
+        _ => "validation",
+    };
+    let kind = match kind {
+        "" => "none".to_string(),
+        k => segment(k),
+    };
+    vec![
+        Stat::count(format!("jobs_rejected.{reason}")),
+        Stat::count(who.stat(&format!("refusals.{kind}"))),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(report: &Report) -> Vec<(String, i64)> {
+        report.stats().into_iter().map(|s| (s.name, s.value)).collect()
+    }
+
+    #[test]
+    fn key_stats_name_the_key_and_the_model_and_nobody_else() {
+        let who = Who::of("vk:team-a", "openai/tts-1.5");
+        assert_eq!((who.key.as_str(), who.model.as_str()), ("team-a", "openai/tts-1_5"));
+        let jwt = Who::of("jwt:\"alice\"", "");
+        assert_eq!((jwt.key.as_str(), jwt.model.as_str()), ("none", "none"));
+        let submitted = Report::Submitted {
+            id: "j".into(),
+            model: "openai/tts-1.5".into(),
+            fallbacks: 0,
+            ttl_s: 60,
+            local: true,
+            who: who.clone(),
+            chars: 5,
+        };
+        let key = "async_speech.key.team-a.model.openai/tts-1_5";
+        assert_eq!(
+            names(&submitted),
+            vec![
+                ("async_speech.jobs_submitted".into(), 1),
+                (format!("{key}.submits"), 1),
+                (format!("{key}.characters"), 5),
+                ("async_speech.jobs_held".into(), 1),
+                ("async_speech.jobs_pending".into(), 1),
+            ]
+        );
+        let failed = Report::KeyJob {
+            who: who.clone(),
+            completed: false,
+            spend_micros: 0,
+            returned: 5,
+        };
+        assert_eq!(
+            names(&failed),
+            vec![(format!("{key}.failed"), 1), (format!("{key}.characters"), -5)]
+        );
+        let refused = Report::Rejected {
+            status: 429,
+            kind: "request_limit_exceeded".into(),
+            message: String::new(),
+            full: false,
+            who,
+        };
+        assert_eq!(
+            names(&refused),
+            vec![
+                ("async_speech.jobs_rejected.limit".into(), 1),
+                (format!("{key}.refusals.request_limit_exceeded"), 1),
+            ]
+        );
     }
 }
