@@ -341,12 +341,20 @@ impl JobRecord {
     }
 }
 
+/// A stretch of bytes: where it starts, and how long it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Span {
+    pub at: u32,
+    pub len: u32,
+}
+
 /// A poll's answer body, with where the base64 audio sits in it (so that
 /// `/content` can decode it without parsing the JSON).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Rendered {
     pub body: Vec<u8>,
-    pub audio_at: Option<(u32, u32)>,
+    /// Where the base64 audio sits in the body, if the job completed.
+    pub audio: Option<Span>,
     /// Where the part that changes after the job ended (`webhook`) begins.
     pub tail_at: u32,
 }
@@ -378,9 +386,9 @@ fn push_tail(out: &mut Vec<u8>, record: &JobRecord) {
 }
 
 /// A finished job's answer with a new tail, the rest (audio included) kept as it is.
-pub fn retail(
+pub fn with_new_tail(
     body: &[u8],
-    audio_at: Option<(u32, u32)>,
+    audio: Option<Span>,
     tail_at: u32,
     record: &JobRecord,
 ) -> Rendered {
@@ -391,7 +399,7 @@ pub fn retail(
     push_tail(&mut out, record);
     Rendered {
         body: out,
-        audio_at,
+        audio,
         tail_at,
     }
 }
@@ -428,7 +436,7 @@ pub fn render(record: &JobRecord, completion: Option<&Completion>) -> Rendered {
         push_tail(&mut out, record);
         return Rendered {
             body: out,
-            audio_at: None,
+            audio: None,
             tail_at,
         };
     }
@@ -441,12 +449,15 @@ pub fn render(record: &JobRecord, completion: Option<&Completion>) -> Rendered {
     if let Some(code) = record.status_code {
         push_field(&mut out, "status_code", &code);
     }
-    let mut audio_at = None;
+    let mut audio = None;
     match (&record.result, completion) {
         (Some(meta), Some(c)) => {
             out.extend_from_slice(b",\"result\":");
             let (at, len) = push_result(&mut out, meta, c);
-            audio_at = Some((offset(at), offset(len)));
+            audio = Some(Span {
+                at: offset(at),
+                len: offset(len),
+            });
         }
         _ => out.extend_from_slice(b",\"result\":null"),
     }
@@ -458,7 +469,7 @@ pub fn render(record: &JobRecord, completion: Option<&Completion>) -> Rendered {
     push_tail(&mut out, record);
     Rendered {
         body: out,
-        audio_at,
+        audio,
         tail_at,
     }
 }
@@ -557,7 +568,7 @@ mod tests {
             normalized_alignment: None,
         };
         let r = render(&j, Some(&done));
-        let (at, len) = r.audio_at.unwrap();
+        let Span { at, len } = r.audio.unwrap();
         assert_eq!(&r.body[at as usize..(at + len) as usize], b"/wAB");
         let v = json(&r);
         assert_eq!(v["status"], "completed");

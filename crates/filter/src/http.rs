@@ -9,7 +9,7 @@ use proxy_wasm::types::{Action, BufferType, MapType};
 
 use crate::root::Shared;
 use async_speech_core::api::routes::{route, Route};
-use async_speech_core::api::{Answer, Api, Decision, PendingSubmit, RequestHead, Then};
+use async_speech_core::api::{Answer, Api, Decision, Paused, PendingSubmit, RequestHead};
 use async_speech_core::auth::ClaimValue;
 use async_speech_core::engine::Report;
 use async_speech_core::error::ApiError;
@@ -25,7 +25,7 @@ enum State {
     /// Waiting on the store's (etcd's) answer to this callout.
     Waiting {
         token: u32,
-        then: Then,
+        paused: Paused,
         started_ms: u64,
     },
 }
@@ -106,7 +106,7 @@ impl SpeechHttp {
                     let started_ms = shared.clock.now_ms(shared.host.as_ref());
                     self.state = State::Waiting {
                         token,
-                        then: call.then,
+                        paused: call.paused,
                         started_ms,
                     };
                     Action::Pause
@@ -134,7 +134,7 @@ impl Context for SpeechHttp {
             Some(shared),
             State::Waiting {
                 token,
-                then,
+                paused,
                 started_ms,
             },
         ) = (self.shared.clone(), &self.state)
@@ -144,7 +144,7 @@ impl Context for SpeechHttp {
         if *token != token_id {
             return;
         }
-        let (then, started_ms) = (then.clone(), *started_ms);
+        let (paused, started_ms) = (paused.clone(), *started_ms);
         self.state = State::Answered;
         // A failed callout has no headers; asking for ":status" then would panic in the SDK.
         let status = (num_headers > 0)
@@ -176,7 +176,7 @@ impl Context for SpeechHttp {
             ok,
             latency_ms: latency,
         }]);
-        let decision = Self::api(&shared).on_store_answer(then, answer);
+        let decision = Self::api(&shared).on_store_answer(paused, answer);
         self.decide(&shared, decision);
     }
 }

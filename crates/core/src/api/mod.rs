@@ -83,18 +83,18 @@ pub enum Decision {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreCall {
     pub callout: crate::platform::Callout,
-    pub then: Then,
+    pub paused: Paused,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Then {
-    op: Op,
+pub struct Paused {
+    intent: Intent,
     wait: Wait,
 }
 
-/// What the request is doing.
+/// What the request asks for.
 #[derive(Debug, Clone, PartialEq)]
-enum Op {
+enum Intent {
     Submit(Box<SubmitFacts>),
     Poll,
     Content,
@@ -169,12 +169,12 @@ impl Api<'_> {
             }
             Route::Job(id) if method == "DELETE" => self.follow(
                 jobs.delete(id, owner.as_bytes()),
-                Op::Delete { id: id.clone() },
+                Intent::Delete { id: id.clone() },
             ),
-            Route::Job(id) => self.follow(jobs.read(id, owner.as_bytes()), Op::Poll),
-            Route::Content(id) => self.follow(jobs.read(id, owner.as_bytes()), Op::Content),
+            Route::Job(id) => self.follow(jobs.read(id, owner.as_bytes()), Intent::Poll),
+            Route::Content(id) => self.follow(jobs.read(id, owner.as_bytes()), Intent::Content),
             Route::Usage if owner.starts_with("vk:") => {
-                self.follow(jobs.usage(&owner), Op::Usage { owner })
+                self.follow(jobs.usage(&owner), Intent::Usage { owner })
             }
             // An owner without a virtual key has no limits, and no usage of its own.
             Route::Usage => Decision::Respond(Answer::json(
@@ -296,7 +296,7 @@ impl Api<'_> {
             record
         };
         let step = self.jobs().insert(&make, &pending.owner, chars);
-        Ok(self.follow(step, Op::Submit(Box::new(facts))))
+        Ok(self.follow(step, Intent::Submit(Box::new(facts))))
     }
 
     fn jobs(&self) -> Jobs<'_> {
@@ -310,40 +310,44 @@ impl Api<'_> {
     }
 
     /// Goes on with a request once the store's call has been answered.
-    pub fn on_store_answer(&self, then: Then, answer: crate::store::work::StoreAnswer) -> Decision {
-        self.follow(self.jobs().resume(then.wait, answer), then.op)
+    pub fn on_store_answer(
+        &self,
+        paused: Paused,
+        answer: crate::store::work::StoreAnswer,
+    ) -> Decision {
+        self.follow(self.jobs().resume(paused.wait, answer), paused.intent)
     }
 
     /// The store's next step: a call to make, or the answer.
-    fn follow(&self, step: Step, op: Op) -> Decision {
+    fn follow(&self, step: Step, intent: Intent) -> Decision {
         match step {
             Step::Call(callout, wait) => Decision::Call(Box::new(StoreCall {
                 callout,
-                then: Then { op, wait },
+                paused: Paused { intent, wait },
             })),
-            Step::Done(done) => Decision::Respond(self.answer(op, done)),
+            Step::Done(done) => Decision::Respond(self.answer(intent, done)),
         }
     }
 
-    fn answer(&self, op: Op, done: Result<Done, StoreError>) -> Answer {
-        let done = match (done, &op) {
+    fn answer(&self, intent: Intent, done: Result<Done, StoreError>) -> Answer {
+        let done = match (done, &intent) {
             (Ok(done), _) => done,
-            (Err(e), Op::Submit(facts)) => return self.submit_refused(e, facts),
+            (Err(e), Intent::Submit(facts)) => return self.submit_refused(e, facts),
             (Err(e), _) => return refused(&Route::Unknown, &self.store_error(e), &Who::of("", "")),
         };
-        let found = match (op, done) {
-            (Op::Submit(facts), Done::Inserted(record, state)) => {
+        let found = match (intent, done) {
+            (Intent::Submit(facts), Done::Inserted(record, state)) => {
                 Ok(submitted(&record, &facts).with_ratelimit(&facts.limits, &state, self.now_ms))
             }
-            (Op::Poll, Done::Read(Some(bytes))) => match slot::decode(&bytes) {
+            (Intent::Poll, Done::Read(Some(bytes))) => match slot::decode(&bytes) {
                 SlotView::Held(view) => Ok(poll_answer(&view)),
                 _ => Err(ApiError::job_not_found()),
             },
-            (Op::Content, Done::Read(Some(bytes))) => match slot::decode(&bytes) {
+            (Intent::Content, Done::Read(Some(bytes))) => match slot::decode(&bytes) {
                 SlotView::Held(view) => content_answer(&view),
                 _ => Err(ApiError::job_not_found()),
             },
-            (Op::Delete { id }, Done::Deleted(Some(record))) => Ok(Answer {
+            (Intent::Delete { id }, Done::Deleted(Some(record))) => Ok(Answer {
                 status: 204,
                 headers: vec![],
                 body: vec![],
@@ -360,7 +364,7 @@ impl Api<'_> {
                     },
                 }),
             }),
-            (Op::Usage { owner }, Done::Usage(state, held, running)) => {
+            (Intent::Usage { owner }, Done::Usage(state, held, running)) => {
                 Ok(self.usage(&owner, &state, held, running))
             }
             // Unknown, expired, someone else's, or freed by someone else since it was read.

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::governance::Settle;
-use crate::job::{render, retail, Completion, JobRecord, JobStatus, NextStep, Rendered};
+use crate::job::{render, with_new_tail, Completion, JobRecord, JobStatus, NextStep, Rendered};
 use crate::platform::{Callout, Host};
 use crate::providers::UpstreamResponse;
 use crate::store::work::{
@@ -41,15 +41,15 @@ pub use report::Report;
 /// answer, and past an attempt's timeout before a claim on its job lapses.
 pub const GRACE_MS: u64 = 5_000;
 
-/// What a store call was for: the step it resumes, and what follows.
+/// What the engine awaits from a store operation.
 #[derive(Debug, Clone, PartialEq)]
-enum Then {
+enum Awaiting {
     Upkeep,
-    Found,
-    Claimed,
-    Shown,
-    Ended { id: String },
-    Returned,
+    Find,
+    Claim,
+    Show,
+    End { id: String },
+    Return,
 }
 
 /// A call out, handed back with its answer.
@@ -57,7 +57,7 @@ enum Then {
 enum Call {
     Provider(Box<Attempt>),
     Webhook(Box<WebhookCall>),
-    Store(WorkWait, Then),
+    Store(WorkWait, Awaiting),
 }
 
 #[derive(Debug)]
@@ -188,7 +188,7 @@ impl Engine {
             self.hand_back(cx);
         }
         if !self.closing {
-            self.op(cx, WorkOp::Upkeep, Then::Upkeep);
+            self.op(cx, WorkOp::Upkeep, Awaiting::Upkeep);
         }
         self.pump(cx);
         self.take_work(cx, true);
@@ -216,7 +216,7 @@ impl Engine {
                 .into_iter()
                 .chain(std::mem::take(&mut self.found));
             for ticket in all {
-                self.op(cx, WorkOp::Return(ticket), Then::Returned);
+                self.op(cx, WorkOp::Return(ticket), Awaiting::Return);
             }
         }
         self.finish()
@@ -353,7 +353,7 @@ impl Engine {
                 let outcome = deliver::outcome(status, body, elapsed_ms, call.callout.timeout_ms);
                 self.webhook_answered(cx, &call, outcome);
             }
-            Call::Store(wait, then) => {
+            Call::Store(wait, awaiting) => {
                 let answer = ended.store_answer();
                 let ok = answer.as_ref().is_some_and(|(s, _)| (200..300).contains(s));
                 self.out.push(Report::StoreCall {
@@ -362,38 +362,41 @@ impl Engine {
                     latency_ms: elapsed_ms,
                 });
                 let step = self.store.resume(wait, answer, cx.now);
-                self.step(cx, step, then);
+                self.step(cx, step, awaiting);
             }
         }
     }
 
     // ---- the store ----------------------------------------------------
 
-    fn op(&mut self, cx: &Cx, op: WorkOp, then: Then) {
+    fn op(&mut self, cx: &Cx, op: WorkOp, awaiting: Awaiting) {
         let step = self.store.begin(cx.host, cx.config, op, cx.now);
-        self.step(cx, step, then);
+        self.step(cx, step, awaiting);
     }
 
-    fn step(&mut self, cx: &Cx, step: WorkStep, then: Then) {
+    fn step(&mut self, cx: &Cx, step: WorkStep, awaiting: Awaiting) {
         match step {
-            WorkStep::Done(done) => self.done(cx, then, done),
-            WorkStep::Call(callout, wait) => self.send(cx, &callout, Call::Store(wait, then)),
+            WorkStep::Done(done) => self.done(cx, awaiting, done),
+            WorkStep::Call(callout, wait) => self.send(cx, &callout, Call::Store(wait, awaiting)),
         }
     }
 
-    fn done(&mut self, cx: &Cx, then: Then, done: WorkDone) {
-        match (then, done) {
-            (then @ (Then::Upkeep | Then::Found), WorkDone::Found { tickets, expired }) => {
+    fn done(&mut self, cx: &Cx, awaiting: Awaiting, done: WorkDone) {
+        match (awaiting, done) {
+            (
+                awaiting @ (Awaiting::Upkeep | Awaiting::Find),
+                WorkDone::Found { tickets, expired },
+            ) => {
                 self.out.push(Report::Expired {
                     count: expired,
                     local: self.store.is_local(),
                 });
-                if then == Then::Found {
+                if awaiting == Awaiting::Find {
                     self.finding = false;
                     // What the last find turned up and is still unclaimed goes
                     // back (a ticket counted as running must not be lost).
                     for ticket in std::mem::take(&mut self.found) {
-                        self.op(cx, WorkOp::Return(ticket), Then::Returned);
+                        self.op(cx, WorkOp::Return(ticket), Awaiting::Return);
                     }
                     self.found = tickets.into();
                     self.found_at = cx.now;
@@ -403,29 +406,29 @@ impl Engine {
                 }
                 self.take_work(cx, false);
             }
-            (Then::Found, _) => self.finding = false,
-            (Then::Claimed, WorkDone::Claimed(claimed)) => {
+            (Awaiting::Find, _) => self.finding = false,
+            (Awaiting::Claim, WorkDone::Claimed(claimed)) => {
                 self.claiming = self.claiming.saturating_sub(1);
                 if let Some(claimed) = claimed {
                     self.start_run(cx, *claimed);
                 }
             }
-            (Then::Claimed, _) => self.claiming = self.claiming.saturating_sub(1),
-            (Then::Ended { id }, WorkDone::Ended(LetGo::Later)) => {
+            (Awaiting::Claim, _) => self.claiming = self.claiming.saturating_sub(1),
+            (Awaiting::End { id }, WorkDone::Ended(LetGo::Later)) => {
                 if let Some(run) = self.runs.get_mut(&id) {
                     run.let_again = true;
                 }
             }
-            (Then::Ended { id }, WorkDone::Ended(how)) => {
+            (Awaiting::End { id }, WorkDone::Ended(how)) => {
                 let run = self.runs.remove(&id);
                 if let (LetGo::Done, Some((_, reports))) = (how, run.and_then(|r| r.letting)) {
                     self.out.extend(reports);
                 }
             }
-            (Then::Ended { id }, _) => {
+            (Awaiting::End { id }, _) => {
                 self.runs.remove(&id);
             }
-            (Then::Returned, _) => {}
+            (Awaiting::Return, _) => {}
             _ => {}
         }
     }
@@ -446,7 +449,7 @@ impl Engine {
         if find && cx.now.saturating_sub(self.found_at) >= FOUND_FRESH_MS && !self.found.is_empty()
         {
             for ticket in std::mem::take(&mut self.found) {
-                self.op(cx, WorkOp::Return(ticket), Then::Returned);
+                self.op(cx, WorkOp::Return(ticket), Awaiting::Return);
             }
         }
         while room(self) > 0 {
@@ -458,12 +461,12 @@ impl Engine {
             }
             self.claiming += 1;
             let hold_ms = longest_call_ms(cx.config).saturating_add(GRACE_MS);
-            self.op(cx, WorkOp::Claim { ticket, hold_ms }, Then::Claimed);
+            self.op(cx, WorkOp::Claim { ticket, hold_ms }, Awaiting::Claim);
         }
         let room = room(self);
         if find && room > 0 && !self.finding {
             self.finding = true;
-            self.op(cx, WorkOp::Find { room }, Then::Found);
+            self.op(cx, WorkOp::Find { room }, Awaiting::Find);
         }
     }
 
@@ -573,7 +576,7 @@ impl Engine {
             record: Box::new(run.record.clone()),
             hold_ms,
         };
-        self.op(cx, op, Then::Shown);
+        self.op(cx, op, Awaiting::Show);
     }
 
     /// Sends queued provider calls while there is room.
@@ -786,8 +789,11 @@ impl Engine {
             settle,
         });
         run.letting = Some((ending.clone(), report));
-        let then = Then::Ended { id: id.to_string() };
-        self.op(cx, WorkOp::End(ending), then);
+        self.op(
+            cx,
+            WorkOp::End(ending),
+            Awaiting::End { id: id.to_string() },
+        );
     }
 
     /// Endings the store could not take before: once more.
@@ -802,7 +808,7 @@ impl Engine {
             })
             .collect();
         for (id, ending) in again {
-            self.op(cx, WorkOp::End(ending), Then::Ended { id });
+            self.op(cx, WorkOp::End(ending), Awaiting::End { id });
         }
     }
 
@@ -937,12 +943,12 @@ fn kept_body(run: &mut Run, now_ms: u64) -> Rendered {
         run.record.result_dropped = true;
         return Rendered {
             body: b"{}".to_vec(),
-            audio_at: None,
+            audio: None,
             tail_at: 1,
         };
     }
     match (&run.body, run.record.status.is_finished()) {
-        (Some(old), true) => retail(&old.body, old.audio_at, old.tail_at, &run.record),
+        (Some(old), true) => with_new_tail(&old.body, old.audio, old.tail_at, &run.record),
         _ => render(&run.record, None),
     }
 }

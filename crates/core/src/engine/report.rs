@@ -252,8 +252,9 @@ impl Report {
             } => {
                 let part = part.map(|p| format!(" part {p}")).unwrap_or_default();
                 let model = escape(model);
-                let line =
-                    format!("job {id} attempt {attempt}{part} sent to provider {provider} (model {model})");
+                let line = format!(
+                    "job {id} attempt {attempt}{part} sent to provider {provider} (model {model})"
+                );
                 Some((Level::Info, line))
             }
             Report::AttemptEnded {
@@ -270,7 +271,10 @@ impl Report {
                 )),
                 _ => Some((
                     Level::Warn,
-                    format!("job {id} provider {provider}: {} after {latency_ms} ms", result.name()),
+                    format!(
+                        "job {id} provider {provider}: {} after {latency_ms} ms",
+                        result.name()
+                    ),
                 )),
             },
             Report::Warning(text) => Some((Level::Warn, text.clone())),
@@ -409,11 +413,7 @@ impl Report {
             Report::Webhook { result, .. } => {
                 vec![Stat::count(format!("webhooks_{}", result.name()))]
             }
-            Report::StoreCall {
-                op,
-                ok,
-                latency_ms,
-            } => {
+            Report::StoreCall { op, ok, latency_ms } => {
                 let mut out = vec![
                     Stat::count("store_calls"),
                     Stat::count(format!("store_calls.{op}")),
@@ -518,13 +518,20 @@ mod tests {
     use super::*;
 
     fn names(report: &Report) -> Vec<(String, i64)> {
-        report.stats().into_iter().map(|s| (s.name, s.value)).collect()
+        report
+            .stats()
+            .into_iter()
+            .map(|s| (s.name, s.value))
+            .collect()
     }
 
     #[test]
     fn key_stats_name_the_key_and_the_model_and_nobody_else() {
         let who = Who::of("vk:team-a", "openai/tts-1.5");
-        assert_eq!((who.key.as_str(), who.model.as_str()), ("team-a", "openai/tts-1_5"));
+        assert_eq!(
+            (who.key.as_str(), who.model.as_str()),
+            ("team-a", "openai/tts-1_5")
+        );
         let jwt = Who::of("jwt:\"alice\"", "");
         assert_eq!((jwt.key.as_str(), jwt.model.as_str()), ("none", "none"));
         let submitted = Report::Submitted {
@@ -555,7 +562,10 @@ mod tests {
         };
         assert_eq!(
             names(&failed),
-            vec![(format!("{key}.failed"), 1), (format!("{key}.characters"), -5)]
+            vec![
+                (format!("{key}.failed"), 1),
+                (format!("{key}.characters"), -5)
+            ]
         );
         let refused = Report::Rejected {
             status: 429,

@@ -126,8 +126,8 @@ fn pcm_of(json: &Value, max_audio_bytes: usize) -> Result<Option<Vec<u8>>, ApiEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use crate::audio::wav::from_pcm16 as wav_from_pcm16;
+    use crate::config::Config;
     use crate::request::parse_speech_request;
 
     fn setup(body: &str) -> (Config, SpeechRequest) {

@@ -438,7 +438,7 @@ impl World {
                     calls += 1;
                     let answer = (!self.etcd_down.get())
                         .then(|| self.etcd.answer(&call.callout, self.now()));
-                    api.on_store_answer(call.then, answer)
+                    api.on_store_answer(call.paused, answer)
                 }
                 Decision::PassThrough => panic!("{path} passed through"),
             };

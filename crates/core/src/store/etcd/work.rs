@@ -104,10 +104,10 @@ enum Waiting {
     Actives(String),
     PutBack(Box<Sweep>),
     /// A job's TTL lease, its parts, its lane, then the release.
-    Ttl(Box<Closing>),
-    Part(Box<Closing>),
-    Lane(Box<Closing>),
-    Release(Box<Closing>),
+    Ttl(Box<Parting>),
+    Part(Box<Parting>),
+    Lane(Box<Parting>),
+    Release(Box<Parting>),
     Forget,
 }
 
@@ -120,7 +120,7 @@ struct Sweep {
 
 /// A job on its way back into etcd.
 #[derive(Debug, Clone, PartialEq)]
-struct Closing {
+struct Parting {
     record: JobRecord,
     value: Vec<u8>,
     parts: Vec<Vec<u8>>,
@@ -377,7 +377,7 @@ impl EtcdWork {
             expires,
             self.etcd.part_bytes(),
         );
-        let letting = Closing {
+        let letting = Parting {
             limits: limits_of(config, &lane_of(&record.owner)),
             parts: parts.into_iter().map(<[u8]>::to_vec).collect(),
             value,
@@ -392,7 +392,7 @@ impl EtcdWork {
         self.next_letting(letting, now_ms)
     }
 
-    fn next_letting(&self, mut letting: Closing, now_ms: u64) -> WorkStep {
+    fn next_letting(&self, mut letting: Parting, now_ms: u64) -> WorkStep {
         let keys = self.etcd.keys();
         if letting.leave == Leave::Finished && letting.ttl_lease.is_none() {
             let remaining_s = letting
@@ -696,7 +696,7 @@ impl EtcdWork {
         self.call(back, Waiting::PutBack(Box::new(sweep)), now_ms)
     }
 
-    fn ttl_granted(&mut self, mut letting: Closing, body: Option<&[u8]>, now_ms: u64) -> WorkStep {
+    fn ttl_granted(&mut self, mut letting: Parting, body: Option<&[u8]>, now_ms: u64) -> WorkStep {
         match body.and_then(|b| parse_lease_grant(b).ok()) {
             Some(grant) => letting.ttl_lease = Some(grant.id),
             None => return WorkStep::Done(WorkDone::Ended(LetGo::Later)),
@@ -705,7 +705,7 @@ impl EtcdWork {
     }
 
     /// The key's counters are read: settled with what the job owes, then released.
-    fn lane_read(&mut self, mut letting: Closing, body: Option<&[u8]>, now_ms: u64) -> WorkStep {
+    fn lane_read(&mut self, mut letting: Parting, body: Option<&[u8]>, now_ms: u64) -> WorkStep {
         let Some(txn) = body.and_then(|b| parse_txn(b).ok()) else {
             return WorkStep::Done(WorkDone::Ended(LetGo::Later));
         };
@@ -719,7 +719,7 @@ impl EtcdWork {
     /// A release's answer: done (or an earlier try was), lost (another
     /// replica holds the job, or it is gone), or the key's counters moved
     /// (read again and tried again).
-    fn released(&mut self, mut letting: Closing, body: Option<&[u8]>, now_ms: u64) -> WorkStep {
+    fn released(&mut self, mut letting: Parting, body: Option<&[u8]>, now_ms: u64) -> WorkStep {
         let Some(txn) = body.and_then(|b| parse_txn(b).ok()) else {
             return WorkStep::Done(WorkDone::Ended(LetGo::Later));
         };
@@ -756,7 +756,7 @@ fn claimed_job(kv: &Kv) -> Option<Claimed> {
     let record = view.record()?;
     let body = Rendered {
         body: view.body.to_vec(),
-        audio_at: view.audio_at,
+        audio: view.audio,
         tail_at: view.tail_at,
     };
     Some(Claimed {

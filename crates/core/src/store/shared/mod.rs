@@ -320,11 +320,11 @@ impl<'h> Store<'h> {
                 let kept = if record.result_dropped {
                     crate::job::Rendered {
                         body: b"{}".to_vec(),
-                        audio_at: None,
+                        audio: None,
                         tail_at: 1,
                     }
                 } else {
-                    crate::job::retail(view.body, view.audio_at, view.tail_at, &record)
+                    crate::job::with_new_tail(view.body, view.audio, view.tail_at, &record)
                 };
                 slot::encode_held(view.epoch, &record, &kept)
             } else {

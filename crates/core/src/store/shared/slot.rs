@@ -11,7 +11,7 @@
 //! All integers little-endian. `epoch` counts how often the slot was freed, so
 //! a free-list entry or timer that names an older epoch is recognised as stale.
 
-use crate::job::{JobRecord, JobStatus, Rendered};
+use crate::job::{JobRecord, JobStatus, Rendered, Span};
 
 pub const ID_LEN: usize = 36;
 const HEADER: usize = 1 + 4 + 1 + 8 + 2 + ID_LEN + 4 + 4 + 4 + 4;
@@ -44,7 +44,7 @@ pub struct HeldView<'a> {
     pub owner: &'a [u8],
     pub record: &'a [u8],
     pub body: &'a [u8],
-    pub audio_at: Option<(u32, u32)>,
+    pub audio: Option<Span>,
     pub tail_at: u32,
 }
 
@@ -55,7 +55,7 @@ impl<'a> HeldView<'a> {
 
     /// The base64 audio inside the body, if the job completed.
     pub fn audio_base64(&self) -> Option<&'a [u8]> {
-        let (at, len) = self.audio_at?;
+        let Span { at, len } = self.audio?;
         let start = usize::try_from(at).ok()?;
         let end = start.checked_add(usize::try_from(len).ok()?)?;
         self.body.get(start..end)
@@ -110,7 +110,10 @@ fn decode_held(v: &[u8]) -> Option<HeldView<'_>> {
         owner,
         record,
         body,
-        audio_at: (audio_len > 0).then_some((audio_at, audio_len)),
+        audio: (audio_len > 0).then_some(Span {
+            at: audio_at,
+            len: audio_len,
+        }),
         tail_at,
     })
 }
@@ -126,7 +129,10 @@ pub fn encode_held(epoch: u32, record: &JobRecord, rendered: &Rendered) -> Optio
     }
     let owner_len = u16::try_from(owner.len()).ok()?;
     let record_len = u32::try_from(record_json.len()).ok()?;
-    let (audio_at, audio_len) = rendered.audio_at.unwrap_or((0, 0));
+    let Span {
+        at: audio_at,
+        len: audio_len,
+    } = rendered.audio.unwrap_or_default();
     let expires = if record.status.is_finished() {
         record.expires_at_ms().unwrap_or(0).max(1)
     } else {

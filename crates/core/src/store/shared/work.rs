@@ -302,7 +302,7 @@ fn change(
         let mut record = view.record()?;
         let body = Rendered {
             body: view.body.to_vec(),
-            audio_at: view.audio_at,
+            audio: view.audio,
             tail_at: view.tail_at,
         };
         let rendered = f(&mut record, &body)?;
@@ -466,7 +466,7 @@ fn drop_result(store: &Store, id: &str, now_ms: u64) {
         r.result_dropped = true;
         Some(Rendered {
             body: b"{}".to_vec(),
-            audio_at: None,
+            audio: None,
             tail_at: 1,
         })
     });
