@@ -10,7 +10,7 @@ pub use crate::config::KEY_PREFIX;
 /// The owner recorded for jobs made without a key when `allow_unauthenticated` is on.
 pub const ANONYMOUS: &str = "";
 
-/// Finds the virtual key among the headers of SPEC §1, in their order of precedence.
+/// Finds the virtual key among the key headers, in their order of precedence.
 /// `header` returns a request header's raw bytes by lower-case name.
 pub fn presented_key(header: &dyn Fn(&str) -> Option<Vec<u8>>) -> Option<Vec<u8>> {
     let mut first_seen: Option<Vec<u8>> = None;

@@ -1,4 +1,4 @@
-//! Plugin configuration (SPEC §3): parsed and validated once, when Envoy loads it.
+//! Plugin configuration: parsed and validated once, when Envoy loads it.
 //!
 //! Every number has a range, listed once in [`RANGES`]; a value outside it
 //! refuses the configuration with an error that names the setting.
@@ -82,7 +82,7 @@ pub const DEFAULT_MAX_FALLBACKS: u64 = 5;
 pub const DEFAULT_MAX_AUDIO_BYTES: u64 = 26_214_400;
 pub const DEFAULT_MAX_PARALLEL_CHUNKS: u64 = 3;
 
-/// Virtual keys start with this (SPEC §1).
+/// Virtual keys start with this.
 pub const KEY_PREFIX: &str = "sk-bf-";
 
 /// A provider's `type`: which API it speaks.
@@ -112,7 +112,7 @@ impl ProviderKind {
         }
     }
 
-    /// Longest input one call takes by default (SPEC §3): the provider's own cap.
+    /// Longest input one call takes by default: the provider's own cap.
     pub fn default_max_input_chars(self) -> u64 {
         match self {
             ProviderKind::OpenAi | ProviderKind::Azure => 4096,
@@ -135,9 +135,9 @@ pub struct ProviderConfig {
     pub timeout_ms: u64,
     /// Azure OpenAI `api-version` query parameter.
     pub api_version: String,
-    /// Longest input one call to this provider takes (SPEC §6).
+    /// Longest input one call to this provider takes.
     pub max_input_chars: usize,
-    /// Chunks of one job sent to this provider at once (SPEC §6).
+    /// Chunks of one job sent to this provider at once.
     pub max_parallel_chunks: usize,
     /// The global `max_audio_bytes`, copied here so that a provider's `parse` can apply it.
     pub max_audio_bytes: usize,
@@ -192,9 +192,9 @@ pub struct Config {
     pub max_fallbacks: usize,
     /// Largest audio one job may hold; a larger provider answer fails the job with 502.
     pub max_audio_bytes: usize,
-    /// Named webhook endpoints a submit may ask for (SPEC §5).
+    /// Named webhook endpoints a submit may ask for.
     pub webhooks: BTreeMap<String, WebhookEndpoint>,
-    /// Where jobs live (SPEC §4): this Envoy's shared data, or etcd.
+    /// Where jobs live: this Envoy's shared data, or etcd.
     pub store: StoreConfig,
     /// Dollars per million characters, by model, for budgets.
     pub pricing: Pricing,
@@ -375,7 +375,7 @@ fn parse_limits(raw: &RawConfig) -> Result<Limits, String> {
     })
 }
 
-/// SPEC §3: 4 × the largest `timeout_ms` + 30 s, at least 90 s (a job may use its
+/// 4 × the largest `timeout_ms` + 30 s, at least 90 s (a job may use its
 /// primary and three fallbacks at the slowest timeout).
 fn default_deadline_s(providers: &BTreeMap<String, ProviderConfig>) -> u64 {
     let longest_ms = providers.values().map(|p| p.timeout_ms).max().unwrap_or(0);

@@ -1,4 +1,4 @@
-//! The error shape of SPEC §2, shared by every non-2xx answer and by failed jobs.
+//! The error shape, shared by every non-2xx answer and by failed jobs.
 
 use serde::{Deserialize, Serialize};
 
@@ -96,7 +96,7 @@ impl ApiError {
         Self::gateway(401, "authentication_error", message)
     }
 
-    /// The one answer for unknown, expired and foreign jobs alike (SPEC §1).
+    /// The one answer for unknown, expired and foreign jobs alike.
     pub fn job_not_found() -> Self {
         ApiError {
             event_id: None,

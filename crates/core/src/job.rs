@@ -112,7 +112,7 @@ pub struct JobRecord {
     /// The webhook the client asked for, and its delivery once the job ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookJob>,
-    /// A long input's parts for the attempt under way (SPEC §6).
+    /// A long input's parts for the attempt under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parts: Option<PartPlan>,
     /// Expired, but kept (without its audio) until its webhook delivery ends.
@@ -160,7 +160,7 @@ impl PartPlan {
     }
 }
 
-/// A job's webhook (SPEC §5): which endpoint, and once the job ended, the
+/// A job's webhook: which endpoint, and once the job ended, the
 /// delivery's state and the body made for it (made once, sent on every
 /// attempt before the job expires).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

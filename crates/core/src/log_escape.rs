@@ -1,4 +1,4 @@
-//! Text that a client or provider sent, made safe for a log line (SPEC §7): no raw
+//! Text that a client or provider sent, made safe for a log line: no raw
 //! control characters, no invalid UTF-8, and a bounded length.
 
 /// Longest escaped text [`escape_for_log`] returns, in characters, before its `…`.

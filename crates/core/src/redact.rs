@@ -1,4 +1,4 @@
-//! Keeping provider keys out of what clients and logs see (SPEC §2, §7).
+//! Keeping provider keys out of what clients and logs see.
 
 use crate::error::ApiError;
 

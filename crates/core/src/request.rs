@@ -1,4 +1,4 @@
-//! The submit request: the body and TTL header of SPEC §1, validated into a `SpeechRequest`.
+//! The submit request: the body and TTL header, validated into a `SpeechRequest`.
 
 use serde_json::{Map, Value};
 
@@ -46,14 +46,14 @@ pub fn is_json_content_type(value: Option<&[u8]>) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Longest `model` string, `provider/model` as a whole (SPEC §7).
+/// Longest `model` string, `provider/model` as a whole.
 pub const MAX_MODEL_CHARS: usize = 256;
 /// Longest `voice` string, and each multi-speaker `speaker` and `voice`.
 pub const MAX_VOICE_CHARS: usize = 256;
 pub const MAX_INSTRUCTIONS_CHARS: usize = 4096;
 pub const MAX_PRONUNCIATION_LOCATORS: usize = 3;
 
-/// Validates a submit body against SPEC §1 and §7 and the configured providers.
+/// Validates a submit body, its limits and the configured providers.
 pub fn parse_speech_request(body: &[u8], config: &Config) -> Result<SpeechRequest, ApiError> {
     let obj = parse_object(body)?;
     refuse_streaming(&obj)?;
@@ -234,7 +234,7 @@ fn is_locator(item: &Value) -> bool {
 
 /// Every attempt must be possible: a fallback that could never take this request
 /// is a client error now, not a failed job later.
-/// Most parts one long input may be split into (SPEC §6).
+/// Most parts one long input may be split into.
 pub const MAX_PARTS: usize = 256;
 
 fn check_every_attempt(request: &SpeechRequest, config: &Config) -> Result<(), ApiError> {
@@ -262,7 +262,7 @@ fn check_every_attempt(request: &SpeechRequest, config: &Config) -> Result<(), A
     Ok(())
 }
 
-/// An input longer than a provider takes at once is split and joined (SPEC §6):
+/// An input longer than a provider takes at once is split and joined:
 /// the format must be joinable, and the parts few enough.
 fn check_splittable(
     request: &SpeechRequest,

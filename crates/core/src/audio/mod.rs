@@ -1,4 +1,4 @@
-//! Long input (SPEC §6): splitting text into chunks and joining audio parts into one file.
+//! Long input: splitting text into chunks and joining audio parts into one file.
 //!
 //! Everything here is pure (no proxy-wasm calls): bytes in, `Result` out, never a panic on
 //! malformed input.
@@ -19,7 +19,7 @@ pub use split::split_text;
 /// ElevenLabs and the local provider all answer `pcm` that way).
 pub const PCM_BLOCK_BYTES: usize = 2;
 
-/// The formats whose parts can be joined. `flac` is not one of them (SPEC §6).
+/// The formats whose parts can be joined. `flac` is not one of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JoinFormat {
     Mp3,

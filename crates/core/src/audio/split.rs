@@ -1,4 +1,4 @@
-//! Splitting long input into chunks a provider accepts (SPEC §6).
+//! Splitting long input into chunks a provider accepts.
 //!
 //! Chunks hold at most `max_chars` Unicode scalar values (never bytes). A chunk ends at the
 //! last sentence end inside the limit (`.` `!` `?` `…` followed by whitespace, or `。` `！` `？`

@@ -240,7 +240,7 @@ pub fn check_json_depth(body: &[u8]) -> Result<(), ApiError> {
     }
 }
 
-/// Refuses audio larger than `max_audio_bytes` (SPEC §3): the attempt fails with 502.
+/// Refuses audio larger than `max_audio_bytes`: the attempt fails with 502.
 /// The host calls it with a callout's body size before reading the body; providers
 /// call it on the audio they decode.
 pub fn audio_within_limit(len: usize, max_audio_bytes: usize) -> Result<(), ApiError> {

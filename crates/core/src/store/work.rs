@@ -5,7 +5,7 @@
 //!
 //! | | shared data | etcd |
 //! |---|---|---|
-//! | work is found | on the job queue and the timer wheel | by scanning the pending index |
+//! | work is found | on the lanes' queues, taken in turn, and the timer wheel | by scanning the queue (in fair order) and the time-ordered indexes |
 //! | a job is claimed | by a compare-and-swap of its slot that names the claimer, until a time | by a key under the replica's lease |
 //! | a claim lapses | at its time (the claimer refreshes it at every step) | with the replica's lease |
 //! | a finished job expires | by a timer that frees its slot | by an etcd lease of its TTL |

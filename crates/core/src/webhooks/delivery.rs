@@ -1,4 +1,4 @@
-//! One event's delivery to one endpoint (SPEC §5): at least once, retried with exponential
+//! One event's delivery to one endpoint: at least once, retried with exponential
 //! backoff. Pure state, kept in the job store with the job (and past its expiry until the
 //! delivery ends), so a VM reload or a replica loss does not lose it.
 //!

@@ -1,4 +1,4 @@
-//! Webhooks (SPEC §5): endpoint configuration, Standard Webhooks signatures, the Bifrost envelope
+//! Webhooks: endpoint configuration, Standard Webhooks signatures, the Bifrost envelope
 //! and the retry schedule.
 //!
 //! All of it is pure (no host calls): [`config`] validates the `webhooks` object and picks the

@@ -1,4 +1,4 @@
-//! Standard Webhooks signatures (SPEC §5): `webhook-signature: v1,<base64> v1,<base64> …`, one
+//! Standard Webhooks signatures: `webhook-signature: v1,<base64> v1,<base64> …`, one
 //! HMAC-SHA256 over `{webhook-id}.{webhook-timestamp}.{body}` per secret.
 
 use base64::alphabet;

@@ -1,4 +1,4 @@
-//! The plugin config's `store` (SPEC §4): shared data (the default) or etcd.
+//! The plugin config's `store`: shared data (the default) or etcd.
 
 use serde_json::{Map, Value};
 

@@ -1,22 +1,17 @@
-//! Groundwork for the etcd job store (SPEC §4): pure request builders and
-//! answer parsers for etcd's HTTP/JSON gateway, the key keys under the
-//! configured prefix, and the `store` config. Nothing here calls the host:
-//! a store built on it sends [`request::Request`]s as callouts
-//! ([`EtcdConfig::callout`]) and parses their answers with [`response`].
+//! The etcd store: jobs in an etcd (3.4 or later) cluster, reached through
+//! its HTTP/JSON gateway with callouts to an Envoy cluster, so that every
+//! replica pointing at the same etcd and prefix serves the same jobs.
 //!
-//! How a job maps onto etcd (see [`keys`] for the key names):
-//!
-//! - **Submit**: one txn `put_if_absent`-style on the record that also writes
-//!   `pending/<id>`; the 202 goes out once it succeeded.
-//! - **Claim**: a worker holds a lease (granted, kept alive) and takes a job
-//!   with [`request::claim`] on `claims/<id>`; when the worker dies its lease
-//!   lapses, etcd deletes the claim, and another worker can claim the job.
-//! - **Finish**: audio parts first (one put each, under the job's TTL lease),
-//!   then the record with [`request::compare_and_put`] (or a [`request::Txn`]
-//!   that also deletes `pending/<id>` and the claim), under the same lease, so
-//!   etcd removes everything when the job expires.
-//! - **Delete**: a txn on the record's mod_revision that deletes the record,
-//!   the audio prefix, the claim and the pending entry.
+//! - `wire`: the gateway's JSON as types; `request` builds calls from them,
+//!   `response` reads answers into them.
+//! - `keys`: every key under the prefix, and what it holds.
+//! - `jobs`: a job's value, and the transactions that move it from submit
+//!   to its end (each one lands once: a compare, and a read back on failure).
+//! - `call`: one call, made again on another member within `timeout_ms`
+//!   when it gets no usable answer.
+//! - `api` (submit, poll, delete, usage) and `work` (the engine's side:
+//!   lease, scan, claim, show, release, and the sweep of dead replicas).
+//! - `config`: the `store` setting.
 
 pub(crate) mod api;
 pub(crate) mod call;

@@ -9,10 +9,14 @@
 //!   epoch (stale or duplicate entries are skipped), or makes a new slot by
 //!   moving the high-water mark, until `max_jobs` slots exist. Capacity is
 //!   exactly the slots: there is no job counter to drift.
-//! - **Timers.** Expiry, leases and deadlines are timers on a wheel of shared
+//! - **Timers.** Expiry, claims that may lapse and deadlines are timers on a wheel of shared
 //!   queues (`wheel`), drained a bounded amount per tick.
 //! - **Audit.** A shared cursor walks a few slots per tick (`audit_step`):
 //!   the backstop for what a VM that died between two writes left behind.
+//! - **Lanes** (`lanes`): each key's queue of pending jobs and its counters,
+//!   and the ring that takes the lanes in turn (fair dispatch).
+//! - `api` is the API's side (submit, poll, delete, usage), `work` the
+//!   engine's (find, claim, show, let go, upkeep).
 //!
 //! Every change of a slot is a compare-and-swap, so any number of workers
 //! share the store; writes that span keys are ordered so that a crash between

@@ -1,5 +1,5 @@
 //! A hierarchical timer wheel over shared queues: when each held job next needs
-//! a look (its expiry, lease or deadline), at constant cost per timer.
+//! a look (its expiry, a claim that may lapse, its deadline), at constant cost per timer.
 //!
 //! Level 0 has 128 one-second buckets, level 1 128 buckets of 64 s, level 2
 //! 64 buckets of 4096 s (about three days; later timers wait in the farthest
