@@ -16,8 +16,9 @@ use crate::store::shared::slot::{self, SlotView};
 use crate::store::work::StoreAnswer;
 use crate::store::StoreError;
 
-/// Tries of a submit or delete whose key's counters moved meanwhile.
-const TRIES: u32 = 4;
+/// Tries of a submit or delete whose key's counters moved meanwhile (each
+/// a round trip; a hot key's submits on many replicas contend).
+const TRIES: u32 = 12;
 
 /// Where an operation stands while it waits on etcd.
 #[derive(Debug, Clone, PartialEq)]
@@ -196,7 +197,11 @@ impl EtcdApi<'_> {
         if !parts.is_empty() {
             return Step::Done(Err(StoreError::TooLarge));
         }
-        let write = jobs::submit(&self.etcd.keys(), record, &value, &state, read.revision);
+        // Counts must be exact where the key has limits that count.
+        let l = &submit.limits;
+        let counts = l.has_windows() || l.max_held_jobs.is_some();
+        let revision = counts.then_some(read.revision);
+        let write = jobs::submit(&self.etcd.keys(), record, &value, &state, revision);
         submit.tries += 1;
         submit.written = Some((value, state));
         self.call(write, Resume::Submit(Box::new(submit)))

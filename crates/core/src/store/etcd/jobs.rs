@@ -161,21 +161,25 @@ pub fn parse_lane(txn: &super::TxnResponse, at: usize) -> LaneRead {
     }
 }
 
-/// A new job, stored only if its key's counters are as read (`revision`)
-/// and no job has its id: the record, its place in the queue, its deadline,
-/// its key's counters and its entry among the key's held jobs. When it fails,
-/// the lane and the job are read back (after the four lane reads, the job).
+/// A new job, stored only if no job has its id (and, for a key whose limits
+/// count, only if its counters are as read: `revision`): the record, its
+/// place in the queue, its deadline, its key's counters and its entry among
+/// the key's held jobs. A key without limits keeps only its place, which two
+/// submits at once may both take: they tie, as fair as can be. When it
+/// fails, the lane and the job are read back (after the four lane reads, the job).
 pub fn submit(
     keys: &Keys,
     record: &JobRecord,
     value: &[u8],
     lane: &KeyState,
-    revision: i64,
+    revision: Option<i64>,
 ) -> Request {
     let k = JobKeys::of(keys, record);
-    let txn = Txn::new()
-        .when(Compare::unchanged(&keys.lane(&k.lane), revision))
-        .when(Compare::absent(&k.job))
+    let mut txn = Txn::new().when(Compare::absent(&k.job));
+    if let Some(revision) = revision {
+        txn = txn.when(Compare::unchanged(&keys.lane(&k.lane), revision));
+    }
+    let txn = txn
         .then(Op::put(&k.job, value, None))
         .then(Op::put(&k.queue, k.lane.as_bytes(), None))
         .then(Op::put(&k.deadline, b"", None))
