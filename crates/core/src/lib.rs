@@ -16,7 +16,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod governance;
-pub(crate) mod ids;
+pub mod ids;
 pub(crate) mod job;
 pub mod log_escape;
 pub mod platform;

@@ -57,6 +57,34 @@ pub struct Callout {
     pub timeout_ms: u64,
 }
 
+/// A header map as proxy-wasm serializes it (a count, each key's and
+/// value's length, then each key and value followed by a NUL), read without
+/// trusting a byte of it: a malformed map reads as the pairs before the fault.
+pub fn header_pairs(bytes: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let u32_at = |at: usize| -> Option<usize> {
+        let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(b)).ok()
+    };
+    let Some(count) = u32_at(0) else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(count.min(256));
+    let mut at = count.saturating_mul(8).saturating_add(4);
+    for n in 0..count {
+        let sizes = n.saturating_mul(8).saturating_add(4);
+        let (Some(key_len), Some(value_len)) = (u32_at(sizes), u32_at(sizes + 4)) else {
+            break;
+        };
+        let take = |from: usize, len: usize| bytes.get(from..from.checked_add(len)?).map(<[u8]>::to_vec);
+        let Some(key) = take(at, key_len) else { break };
+        at = at.saturating_add(key_len + 1);
+        let Some(value) = take(at, value_len) else { break };
+        at = at.saturating_add(value_len + 1);
+        out.push((key, value));
+    }
+    out
+}
+
 pub trait Host {
     /// Wall-clock milliseconds since the Unix epoch (may step backwards).
     fn wall_ms(&self) -> u64;
@@ -71,4 +99,37 @@ pub trait Host {
     fn dequeue(&self, queue: &Queue) -> Result<Option<Vec<u8>>, String>;
     /// Sends a callout; the answer comes back to the root context by token.
     fn dispatch(&self, call: &Callout) -> Result<u32, String>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serialize(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (k, v) in pairs {
+            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        }
+        for (k, v) in pairs {
+            out.extend_from_slice(k);
+            out.push(0);
+            out.extend_from_slice(v);
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn header_maps_read_as_pairs_and_a_broken_one_never_panics() {
+        let pairs: [(&[u8], &[u8]); 3] = [(b":path", b"/x"), (b"authorization", b"Bearer \xff"), (b"\xfe", b"")];
+        let bytes = serialize(&pairs);
+        let read = header_pairs(&bytes);
+        assert_eq!(read.len(), 3);
+        assert_eq!(read[1], (b"authorization".to_vec(), b"Bearer \xff".to_vec()));
+        for cut in 0..bytes.len() {
+            assert!(header_pairs(&bytes[..cut]).len() <= 3);
+        }
+        assert!(header_pairs(&[0xff, 0xff, 0xff, 0x7f]).is_empty());
+    }
 }

@@ -6,9 +6,10 @@ use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::Status;
+use proxy_wasm::types::{MapType, Status};
 
-use async_speech_core::platform::{Callout, Host, Queue, SetError};
+use async_speech_core::ids::Drbg;
+use async_speech_core::platform::{header_pairs, Callout, Host, Queue, SetError};
 
 /// Queue ids by queue, registered by the root context and shared with its
 /// HTTP contexts.
@@ -16,6 +17,8 @@ pub type QueueIds = Rc<RefCell<HashMap<Queue, u32>>>;
 
 pub struct EnvoyHost {
     pub queues: QueueIds,
+    /// Seeded from the secure source on first use (see `Drbg`).
+    pub random: RefCell<Option<Drbg>>,
     /// The filter's namespace, prefixed to queue names.
     pub namespace: Rc<str>,
 }
@@ -42,6 +45,31 @@ impl EnvoyHost {
     }
 }
 
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: MapType,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> Status;
+}
+
+/// Every header of a map, in one host call, as raw bytes: unlike the SDK's
+/// reader, a name that is not UTF-8 cannot panic here.
+pub fn all_headers(map: MapType) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host allocates the map through the SDK's exported
+    // allocator and hands it over; it is read once and freed here.
+    let bytes = unsafe {
+        match proxy_get_header_map_pairs(map, &mut data, &mut size) {
+            Status::Ok if !data.is_null() => Vec::from_raw_parts(data, size, size),
+            _ => return Vec::new(),
+        }
+    };
+    header_pairs(&bytes)
+}
+
 impl Host for EnvoyHost {
     fn wall_ms(&self) -> u64 {
         hostcalls::get_current_time()
@@ -51,7 +79,16 @@ impl Host for EnvoyHost {
     }
 
     fn random(&self, buf: &mut [u8]) -> Result<(), String> {
-        getrandom::fill(buf).map_err(|e| e.to_string())
+        let mut random = self.random.borrow_mut();
+        if random.is_none() {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).map_err(|e| e.to_string())?;
+            *random = Some(Drbg::new(seed));
+        }
+        if let Some(drbg) = random.as_mut() {
+            drbg.fill(buf);
+        }
+        Ok(())
     }
 
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, String> {

@@ -7,6 +7,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 
+use crate::envoy::all_headers;
 use crate::root::Shared;
 use async_speech_core::api::routes::{route, Route};
 use async_speech_core::api::{Answer, Api, Decision, Paused, PendingSubmit, RequestHead};
@@ -198,12 +199,13 @@ impl HttpContext for SpeechHttp {
             let metadata = hostcalls::get_property(vec!["metadata"]).ok().flatten()?;
             ClaimValue::from_metadata(&metadata, j)
         });
+        // Ours: every header in one host call (names come lower-case from Envoy).
+        let headers = all_headers(MapType::HttpRequestHeaders);
         let read = |name: &str| {
-            if name == ":path" {
-                Some(path.clone())
-            } else {
-                header(name)
-            }
+            headers
+                .iter()
+                .find(|(k, _)| k.as_slice() == name.as_bytes())
+                .map(|(_, v)| v.clone())
         };
         let head = RequestHead {
             header: &read,

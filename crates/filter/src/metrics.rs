@@ -1,7 +1,9 @@
 //! Writes the core's reports out: each one's log line and stats. Stat names
 //! appear on the admin's /stats as `wasmcustom.async_speech.…`; a name is
 //! defined on first use and its id cached per VM (every VM that defines the
-//! same name shares one Envoy stat).
+//! same name shares one Envoy stat). Counters and gauges are summed in the
+//! VM and written on the root's tick, one host call per stat that moved,
+//! instead of one per event; histograms are recorded as they come.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -15,6 +17,8 @@ use proxy_wasm::types::MetricType;
 #[derive(Default)]
 pub struct Stats {
     ids: RefCell<HashMap<String, u32>>,
+    /// Counter and gauge deltas not written yet, by stat id.
+    unwritten: RefCell<HashMap<u32, i64>>,
 }
 
 impl Stats {
@@ -36,13 +40,22 @@ impl Stats {
         let Some(id) = self.id(stat.kind, &stat.name) else {
             return;
         };
-        let _ = match stat.kind {
+        match stat.kind {
             StatKind::Histogram => {
-                hostcalls::record_metric(id, u64::try_from(stat.value).unwrap_or(0))
+                let _ = hostcalls::record_metric(id, u64::try_from(stat.value).unwrap_or(0));
             }
-            _ if stat.value == 0 => Ok(()),
-            _ => hostcalls::increment_metric(id, stat.value),
-        };
+            _ if stat.value == 0 => {}
+            _ => *self.unwritten.borrow_mut().entry(id).or_default() += stat.value,
+        }
+    }
+
+    /// Writes the summed counters and gauges to Envoy.
+    pub fn flush(&self) {
+        for (id, delta) in self.unwritten.borrow_mut().drain() {
+            if delta != 0 {
+                let _ = hostcalls::increment_metric(id, delta);
+            }
+        }
     }
 
     /// Defines the fixed set, so that it shows as 0 before traffic.

@@ -3,7 +3,7 @@
 //! context, so that a client hanging up after its 202 does not lose its
 //! job. Envoy's callbacks become engine calls; its reports are written out.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -114,7 +114,10 @@ impl Context for Root {
     fn on_done(&mut self) -> bool {
         self.draining = true;
         self.run(|engine, cx| engine.drain(cx));
-        self.engine.as_ref().is_none_or(Engine::is_closed)
+        self.stats.flush();
+        let closed = self.engine.as_ref().is_none_or(Engine::is_closed);
+        self.draining = !closed;
+        closed
     }
 }
 
@@ -169,6 +172,7 @@ impl RootContext for Root {
         let namespace = namespace();
         let host = Rc::new(EnvoyHost {
             queues: self.queues.clone(),
+            random: RefCell::new(None),
             namespace: namespace.clone().into(),
         });
         let keys = Keys::new(&namespace);
@@ -220,6 +224,14 @@ impl RootContext for Root {
             .clock
             .sync(shared.host.as_ref(), &shared.keys.clock());
         self.run(|engine, cx| engine.tick(cx));
+        self.stats.flush();
+        if self.draining && self.engine.as_ref().is_none_or(Engine::is_closed) {
+            // Envoy deletes this root once told; nothing of it is left to wait for.
+            self.draining = false;
+            if let Err(e) = hostcalls::done() {
+                warn!("cannot tell Envoy the drained root is done: {e:?}");
+            }
+        }
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
