@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -184,11 +185,25 @@ def make_envoy(mock):
         e.stop()
 
 
-def stats(envoy, prefix="wasmcustom.async_speech."):
-    """The filter's counters and gauges from Envoy's admin, as a dict."""
+def read_stats(envoy, prefix):
     out = {}
     for line in envoy.admin("/stats?filter=async_speech").splitlines():
         name, _, value = line.partition(": ")
         if name.startswith(prefix) and value.strip().lstrip("-").isdigit():
             out[name[len(prefix):]] = int(value)
     return out
+
+
+def stats(envoy, prefix="wasmcustom.async_speech."):
+    """The filter's counters and gauges from Envoy's admin, as a dict. The
+    filter writes them on its tick (every 200 ms), so this waits until two
+    reads a tick and a half apart agree."""
+    last = read_stats(envoy, prefix)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.3)  # longer than the filter's tick, which writes them
+        now = read_stats(envoy, prefix)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the filter's stats did not settle within 5 s: {last}")

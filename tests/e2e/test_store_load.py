@@ -25,8 +25,10 @@ def test_503_at_max_jobs_and_delete_frees_a_place(make_envoy, mock):
     assert client.call("DELETE", f"{SPEECH}/{ids[0]}").status == 204
     assert client.poll(ids[0]).json() == NOT_FOUND
     assert client.submit(speech()).status == 202
-    assert client.submit(speech()).status == 503
-    assert stats(envoy)["jobs_rejected.store_full"] == 2
+    again = client.submit(speech())
+    assert again.status == 503, again
+    s = stats(envoy)
+    assert s["jobs_rejected.store_full"] == 2, (again, {k: v for k, v in s.items() if "refus" in k})
 
 
 def test_expired_jobs_are_swept_without_anyone_polling(make_envoy, mock):
