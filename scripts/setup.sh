@@ -31,16 +31,16 @@ fi
 # The API's OpenAPI document is checked with these (tests/e2e/test_openapi.py); pinned, as a newer
 # schemathesis generates other cases from the same seed.
 SCHEMATHESIS_VERSION=4.32.5
-OPENAPI_SPEC_VALIDATOR_VERSION=0.9.0
-if ! "$VENV/bin/python" - "$SCHEMATHESIS_VERSION" "$OPENAPI_SPEC_VALIDATOR_VERSION" 2>/dev/null <<'PY'
+OPENAPI_VALIDATOR_VERSION=0.9.0
+if ! "$VENV/bin/python" - "$SCHEMATHESIS_VERSION" "$OPENAPI_VALIDATOR_VERSION" 2>/dev/null <<'PY'
 import sys
 from importlib.metadata import version
 sys.exit(0 if (version("schemathesis"), version("openapi-spec-validator")) == tuple(sys.argv[1:]) else 1)
 PY
 then
-  echo "setup: installing schemathesis $SCHEMATHESIS_VERSION and openapi-spec-validator $OPENAPI_SPEC_VALIDATOR_VERSION"
+  echo "setup: installing schemathesis $SCHEMATHESIS_VERSION and openapi-spec-validator $OPENAPI_VALIDATOR_VERSION"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" \
-    "openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION"
+    "openapi-spec-validator==$OPENAPI_VALIDATOR_VERSION"
 fi
 
 missing=()

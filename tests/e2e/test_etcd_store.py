@@ -1,4 +1,4 @@
-"""The etcd store (SPEC §4): a real etcd and two Envoy replicas; any replica
+"""The etcd store: a real etcd and two Envoy replicas; any replica
 answers any job, jobs outlive Envoys, and an unreachable etcd is a 503."""
 
 import base64

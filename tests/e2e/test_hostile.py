@@ -1,4 +1,4 @@
-"""Hostile clients and hostile upstreams (SPEC §7): each rule, on the real Envoy."""
+"""Hostile clients and hostile upstreams: each rule, on the real Envoy."""
 
 import json
 import socket

@@ -1,4 +1,4 @@
-"""Long input (SPEC §6): split into parts, synthesized in parallel within bounds, joined into one file."""
+"""Long input: split into parts, synthesized in parallel within bounds, joined into one file."""
 
 import base64
 import json

@@ -4,12 +4,14 @@ still ends within job_deadline_s, no job fails because of a push, jobs of an
 older configuration are polled through the newer one, and no request gets a
 5xx the contract does not name.
 
-What Envoy does on such an update (docs/operations-lds.md): a changed
-plugin configuration gets a new root context in the same VM; the old one
-keeps ticking until the replaced filter chain has drained (`--drain-time-s`),
-then is deleted, and its callouts still under way are cancelled without an
-answer. So a provider or store call in flight at that moment must be made
-again by the new root context, not counted as the attempt's failure.
+What Envoy does on such an update (docs/operations.md, "Listener updates
+(LDS) and running jobs"): a changed plugin configuration gets a new root
+context in the same VM; the old one keeps ticking until the replaced filter
+chain has drained (`--drain-time-s`), then gets `on_done`, and is deleted at
+once, its callouts still under way cancelled without an answer, unless it
+asks to stay. So the old root context must take nothing new, let its calls
+end, and hand back what outlives them; a call cut all the same is made again,
+not counted as the attempt's failure.
 
 The job count is a parameter (OPS_LDS_JOBS, default 2000, submitted evenly
 over 30 s): thousands is the real figure; the default keeps each variant near

@@ -1,4 +1,4 @@
-"""The submit / poll API of SPEC §1 on a real Envoy, OpenAI-type providers."""
+"""The submit / poll API on a real Envoy, OpenAI-type providers."""
 
 import datetime
 import json

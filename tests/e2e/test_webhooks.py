@@ -1,4 +1,4 @@
-"""Webhooks (SPEC §5): signed deliveries, verified with the standardwebhooks package."""
+"""Webhooks: signed deliveries, verified with the standardwebhooks package."""
 
 import base64
 import json
