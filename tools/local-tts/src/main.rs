@@ -124,44 +124,17 @@ fn speech(body: &[u8], ffmpeg: bool) -> Answer {
     let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(body) else {
         return error(400, "request body must be a JSON object", None);
     };
-    let text = |k: &str| req.get(k).and_then(Value::as_str).unwrap_or("");
-    if text("model").is_empty() {
-        return error(400, "model is required", Some("model"));
-    }
-    let input = text("input");
-    if input.is_empty() {
-        return error(400, "input is required", Some("input"));
-    }
-    let Some(voice) = espeak_voice(if text("voice").is_empty() {
-        "alloy"
-    } else {
-        text("voice")
-    }) else {
-        return error(400, "voice is not a known voice name", Some("voice"));
+    let request = match speech_request(&req) {
+        Ok(request) => request,
+        Err(answer) => return answer,
     };
-    let speed = req.get("speed").and_then(Value::as_f64).unwrap_or(1.0);
-    if !(0.25..=4.0).contains(&speed) {
-        return error(400, "speed must be between 0.25 and 4", Some("speed"));
-    }
-    let format = if text("response_format").is_empty() {
-        "mp3"
-    } else {
-        text("response_format")
-    };
-    let (content_type, ffmpeg_args): (&'static str, &[&str]) = match format {
-        "wav" => ("audio/wav", &[]),
-        "pcm" => ("audio/pcm", &["-f", "s16le", "-ar", "24000", "-ac", "1"]),
-        "mp3" => ("audio/mpeg", &["-f", "mp3"]),
-        "opus" => ("audio/ogg", &["-c:a", "libopus", "-f", "ogg"]),
-        "aac" => ("audio/aac", &["-c:a", "aac", "-f", "adts"]),
-        "flac" => ("audio/flac", &["-f", "flac"]),
-        _ => {
-            return error(
-                400,
-                "response_format must be one of mp3, opus, aac, flac, wav, pcm",
-                Some("response_format"),
-            )
-        }
+    let format = request.format;
+    let Some((content_type, ffmpeg_args)) = output_format(format) else {
+        return error(
+            400,
+            "response_format must be one of mp3, opus, aac, flac, wav, pcm",
+            Some("response_format"),
+        );
     };
     if !ffmpeg && !matches!(format, "wav" | "pcm") {
         return error(
@@ -170,16 +143,105 @@ fn speech(body: &[u8], ffmpeg: bool) -> Answer {
             Some("response_format"),
         );
     }
-    let wpm = ((175.0 * speed).round() as i64).clamp(80, 450).to_string();
-    let wav = match run(
-        "espeak-ng",
-        &["-v", &voice, "-s", &wpm, "--stdout"],
-        input.as_bytes(),
-    ) {
+    let wav = match espeak(&request) {
         Ok(w) => w,
         Err(e) => return error(500, &format!("speech synthesis failed: {e}"), None),
     };
-    let audio = match format {
+    match convert(wav, format, ffmpeg_args, ffmpeg) {
+        Ok(body) => Answer {
+            status: 200,
+            content_type,
+            body,
+        },
+        Err(e) => error(500, &format!("audio conversion failed: {e}"), None),
+    }
+}
+
+/// A speech request's fields, checked, defaults filled in.
+struct SpeechRequest<'a> {
+    input: &'a str,
+    /// The espeak-ng voice.
+    voice: String,
+    speed: f64,
+    /// The `response_format` asked for, not yet checked.
+    format: &'a str,
+}
+
+/// Reads the request's fields: `model` and `input` are required; `voice` defaults to alloy,
+/// `speed` to 1 and `response_format` to mp3.
+fn speech_request(req: &serde_json::Map<String, Value>) -> Result<SpeechRequest<'_>, Answer> {
+    let text = |k: &str| req.get(k).and_then(Value::as_str).unwrap_or("");
+    if text("model").is_empty() {
+        return Err(error(400, "model is required", Some("model")));
+    }
+    let input = text("input");
+    if input.is_empty() {
+        return Err(error(400, "input is required", Some("input")));
+    }
+    let Some(voice) = espeak_voice(if text("voice").is_empty() {
+        "alloy"
+    } else {
+        text("voice")
+    }) else {
+        return Err(error(400, "voice is not a known voice name", Some("voice")));
+    };
+    let speed = req.get("speed").and_then(Value::as_f64).unwrap_or(1.0);
+    if !(0.25..=4.0).contains(&speed) {
+        return Err(error(
+            400,
+            "speed must be between 0.25 and 4",
+            Some("speed"),
+        ));
+    }
+    let format = if text("response_format").is_empty() {
+        "mp3"
+    } else {
+        text("response_format")
+    };
+    Ok(SpeechRequest {
+        input,
+        voice,
+        speed,
+        format,
+    })
+}
+
+/// The content type of `format` and the ffmpeg arguments that make it from WAV; `None` for a
+/// format OpenAI does not have.
+fn output_format(format: &str) -> Option<(&'static str, &'static [&'static str])> {
+    Some(match format {
+        "wav" => ("audio/wav", &[]),
+        "pcm" => ("audio/pcm", &["-f", "s16le", "-ar", "24000", "-ac", "1"]),
+        "mp3" => ("audio/mpeg", &["-f", "mp3"]),
+        "opus" => ("audio/ogg", &["-c:a", "libopus", "-f", "ogg"]),
+        "aac" => ("audio/aac", &["-c:a", "aac", "-f", "adts"]),
+        "flac" => ("audio/flac", &["-f", "flac"]),
+        _ => return None,
+    })
+}
+
+/// Speaks the input with espeak-ng: a WAV file. OpenAI's speed 1 is espeak-ng's default 175
+/// words per minute.
+fn espeak(request: &SpeechRequest<'_>) -> Result<Vec<u8>, String> {
+    let wpm = ((175.0 * request.speed).round() as i64)
+        .clamp(80, 450)
+        .to_string();
+    run(
+        "espeak-ng",
+        &["-v", &request.voice, "-s", &wpm, "--stdout"],
+        request.input.as_bytes(),
+    )
+}
+
+/// Makes `format` from espeak-ng's WAV: as it is, through ffmpeg with `ffmpeg_args`, or,
+/// without ffmpeg, raw PCM resampled here (the only other format allowed then).
+fn convert(
+    wav: Vec<u8>,
+    format: &str,
+    ffmpeg_args: &[&str],
+    ffmpeg: bool,
+) -> Result<Vec<u8>, String> {
+    match format {
         "wav" => Ok(wav),
         _ if ffmpeg => {
             let mut args = vec![
@@ -195,18 +257,9 @@ fn speech(body: &[u8], ffmpeg: bool) -> Answer {
             args.push("pipe:1");
             run("ffmpeg", &args, &wav)
         }
-        // Without ffmpeg only pcm is left (checked above): resample espeak-ng's samples.
         _ => async_speech_core::wav::parse(&wav)
             .map(|w| resample(w.data, w.format.sample_rate, 24_000))
             .map_err(|_| "espeak-ng made no audio".into()),
-    };
-    match audio {
-        Ok(body) => Answer {
-            status: 200,
-            content_type,
-            body,
-        },
-        Err(e) => error(500, &format!("audio conversion failed: {e}"), None),
     }
 }
 

@@ -215,6 +215,34 @@ pub fn parse(bytes: &[u8]) -> Result<OpusStream<'_>, JoinError> {
     let pages = pages(bytes)?;
     let first = pages.first().ok_or_else(|| bad("no Ogg pages"))?;
     let serial = first.serial;
+    let (channels, mapping_family) = opus_head(first)?;
+    let mut walk = PacketWalk::default();
+    let mut page_ends = Vec::with_capacity(pages.len());
+    for (index, page) in pages.iter().enumerate() {
+        if page.serial != serial {
+            return Err(bad(
+                "more than one logical stream (chained or multiplexed Ogg)",
+            ));
+        }
+        page_ends.push(walk.page(index, page)?);
+    }
+    if walk.in_packet.is_some() {
+        return Err(bad("the stream ends inside a packet"));
+    }
+    let header_pages = walk.header_pages.ok_or_else(|| bad("no OpusTags"))?;
+    Ok(OpusStream {
+        pages,
+        header_pages,
+        channels,
+        mapping_family,
+        page_ends,
+        total_samples: walk.samples,
+    })
+}
+
+/// The channel count and channel mapping family of the `OpusHead` on the first page, which
+/// must be a BOS page.
+fn opus_head(first: &Page<'_>) -> Result<(u8, u8), JoinError> {
     if first.header_type & FLAG_BOS == 0 || first.body.get(..8) != Some(b"OpusHead") {
         return Err(bad("the first page is not a BOS page with OpusHead"));
     }
@@ -225,20 +253,26 @@ pub fn parse(bytes: &[u8]) -> Result<OpusStream<'_>, JoinError> {
     let channels = *head.get(9).ok_or_else(|| bad("short OpusHead"))?;
     le_u16(head, 10).ok_or_else(|| bad("short OpusHead"))?;
     let mapping_family = *head.get(18).ok_or_else(|| bad("short OpusHead"))?;
+    Ok((channels, mapping_family))
+}
 
-    let mut header_pages = None;
-    let mut packets = 0usize;
-    // The first bytes (up to 8) of the packet in progress, if one is.
-    let mut in_packet: Option<Vec<u8>> = None;
-    let mut samples = 0u64;
-    let mut page_ends = Vec::with_capacity(pages.len());
-    for (index, page) in pages.iter().enumerate() {
-        if page.serial != serial {
-            return Err(bad(
-                "more than one logical stream (chained or multiplexed Ogg)",
-            ));
-        }
-        if page.continued() != in_packet.is_some() {
+/// Follows the packets of one stream page by page, adding up the samples of audio packets.
+#[derive(Default)]
+struct PacketWalk {
+    /// Packets ended so far; the first two are `OpusHead` and `OpusTags`.
+    packets: usize,
+    /// The first bytes (up to 8) of the packet in progress, if one is.
+    in_packet: Option<Vec<u8>>,
+    samples: u64,
+    /// Pages through the one `OpusTags` ends on, once it has.
+    header_pages: Option<usize>,
+}
+
+impl PacketWalk {
+    /// Walks the page at `index`; returns the samples through the last packet ending on it, or
+    /// `None` if no packet ends on it.
+    fn page(&mut self, index: usize, page: &Page<'_>) -> Result<Option<u64>, JoinError> {
+        if page.continued() != self.in_packet.is_some() {
             return Err(bad(format!(
                 "page {} breaks packet continuity",
                 page.sequence
@@ -250,46 +284,50 @@ pub fn parse(bytes: &[u8]) -> Result<OpusStream<'_>, JoinError> {
             let len = usize::from(*segment);
             let data = page.body.get(offset..offset + len).unwrap_or(&[]);
             offset += len;
-            let mut head = in_packet.take().unwrap_or_default();
-            let wanted = 8usize.saturating_sub(head.len()).min(data.len());
-            head.extend_from_slice(data.get(..wanted).unwrap_or(&[]));
-            if len == 255 {
-                in_packet = Some(head);
+            // A lacing value of 255 means the packet goes on in the next segment.
+            if !self.segment(data, len < 255)? {
                 continue;
             }
-            match packets {
-                0 => {}
-                1 if head.starts_with(b"OpusTags") => {}
-                1 => return Err(bad("the second packet is not OpusTags")),
-                _ => {
-                    if let Some(toc) = head.first() {
-                        samples += packet_samples(*toc, head.get(1).copied())?;
-                    }
-                }
-            }
-            packets += 1;
-            end = Some(samples);
-            if packets == 2 {
+            end = Some(self.samples);
+            if self.packets == 2 {
                 if offset != page.body.len() {
                     return Err(bad("audio data starts on the OpusTags page"));
                 }
-                header_pages = Some(index + 1);
+                self.header_pages = Some(index + 1);
             }
         }
-        page_ends.push(end);
+        Ok(end)
     }
-    if in_packet.is_some() {
-        return Err(bad("the stream ends inside a packet"));
+
+    /// Adds one segment to the packet in progress; returns whether it ended the packet.
+    fn segment(&mut self, data: &[u8], ends_packet: bool) -> Result<bool, JoinError> {
+        let mut head = self.in_packet.take().unwrap_or_default();
+        let wanted = 8usize.saturating_sub(head.len()).min(data.len());
+        head.extend_from_slice(data.get(..wanted).unwrap_or(&[]));
+        if !ends_packet {
+            self.in_packet = Some(head);
+            return Ok(false);
+        }
+        self.packet_ended(&head)?;
+        Ok(true)
     }
-    let header_pages = header_pages.ok_or_else(|| bad("no OpusTags"))?;
-    Ok(OpusStream {
-        pages,
-        header_pages,
-        channels,
-        mapping_family,
-        page_ends,
-        total_samples: samples,
-    })
+
+    /// Counts a packet that ended, given its first bytes: the second must be `OpusTags`, and
+    /// every one after it is audio.
+    fn packet_ended(&mut self, head: &[u8]) -> Result<(), JoinError> {
+        match self.packets {
+            0 => {}
+            1 if head.starts_with(b"OpusTags") => {}
+            1 => return Err(bad("the second packet is not OpusTags")),
+            _ => {
+                if let Some(toc) = head.first() {
+                    self.samples += packet_samples(*toc, head.get(1).copied())?;
+                }
+            }
+        }
+        self.packets += 1;
+        Ok(())
+    }
 }
 
 /// Joins Ogg Opus parts into one stream (see the module documentation).
@@ -300,23 +338,51 @@ pub fn join(parts: &[Vec<u8>]) -> Result<Vec<u8>, JoinError> {
         .map(|(i, p)| parse(p).map_err(|e| e.in_part(i)))
         .collect::<Result<Vec<_>, _>>()?;
     let first = streams.first().ok_or(JoinError::NoParts)?;
-    let serial = first.pages.first().map_or(0, |p| p.serial);
+    let mut joined = Joined {
+        out: Vec::with_capacity(parts.iter().map(Vec::len).sum()),
+        serial: first.pages.first().map_or(0, |p| p.serial),
+        sequence: first.pages.first().map_or(0, |p| p.sequence),
+        offset: 0,
+    };
     let last_part = streams.len() - 1;
-    let mut out = Vec::with_capacity(parts.iter().map(Vec::len).sum());
-    let mut sequence = first.pages.first().map_or(0, |p| p.sequence);
-    let mut offset = 0u64;
     for (i, stream) in streams.iter().enumerate() {
-        if (stream.channels, stream.mapping_family) != (first.channels, first.mapping_family) {
-            return Err(JoinError::mismatch(
-                FORMAT,
-                format!(
-                    "{} channel(s) with mapping family {} against {} channel(s) with mapping family {}",
-                    stream.channels, stream.mapping_family, first.channels, first.mapping_family
-                ),
-            )
-            .in_part(i));
-        }
-        let skip = if i == 0 { 0 } else { stream.header_pages };
+        same_layout(first, stream).map_err(|e| e.in_part(i))?;
+        joined.append(stream, i == 0, i == last_part);
+    }
+    Ok(joined.out)
+}
+
+/// Refuses a part whose channel count or mapping family differs from the first part's, whose
+/// `OpusHead` is the only one kept.
+fn same_layout(first: &OpusStream<'_>, stream: &OpusStream<'_>) -> Result<(), JoinError> {
+    if (stream.channels, stream.mapping_family) == (first.channels, first.mapping_family) {
+        return Ok(());
+    }
+    Err(JoinError::mismatch(
+        FORMAT,
+        format!(
+            "{} channel(s) with mapping family {} against {} channel(s) with mapping family {}",
+            stream.channels, stream.mapping_family, first.channels, first.mapping_family
+        ),
+    ))
+}
+
+/// The joined stream as it is written: the first part's serial number, continuous sequence
+/// numbers, and granules counted from the samples of the parts before.
+struct Joined {
+    out: Vec<u8>,
+    serial: u32,
+    /// The sequence number of the next page.
+    sequence: u32,
+    /// Samples of the parts appended so far.
+    offset: u64,
+}
+
+impl Joined {
+    /// Appends one part's pages: its header pages only if it is the first part; BOS on the very
+    /// first page and EOS on the very last.
+    fn append(&mut self, stream: &OpusStream<'_>, first_part: bool, last_part: bool) {
+        let skip = if first_part { 0 } else { stream.header_pages };
         let last_page = stream.pages.len() - 1;
         for (index, (page, end)) in stream
             .pages
@@ -326,9 +392,9 @@ pub fn join(parts: &[Vec<u8>]) -> Result<Vec<u8>, JoinError> {
             .skip(skip)
         {
             let is_header = index < stream.header_pages;
-            let very_last = i == last_part && index == last_page;
+            let very_last = last_part && index == last_page;
             let mut flags = page.header_type & FLAG_CONTINUED;
-            if i == 0 && index == 0 {
+            if first_part && index == 0 {
                 flags |= FLAG_BOS;
             }
             if very_last {
@@ -336,24 +402,26 @@ pub fn join(parts: &[Vec<u8>]) -> Result<Vec<u8>, JoinError> {
             }
             let granule = match end {
                 _ if is_header => page.granule,
-                _ if very_last => (offset + stream.total_samples).saturating_sub(stream.end_trim()),
+                // Only the last page may trim the end, and it keeps the last part's trimming.
+                _ if very_last => {
+                    (self.offset + stream.total_samples).saturating_sub(stream.end_trim())
+                }
                 None => NO_GRANULE,
-                Some(samples) => offset + samples,
+                Some(samples) => self.offset + samples,
             };
             write_page(
-                &mut out,
+                &mut self.out,
                 flags,
                 granule,
-                serial,
-                sequence,
+                self.serial,
+                self.sequence,
                 page.segments,
                 page.body,
             );
-            sequence = sequence.wrapping_add(1);
+            self.sequence = self.sequence.wrapping_add(1);
         }
-        offset += stream.total_samples;
+        self.offset += stream.total_samples;
     }
-    Ok(out)
 }
 
 /// Seconds of audio: the last granule position minus the pre-skip, at 48 kHz.

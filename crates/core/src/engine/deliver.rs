@@ -63,10 +63,8 @@ pub fn on_job_end(
     let Some(webhook) = &record.webhook else {
         return;
     };
-    let event = match record.status {
-        JobStatus::Completed => Event::Completed,
-        JobStatus::Failed => Event::Failed,
-        JobStatus::Pending | JobStatus::Processing => return,
+    let Some(event) = ending_event(record.status) else {
+        return;
     };
     let Some(endpoint) = config
         .webhooks
@@ -76,36 +74,8 @@ pub fn on_job_end(
         record.webhook = None;
         return;
     };
-    let result = match (endpoint.include_response, &record.result, completion) {
-        (true, Some(meta), Some(c)) => {
-            let mut out = Vec::new();
-            push_result(&mut out, meta, c);
-            Some(out)
-        }
-        _ => None,
-    };
-    let error = record
-        .error
-        .as_ref()
-        .filter(|_| endpoint.include_response)
-        .map(|e| e.to_json());
     let created_at = rfc3339(now_ms);
-    let job_end = JobEnd {
-        job_id: &record.id,
-        status_code: record.status_code.unwrap_or(0),
-        created_at: &rfc3339(record.created_at_ms),
-        completed_at: &rfc3339(record.completed_at_ms.unwrap_or(now_ms)),
-        result_expires_at: &rfc3339(record.expires_at_ms().unwrap_or(now_ms)),
-        result: result.as_deref(),
-        error: error.as_deref(),
-    };
-    let body = envelope(
-        event,
-        &created_at,
-        &job_end,
-        endpoint.include_response,
-        endpoint.max_response_payload_bytes(),
-    );
+    let body = body_for(endpoint, record, completion, event, &created_at, now_ms);
     let delivery = Delivery::new(
         &endpoint.name,
         id_for(&record.id),
@@ -116,6 +86,66 @@ pub fn on_job_end(
     if let Some(w) = record.webhook.as_mut() {
         w.delivery = Some(delivery);
         w.body = Some(String::from_utf8_lossy(&body).into_owned());
+    }
+}
+
+/// The event a job that ended with `status` calls webhooks for; `None`
+/// while it has not ended.
+fn ending_event(status: JobStatus) -> Option<Event> {
+    match status {
+        JobStatus::Completed => Some(Event::Completed),
+        JobStatus::Failed => Some(Event::Failed),
+        JobStatus::Pending | JobStatus::Processing => None,
+    }
+}
+
+/// The delivery's body, made at `created_at`: the job's end, with its
+/// result or error only if the endpoint asks for them.
+fn body_for(
+    endpoint: &WebhookEndpoint,
+    record: &JobRecord,
+    completion: Option<&Completion>,
+    event: Event,
+    created_at: &str,
+    now_ms: u64,
+) -> Vec<u8> {
+    let result = included_result(endpoint, record, completion);
+    let error = record
+        .error
+        .as_ref()
+        .filter(|_| endpoint.include_response)
+        .map(|e| e.to_json());
+    let job_end = JobEnd {
+        job_id: &record.id,
+        status_code: record.status_code.unwrap_or(0),
+        created_at: &rfc3339(record.created_at_ms),
+        completed_at: &rfc3339(record.completed_at_ms.unwrap_or(now_ms)),
+        result_expires_at: &rfc3339(record.expires_at_ms().unwrap_or(now_ms)),
+        result: result.as_deref(),
+        error: error.as_deref(),
+    };
+    envelope(
+        event,
+        created_at,
+        &job_end,
+        endpoint.include_response,
+        endpoint.max_response_payload_bytes(),
+    )
+}
+
+/// The job's result as JSON, if the endpoint asks for it and the job has one.
+fn included_result(
+    endpoint: &WebhookEndpoint,
+    record: &JobRecord,
+    completion: Option<&Completion>,
+) -> Option<Vec<u8>> {
+    match (endpoint.include_response, &record.result, completion) {
+        (true, Some(meta), Some(c)) => {
+            let mut out = Vec::new();
+            push_result(&mut out, meta, c);
+            Some(out)
+        }
+        _ => None,
     }
 }
 

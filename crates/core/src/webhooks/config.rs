@@ -182,62 +182,154 @@ fn parse_endpoint(
     raw: RawEndpoint,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<WebhookEndpoint, String> {
+    let (authority, path) = parse_target(at, &raw)?;
+    let secrets = parse_secrets(at, &raw, env)?;
+    let events = parse_events(at, raw.events.as_deref())?;
+    let headers = parse_headers(at, &raw.headers)?;
+    check_key_names(at, &raw.virtual_keys)?;
+    let retry = parse_retry(at, &raw)?;
+    let max_response_payload_kbs = in_range(
+        at,
+        "max_response_payload_kbs",
+        raw.max_response_payload_kbs,
+        DEFAULT_MAX_RESPONSE_PAYLOAD_KBS,
+        1,
+        10_240,
+    )?;
+    Ok(WebhookEndpoint {
+        name: name.to_string(),
+        cluster: raw.cluster,
+        authority,
+        path,
+        secrets,
+        events,
+        headers,
+        include_response: raw.include_response,
+        virtual_keys: raw.virtual_keys,
+        max_retries: retry.max_retries,
+        retry_backoff_initial_seconds: retry.backoff_initial_seconds,
+        retry_backoff_max_seconds: retry.backoff_max_seconds,
+        attempt_timeout_seconds: retry.attempt_timeout_seconds,
+        max_response_payload_kbs,
+        disabled: raw.disabled,
+    })
+}
+
+/// Where to call: checks `cluster`, and returns the authority (by default the cluster's name)
+/// and the path (by default `/`).
+fn parse_target(at: &str, raw: &RawEndpoint) -> Result<(String, String), String> {
     if raw.cluster.is_empty() {
         return Err(format!("{at}.cluster must name an Envoy cluster"));
     }
-    let authority = raw.authority.unwrap_or_else(|| raw.cluster.clone());
+    let authority = raw.authority.clone().unwrap_or_else(|| raw.cluster.clone());
     if authority.is_empty() || !authority.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
         return Err(format!("{at}.authority must be a non-empty host name"));
     }
-    let path = raw.path.unwrap_or_else(|| "/".to_string());
+    let path = raw.path.clone().unwrap_or_else(|| "/".to_string());
     if !path.starts_with('/') || !path.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
         return Err(format!(
             "{at}.path must start with '/' and hold no spaces or control characters"
         ));
     }
+    Ok((authority, path))
+}
 
-    let secrets = parse_secrets(at, raw.secret_env, raw.secret, raw.secrets, env)?;
-
-    let events = match raw.events {
-        None => Event::ALL.to_vec(),
-        Some(names) => {
-            let mut events = Vec::new();
-            for n in &names {
-                let event = Event::from_name(n).ok_or_else(|| {
-                    format!(
-                        "{at}.events: unknown event {n:?}; one of async_job.completed, async_job.failed"
-                    )
-                })?;
-                events.push(event);
-            }
-            events.sort();
-            events.dedup();
-            if events.is_empty() {
-                return Err(format!("{at}.events must name at least one event"));
-            }
-            events
+/// The signing keys, from exactly one of `secret_env`, `secret` or `secrets`.
+fn parse_secrets(
+    at: &str,
+    raw: &RawEndpoint,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<Vec<u8>>, String> {
+    match (&raw.secret_env, &raw.secret, &raw.secrets) {
+        (Some(var), None, None) => {
+            let value = env(var).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
+                format!("{at}.secret_env: the environment variable {var:?} is not set")
+            })?;
+            let key = decode_secret(value.trim())
+                .map_err(|e| format!("{at}.secret_env: {var:?} holds no valid secret: {e}"))?;
+            Ok(vec![key])
         }
-    };
+        (None, Some(s), None) => {
+            let key = decode_secret(s).map_err(|e| format!("{at}.secret: {e}"))?;
+            Ok(vec![key])
+        }
+        (None, None, Some(list)) => {
+            if list.is_empty() {
+                return Err(format!("{at}.secrets must hold at least one secret"));
+            }
+            list.iter()
+                .enumerate()
+                .map(|(i, s)| decode_secret(s).map_err(|e| format!("{at}.secrets[{i}]: {e}")))
+                .collect()
+        }
+        _ => Err(format!(
+            "{at}: give exactly one of secret_env, secret or secrets"
+        )),
+    }
+}
 
+/// The events named, sorted and without duplicates; every event when `events` is not given.
+fn parse_events(at: &str, names: Option<&[String]>) -> Result<Vec<Event>, String> {
+    let Some(names) = names else {
+        return Ok(Event::ALL.to_vec());
+    };
+    let mut events = Vec::new();
+    for n in names {
+        let event = Event::from_name(n).ok_or_else(|| {
+            format!(
+                "{at}.events: unknown event {n:?}; one of async_job.completed, async_job.failed"
+            )
+        })?;
+        events.push(event);
+    }
+    events.sort();
+    events.dedup();
+    if events.is_empty() {
+        return Err(format!("{at}.events must name at least one event"));
+    }
+    Ok(events)
+}
+
+/// The custom headers, names in lowercase, sorted; a name given twice (in any case) is refused.
+fn parse_headers(
+    at: &str,
+    raw: &BTreeMap<String, String>,
+) -> Result<Vec<(String, String)>, String> {
     let mut headers: Vec<(String, String)> = Vec::new();
-    for (header, value) in raw.headers {
+    for (header, value) in raw {
         let lower = header.to_ascii_lowercase();
-        check_header(at, &header, &lower, &value)?;
+        check_header(at, header, &lower, value)?;
         if headers.iter().any(|(n, _)| *n == lower) {
             return Err(format!(
                 "{at}.headers: {header:?} is given twice (names ignore case)"
             ));
         }
-        headers.push((lower, value));
+        headers.push((lower, value.clone()));
     }
     headers.sort();
+    Ok(headers)
+}
 
-    for k in &raw.virtual_keys {
-        if k.is_empty() {
-            return Err(format!("{at}.virtual_keys: a key name must not be empty"));
-        }
+/// Refuses an empty key name; whether the names exist is checked later, against the keys
+/// (`check_virtual_keys`).
+fn check_key_names(at: &str, virtual_keys: &[String]) -> Result<(), String> {
+    if virtual_keys.iter().any(String::is_empty) {
+        return Err(format!("{at}.virtual_keys: a key name must not be empty"));
     }
+    Ok(())
+}
 
+/// How deliveries to an endpoint are retried, checked.
+struct RetryKnobs {
+    max_retries: u32,
+    backoff_initial_seconds: u64,
+    backoff_max_seconds: u64,
+    attempt_timeout_seconds: u64,
+}
+
+/// The retry settings, each in its range or its default; the backoff's maximum may not be
+/// below its initial value.
+fn parse_retry(at: &str, raw: &RawEndpoint) -> Result<RetryKnobs, String> {
     let max_retries = in_range(
         at,
         "max_retries",
@@ -246,7 +338,6 @@ fn parse_endpoint(
         0,
         20,
     )?;
-    let max_retries = u32::try_from(max_retries).unwrap_or(DEFAULT_MAX_RETRIES);
     let initial = in_range(
         at,
         "retry_backoff_initial_seconds",
@@ -276,67 +367,12 @@ fn parse_endpoint(
         1,
         300,
     )?;
-    let max_response_payload_kbs = in_range(
-        at,
-        "max_response_payload_kbs",
-        raw.max_response_payload_kbs,
-        DEFAULT_MAX_RESPONSE_PAYLOAD_KBS,
-        1,
-        10_240,
-    )?;
-
-    Ok(WebhookEndpoint {
-        name: name.to_string(),
-        cluster: raw.cluster,
-        authority,
-        path,
-        secrets,
-        events,
-        headers,
-        include_response: raw.include_response,
-        virtual_keys: raw.virtual_keys,
-        max_retries,
-        retry_backoff_initial_seconds: initial,
-        retry_backoff_max_seconds: max,
+    Ok(RetryKnobs {
+        max_retries: u32::try_from(max_retries).unwrap_or(DEFAULT_MAX_RETRIES),
+        backoff_initial_seconds: initial,
+        backoff_max_seconds: max,
         attempt_timeout_seconds,
-        max_response_payload_kbs,
-        disabled: raw.disabled,
     })
-}
-
-fn parse_secrets(
-    at: &str,
-    secret_env: Option<String>,
-    secret: Option<String>,
-    secrets: Option<Vec<String>>,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Vec<Vec<u8>>, String> {
-    match (secret_env, secret, secrets) {
-        (Some(var), None, None) => {
-            let value = env(&var).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
-                format!("{at}.secret_env: the environment variable {var:?} is not set")
-            })?;
-            let key = decode_secret(value.trim())
-                .map_err(|e| format!("{at}.secret_env: {var:?} holds no valid secret: {e}"))?;
-            Ok(vec![key])
-        }
-        (None, Some(s), None) => {
-            let key = decode_secret(&s).map_err(|e| format!("{at}.secret: {e}"))?;
-            Ok(vec![key])
-        }
-        (None, None, Some(list)) => {
-            if list.is_empty() {
-                return Err(format!("{at}.secrets must hold at least one secret"));
-            }
-            list.iter()
-                .enumerate()
-                .map(|(i, s)| decode_secret(s).map_err(|e| format!("{at}.secrets[{i}]: {e}")))
-                .collect()
-        }
-        _ => Err(format!(
-            "{at}: give exactly one of secret_env, secret or secrets"
-        )),
-    }
 }
 
 const HOP_BY_HOP: [&str; 6] = [
