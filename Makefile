@@ -35,7 +35,7 @@ clippy:
 	cargo clippy -p async-speech --target wasm32-wasip1 -- -D warnings
 
 e2e: build
-	$(VENV)/bin/python -m pytest -q -rs tests/e2e
+	$(VENV)/bin/python -m pytest -q -rs tests/e2e tests/webhooks
 
 test: build unit lint e2e
 

@@ -26,13 +26,11 @@ import threading
 import pytest
 import yaml
 
-from conftest import Client, eventually
+from conftest import Client
 from envoy_harness import ROOT, WASM, EnvoyProcess, bootstrap, cluster, validate
+from helpers import ENVOY_DIR, enables_filter, load, nodes, plugin_configs, routes, wasm_filters
 from mock_provider import MockProvider
 
-ENVOY_DIR = ROOT / "envoy"
-WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
-FILTER_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 API_PREFIX = "/v1/async/"
 
@@ -41,38 +39,6 @@ BOOTSTRAPS = ["envoy.yaml", "sidecar.yaml", "replica.yaml", "front.yaml"]
 WITH_FILTER = ["envoy.yaml", "sidecar.yaml", "replica.yaml"]
 COMPOSE_FILES = ["docker-compose.yaml", "etcd-compose.yaml"]
 ISTIO = "istio-wasmplugin.yaml"
-
-
-def load(name):
-    return yaml.safe_load((ENVOY_DIR / name).read_text())
-
-
-def nodes(node):
-    """Every mapping in a parsed document, depth first."""
-    if isinstance(node, dict):
-        yield node
-        for v in node.values():
-            yield from nodes(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from nodes(v)
-
-
-def wasm_filters(doc):
-    """The HTTP filter entries (name + typed_config) that run the Wasm filter."""
-    return [n for n in nodes(doc) if isinstance(n.get("typed_config"), dict)
-            and n["typed_config"].get("@type") == WASM_TYPE and "name" in n]
-
-
-def plugin_configs(doc):
-    """Every async speech plugin configuration found in a document."""
-    found = []
-    for f in wasm_filters(doc):
-        cfg = f["typed_config"]["config"]
-        assert cfg["allow_on_headers_stop_iteration"] is True
-        assert cfg["failure_policy"] == "FAIL_RELOAD"
-        found.append(json.loads(cfg["configuration"]["value"]))
-    return found
 
 
 def validate_plugin_config(config):
@@ -195,15 +161,6 @@ def test_istio_plugin_configs_are_accepted_by_the_filter():
 
 
 # --- The filter runs on the API's routes only --------------------------------
-
-def routes(doc):
-    return [r for vh in (n for n in nodes(doc) if "routes" in n and "domains" in n) for r in vh["routes"]]
-
-
-def enables_filter(route, filter_name):
-    per_filter = route.get("typed_per_filter_config", {}).get(filter_name)
-    return per_filter is not None and per_filter["@type"] == FILTER_CONFIG_TYPE and not per_filter.get("disabled")
-
 
 @pytest.mark.parametrize("name", [*WITH_FILTER, ISTIO])
 def test_the_filter_is_off_except_on_the_api_routes(name):

@@ -14,20 +14,14 @@ import tempfile
 import urllib.request
 
 import pytest
-import yaml
 
 from conftest import Client, eventually
 from envoy_harness import ROOT, EnvoyProcess, cluster, validate
 from etcd_harness import ETCD, free_port
+from helpers import ENVOY_DIR, enables_filter, load, plugin_configs, routes, wasm_filters
 from mock_provider import MockProvider
-from test_deploy_configs import enables_filter, plugin_configs, routes, wasm_filters
 
-ENVOY_DIR = ROOT / "envoy"
 MEMBERS = ["etcd-1", "etcd-2", "etcd-3"]
-
-
-def load(name):
-    return yaml.safe_load((ENVOY_DIR / name).read_text())
 
 
 def clusters(doc):

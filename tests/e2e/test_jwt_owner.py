@@ -3,7 +3,6 @@
 import base64
 import json
 import os
-import re
 import subprocess
 import time
 
@@ -11,7 +10,7 @@ import pytest
 
 from conftest import Client, clusters_for, plugin_config
 from envoy_harness import Envoy
-from test_speech_api import NOT_FOUND, speech
+from helpers import NOT_FOUND, speech
 
 ISSUER = "https://issuer.test"
 

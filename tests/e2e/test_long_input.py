@@ -4,13 +4,12 @@ import base64
 import json
 import subprocess
 import tempfile
-import time
 
 import pytest
 
 from conftest import SPEECH, eventually, stays
 from envoy_harness import cluster
-from test_walkthrough import start_local_tts, stop_process
+from helpers import start_local_tts, stop_process
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "How vexingly quick daft zebras jump!",
              "Pack my box with five dozen liquor jugs?", "Sphinx of black quartz, judge my vow."]

@@ -9,20 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import KEY_A, KEY_B, PROVIDER_KEY, SPEECH, audio_of, eventually, stays
+from helpers import NOT_FOUND, speech
 from mock_provider import fake_audio
 
 # Where a test shows that nothing was sent upstream, it watches the mock for a
 # stated 0.1 to 0.2 s (`stays`): a job goes upstream as soon as it is queued,
 # and a rejected request never is.
-
-NOT_FOUND = {"is_bifrost_error": False, "status_code": 404, "error": {"message": "job not found or expired"}}
-
-
-def speech(**fields):
-    body = {"model": "openai/gpt-4o-mini-tts", "input": "Hello from Envoy", "voice": "alloy"}
-    body.update(fields)
-    return body
-
 
 def ts(text):
     assert text.endswith("Z"), text

@@ -3,7 +3,7 @@
 import re
 
 from conftest import KEY_A, PROVIDER_KEY, eventually, stats
-from test_speech_api import speech
+from helpers import speech
 
 SECRET_TEXT = "The secret launch code is 4242"
 

@@ -4,7 +4,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import SPEECH, audio_of, eventually, stats, stays
-from test_speech_api import NOT_FOUND, speech
+from helpers import NOT_FOUND, speech
 
 
 def test_503_at_max_jobs_and_delete_frees_a_place(make_envoy, mock):

@@ -3,47 +3,17 @@ speech server (espeak-ng): real audio, no API key, no internet."""
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 
 import pytest
 
-from conftest import Client, eventually
+from conftest import Client
 from envoy_harness import ROOT, EnvoyProcess
+from helpers import LOCAL_TTS, start_local_tts, stop_process
 
-LOCAL_TTS = ROOT / "target" / "release" / "local-tts"
 DEMO_KEY = "sk-bf-demo-key"
-
-
-def start_local_tts(log_path):
-    """Starts local-tts on a port of its own choosing; returns (process, port)."""
-    with open(log_path, "wb") as log:
-        tts = subprocess.Popen([str(LOCAL_TTS), "--listen", "127.0.0.1:0"], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=log)
-
-    def bound_port():
-        text = log_path.read_text(errors="replace")
-        if tts.poll() is not None:
-            raise RuntimeError(f"local-tts exited with {tts.returncode}: {text}")
-        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
-        return found and int(found.group(1))
-
-    try:
-        return tts, eventually(bound_port, timeout=10, what="local-tts to say where it listens")
-    except BaseException:
-        stop_process(tts)
-        raise
-
-
-def stop_process(p):
-    p.terminate()
-    try:
-        p.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
 
 
 @pytest.fixture(scope="module")

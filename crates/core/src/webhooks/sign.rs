@@ -129,43 +129,34 @@ mod tests {
         assert_eq!(decode_secret("whsec_AQ").unwrap(), vec![1]);
     }
 
-    /// Prints signatures for tests/webhooks/verify_vectors.py to check with the
-    /// `standardwebhooks` Python package: `cargo test -p async-speech webhooks::sign::tests::print_vectors -- --nocapture`.
+    /// The shared vectors, also verified by the `standardwebhooks` Python package in
+    /// tests/webhooks/test_vectors.py (which says how to make the fixture again).
+    const VECTORS: &str = include_str!("../../../../tests/fixtures/webhooks/vectors.json");
+
     #[test]
-    fn print_vectors() {
-        let secrets = [
-            SECRET.to_string(),
-            format!("whsec_{}", STANDARD.encode([0x5au8; 32])),
-            format!("whsec_{}", STANDARD.encode((0u8..64).collect::<Vec<u8>>())),
-        ];
-        let bodies: [&[u8]; 3] = [
-            PAYLOAD,
-            br#"{"event":"async_job.completed","created_at":"2026-11-23T21:00:02.410Z","data":{"job_id":"x"}}"#,
-            "{\"unicode\":\"h\u{e9}llo \u{1f50a}\"}".as_bytes(),
-        ];
-        for (i, secret) in secrets.iter().enumerate() {
-            for (j, body) in bodies.iter().enumerate() {
-                let id = format!("msg_vector{i}{j}");
-                let ts = TIMESTAMP + (i * 10 + j) as u64;
-                let sig = sign(&[decode_secret(secret).unwrap()], &id, ts, body);
-                println!(
-                    "VECTOR {}",
-                    serde_json::json!({
-                        "secrets": [secret], "msg_id": id, "timestamp": ts,
-                        "body": String::from_utf8(body.to_vec()).unwrap(), "signature": sig,
-                    })
-                );
+    fn sign_makes_the_fixture_signatures() {
+        let fixture: serde_json::Value = serde_json::from_str(VECTORS).unwrap();
+        let vectors = fixture["vectors"].as_array().unwrap();
+        assert!(vectors.len() >= 2, "the fixture has no vectors");
+        let mut rotations = 0;
+        for v in vectors {
+            let msg_id = v["msg_id"].as_str().unwrap();
+            let secrets = v["secrets"].as_array().unwrap();
+            let keys: Vec<Vec<u8>> = secrets
+                .iter()
+                .map(|s| decode_secret(s.as_str().unwrap()).unwrap())
+                .collect();
+            if keys.len() > 1 {
+                rotations += 1;
             }
+            let signed = sign(
+                &keys,
+                msg_id,
+                v["timestamp"].as_u64().unwrap(),
+                v["body"].as_str().unwrap().as_bytes(),
+            );
+            assert_eq!(signed, v["signature"].as_str().unwrap(), "vector {msg_id}");
         }
-        // Rotation: every secret signs; each must verify on its own.
-        let keys: Vec<Vec<u8>> = secrets.iter().map(|s| decode_secret(s).unwrap()).collect();
-        let sig = sign(&keys, "msg_rotation", TIMESTAMP, bodies[1]);
-        println!(
-            "VECTOR {}",
-            serde_json::json!({
-                "secrets": secrets, "msg_id": "msg_rotation", "timestamp": TIMESTAMP,
-                "body": String::from_utf8(bodies[1].to_vec()).unwrap(), "signature": sig,
-            })
-        );
+        assert!(rotations > 0, "the fixture has no rotation vector");
     }
 }
