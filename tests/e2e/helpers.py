@@ -1,7 +1,9 @@
 """Helpers that several test modules share. Test modules import them from here (or from
 conftest), never from one another."""
 
+import base64
 import json
+import os
 import re
 import subprocess
 
@@ -101,3 +103,17 @@ def routes(doc):
 def enables_filter(route, filter_name):
     per_filter = route.get("typed_per_filter_config", {}).get(filter_name)
     return per_filter is not None and per_filter["@type"] == FILTER_CONFIG_TYPE and not per_filter.get("disabled")
+
+
+# --- Webhook endpoints -----------------------------------------------------------
+
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+
+
+def webhook_endpoint(**over):
+    """A webhook endpoint on the 'hooks' cluster, signed with WEBHOOK_SECRET, short retries."""
+    e = {"cluster": "hooks", "authority": "hooks.internal", "path": "/speech-events", "secret": WEBHOOK_SECRET,
+         "headers": {"X-Team": "platform"}, "retry_backoff_initial_seconds": 1, "retry_backoff_max_seconds": 2,
+         "attempt_timeout_seconds": 2, "max_retries": 3}
+    e.update(over)
+    return e

@@ -11,7 +11,9 @@ import pytest
 from conftest import KEY_B, SPEECH, Client, clusters_for, eventually, plugin_config, stats
 from envoy_harness import Envoy, cluster
 from etcd_harness import Etcd, b64
+from helpers import WEBHOOK_SECRET, webhook_endpoint
 from mock_provider import fake_audio
+from webhook_receiver import Receiver
 
 BASIC = {"model": "openai/tts-1", "input": "hello", "voice": "alloy"}
 
@@ -186,12 +188,9 @@ def test_an_unreachable_etcd_is_a_503_and_service_resumes_by_itself(replicas, mo
 
 
 def test_webhooks_are_delivered_from_etcd_by_any_replica(replicas, mock, etcd):
-    from test_webhooks import SECRET, endpoint
-    from webhook_receiver import Receiver
-
-    receiver = Receiver([SECRET])
+    receiver = Receiver([WEBHOOK_SECRET])
     try:
-        hooks = {"billing": endpoint(retry_backoff_initial_seconds=2, retry_backoff_max_seconds=2)}
+        hooks = {"billing": webhook_endpoint(retry_backoff_initial_seconds=2, retry_backoff_max_seconds=2)}
         r = replicas(webhooks=hooks)
         r.clusters.append(cluster("hooks", receiver.port))
         (_, ca), (_, cb) = r.start(), r.start()

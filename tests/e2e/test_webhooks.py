@@ -8,9 +8,9 @@ import pytest
 
 from conftest import KEY_A, KEY_B, SPEECH, eventually, stats, stays
 from envoy_harness import cluster
+from helpers import WEBHOOK_SECRET as SECRET, webhook_endpoint as endpoint
 from webhook_receiver import Receiver
 
-SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 SECRET2 = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 BASIC = {"model": "openai/tts-1", "input": "hello", "voice": "alloy"}
 
@@ -20,14 +20,6 @@ def receiver():
     r = Receiver([SECRET, SECRET2])
     yield r
     r.stop()
-
-
-def endpoint(**over):
-    e = {"cluster": "hooks", "authority": "hooks.internal", "path": "/speech-events", "secret": SECRET,
-         "headers": {"X-Team": "platform"}, "retry_backoff_initial_seconds": 1, "retry_backoff_max_seconds": 2,
-         "attempt_timeout_seconds": 2, "max_retries": 3}
-    e.update(over)
-    return e
 
 
 def start(make_envoy, receiver, **endpoints):

@@ -75,10 +75,13 @@ pub fn header_pairs(bytes: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
         let (Some(key_len), Some(value_len)) = (u32_at(sizes), u32_at(sizes + 4)) else {
             break;
         };
-        let take = |from: usize, len: usize| bytes.get(from..from.checked_add(len)?).map(<[u8]>::to_vec);
+        let take =
+            |from: usize, len: usize| bytes.get(from..from.checked_add(len)?).map(<[u8]>::to_vec);
         let Some(key) = take(at, key_len) else { break };
         at = at.saturating_add(key_len + 1);
-        let Some(value) = take(at, value_len) else { break };
+        let Some(value) = take(at, value_len) else {
+            break;
+        };
         at = at.saturating_add(value_len + 1);
         out.push((key, value));
     }
@@ -122,11 +125,18 @@ mod tests {
 
     #[test]
     fn header_maps_read_as_pairs_and_a_broken_one_never_panics() {
-        let pairs: [(&[u8], &[u8]); 3] = [(b":path", b"/x"), (b"authorization", b"Bearer \xff"), (b"\xfe", b"")];
+        let pairs: [(&[u8], &[u8]); 3] = [
+            (b":path", b"/x"),
+            (b"authorization", b"Bearer \xff"),
+            (b"\xfe", b""),
+        ];
         let bytes = serialize(&pairs);
         let read = header_pairs(&bytes);
         assert_eq!(read.len(), 3);
-        assert_eq!(read[1], (b"authorization".to_vec(), b"Bearer \xff".to_vec()));
+        assert_eq!(
+            read[1],
+            (b"authorization".to_vec(), b"Bearer \xff".to_vec())
+        );
         for cut in 0..bytes.len() {
             assert!(header_pairs(&bytes[..cut]).len() <= 3);
         }
