@@ -269,6 +269,30 @@ struct Limits {
 
 impl Config {
     /// The rules of the virtual key named `name`, if it is one.
+    /// A model as stats name it: as the client named it when the
+    /// configuration names it exactly (a `pricing` entry, or one of a key's
+    /// `allowed_models`, without `*`), else `<provider>/other`. Clients choose
+    /// model names, and every stat name lives as long as Envoy does.
+    pub fn stat_model(&self, model: &str) -> String {
+        let named = |m: &str| {
+            self.pricing.names(m)
+                || self.virtual_keys.iter().any(|k| {
+                    k.rules
+                        .allowed_models
+                        .as_ref()
+                        .is_some_and(|list| list.iter().any(|p| p.names(m)))
+                })
+        };
+        match model.split_once('/') {
+            _ if model.is_empty() => String::new(),
+            _ if named(model) => model.to_string(),
+            Some((provider, _)) if self.providers.contains_key(provider) => {
+                format!("{provider}/other")
+            }
+            _ => "other".to_string(),
+        }
+    }
+
     pub fn key(&self, name: &str) -> Option<&VirtualKey> {
         self.virtual_keys.iter().find(|k| k.name == name)
     }

@@ -173,6 +173,14 @@ pub struct WebhookJob {
 }
 
 impl JobRecord {
+    /// The model the job named first (its primary), as `provider/model`.
+    pub fn first_model(&self) -> String {
+        self.chain
+            .first()
+            .map(|m| format!("{}/{}", m.provider, m.model))
+            .unwrap_or_default()
+    }
+
     /// The delivery still to be made, if any.
     pub fn pending_delivery(&self) -> Option<&Delivery> {
         self.webhook

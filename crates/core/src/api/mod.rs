@@ -128,7 +128,10 @@ impl Api<'_> {
         }
         match self.route(&route, head, end_of_stream) {
             Ok(decision) => decision,
-            Err(e) => Decision::Respond(refused(&route, &e, &Who::of("", ""))),
+            // A refusal after authentication counts against the owner's key.
+            Err((e, owner)) => {
+                Decision::Respond(refused(&route, &e, &Who::of(self.config, &owner, "")))
+            }
         }
     }
 
@@ -138,16 +141,30 @@ impl Api<'_> {
         self.config.key(name).map(|k| &k.rules)
     }
 
+    /// The decision, or the refusal with its owner ("" before authentication).
     fn route(
         &self,
         route: &Route,
         head: &RequestHead,
         end_of_stream: bool,
-    ) -> Result<Decision, ApiError> {
+    ) -> Result<Decision, (ApiError, String)> {
         let method = (head.header)(":method").unwrap_or_default();
         let method = String::from_utf8_lossy(&method);
-        check_method(route, &method)?;
-        let owner = authenticate(self.config, head.header, head.jwt_claim.as_ref())?;
+        let owner = check_method(route, &method)
+            .and_then(|()| authenticate(self.config, head.header, head.jwt_claim.as_ref()))
+            .map_err(|e| (e, String::new()))?;
+        self.route_owned(route, head, end_of_stream, &method, owner.clone())
+            .map_err(|e| (e, owner))
+    }
+
+    fn route_owned(
+        &self,
+        route: &Route,
+        head: &RequestHead,
+        end_of_stream: bool,
+        method: &str,
+        owner: String,
+    ) -> Result<Decision, ApiError> {
         if self
             .rules(&owner)
             .is_some_and(|r| r.is_expired(self.now_ms))
@@ -217,7 +234,7 @@ impl Api<'_> {
         match self.submit(pending, body) {
             Ok(decision) => decision,
             Err((e, model)) => {
-                let who = Who::of(&pending.owner, &model);
+                let who = Who::of(self.config, &pending.owner, &model);
                 Decision::Respond(refused(&Route::Submit, &e, &who))
             }
         }
@@ -268,7 +285,7 @@ impl Api<'_> {
             .map_err(|e| with_model(ApiError::internal(format!("no secure random source: {e}"))))?;
         let chars = u64::try_from(request.input.chars().count()).unwrap_or(u64::MAX);
         let facts = SubmitFacts {
-            who: Who::of(&pending.owner, &model),
+            who: Who::of(self.config, &pending.owner, &model),
             chars,
             model: model.clone(),
             fallbacks: request.chain.len().saturating_sub(1),
@@ -333,7 +350,13 @@ impl Api<'_> {
         let done = match (done, &intent) {
             (Ok(done), _) => done,
             (Err(e), Intent::Submit(facts)) => return self.submit_refused(e, facts),
-            (Err(e), _) => return refused(&Route::Unknown, &self.store_error(e), &Who::of("", "")),
+            (Err(e), _) => {
+                return refused(
+                    &Route::Unknown,
+                    &self.store_error(e),
+                    &Who::of(self.config, "", ""),
+                )
+            }
         };
         let found = match (intent, done) {
             (Intent::Submit(facts), Done::Inserted(record, state)) => {
@@ -354,7 +377,7 @@ impl Api<'_> {
                 event: Some(Report::Deleted {
                     id,
                     local: self.config.store == StoreConfig::SharedData,
-                    who: Who::of(&record.owner, &first_model(&record)),
+                    who: Who::of(self.config, &record.owner, &record.first_model()),
                     // A job that made no audio gives its characters back (a
                     // failed one did when it failed).
                     returned: if record.status.is_finished() {
@@ -370,7 +393,7 @@ impl Api<'_> {
             // Unknown, expired, someone else's, or freed by someone else since it was read.
             _ => Err(ApiError::job_not_found()),
         };
-        found.unwrap_or_else(|e| refused(&Route::Unknown, &e, &Who::of("", "")))
+        found.unwrap_or_else(|e| refused(&Route::Unknown, &e, &Who::of(self.config, "", "")))
     }
 
     /// A submit the store refused: a key's limit, a full store, or a store
@@ -412,15 +435,6 @@ impl Api<'_> {
             StoreError::Refused(..) => ApiError::unavailable("job store unavailable"),
         }
     }
-}
-
-/// The model a job named first, as `provider/model`.
-fn first_model(record: &JobRecord) -> String {
-    record
-        .chain
-        .first()
-        .map(|m| format!("{}/{}", m.provider, m.model))
-        .unwrap_or_default()
 }
 
 fn check_method(route: &Route, method: &str) -> Result<(), ApiError> {

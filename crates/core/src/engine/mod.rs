@@ -737,7 +737,7 @@ impl Engine {
         let closing = Closing {
             rendered: render(&run.record, done),
             leave: leave_for(&run.record, cx.now),
-            report: vec![report, key_job(&run.record, &settle)],
+            report: [vec![report], key_reports(cx.config, &run.record, &settle)].concat(),
             settle,
         };
         self.let_go(cx, id, closing);
@@ -902,8 +902,10 @@ fn owed(config: &Config, record: &JobRecord) -> Settle {
     }
 }
 
-/// The job's end, for its key's stats.
-fn key_job(record: &JobRecord, settle: &Settle) -> Report {
+/// The job's end, for its key's stats: under the model that served it (or
+/// made its last attempt); a failed job's characters go back under the model
+/// its submit counted them under, the primary.
+fn key_reports(config: &Config, record: &JobRecord, settle: &Settle) -> Vec<Report> {
     let completed = record.status == JobStatus::Completed;
     let model = match &record.result {
         Some(r) => format!(
@@ -917,12 +919,18 @@ fn key_job(record: &JobRecord, settle: &Settle) -> Report {
             .map(|a| format!("{}/{}", a.provider, a.model))
             .unwrap_or_default(),
     };
-    Report::KeyJob {
-        who: report::Who::of(&record.owner, &model),
+    let mut out = vec![Report::KeyJob {
+        who: report::Who::of(config, &record.owner, &model),
         completed,
         spend_micros: settle.charge,
-        returned: if completed { 0 } else { record.chars },
+    }];
+    if !completed && record.chars > 0 {
+        out.push(Report::Returned {
+            who: report::Who::of(config, &record.owner, &record.first_model()),
+            chars: record.chars,
+        });
     }
+    out
 }
 
 /// How a finished job is let go of: kept for its webhook, kept until it

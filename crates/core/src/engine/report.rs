@@ -4,6 +4,7 @@
 
 use super::attempt::{AttemptResult, FailReason};
 use super::deliver::DeliveryResult;
+use crate::config::Config;
 use crate::log_escape::escape_for_log as escape;
 
 /// Prefix of every stat: `wasmcustom.async_speech.…` on Envoy's admin.
@@ -113,10 +114,12 @@ fn segment(text: &str) -> String {
 }
 
 impl Who {
-    pub fn of(owner: &str, model: &str) -> Who {
+    /// The owner's key and the model as the configuration lets stats name it
+    /// ([`Config::stat_model`]).
+    pub fn of(config: &Config, owner: &str, model: &str) -> Who {
         Who {
             key: segment(owner.strip_prefix("vk:").unwrap_or("none")),
-            model: match model {
+            model: match config.stat_model(model).as_str() {
                 "" => "none".to_string(),
                 m => segment(m),
             },
@@ -223,12 +226,16 @@ pub enum Report {
         returned: u64,
     },
     /// A job ended, for its key's stats: completed or not, what it cost
-    /// (micro-dollars), the characters it gave back.
+    /// (micro-dollars).
     KeyJob {
         who: Who,
         completed: bool,
         spend_micros: u64,
-        returned: u64,
+    },
+    /// A failed job's characters, given back under its primary model.
+    Returned {
+        who: Who,
+        chars: u64,
     },
 }
 
@@ -379,6 +386,7 @@ impl Report {
                 self.api_stats()
             }
             Report::KeyJob { .. } => self.key_job_stats(),
+            Report::Returned { who, chars } => vec![returned_stat(who, *chars)],
             _ => self.job_stats(),
         }
     }
@@ -435,7 +443,10 @@ impl Report {
                 vec![
                     Stat::count("jobs_submitted"),
                     Stat::count(who.stat("submits")),
-                    Stat::gauge(&who.stat("characters"), to_i64(*chars)),
+                    Stat {
+                        value: to_i64(*chars),
+                        ..Stat::count(who.stat("characters"))
+                    },
                 ],
                 1,
             ),
@@ -446,13 +457,13 @@ impl Report {
                 who,
                 ..
             } => (rejected_stats(*status, *full, kind, who), 0),
-            Report::Deleted { who, returned, .. } => (
-                vec![
-                    Stat::count("jobs_deleted"),
-                    Stat::gauge(&who.stat("characters"), -to_i64(*returned)),
-                ],
-                -1,
-            ),
+            Report::Deleted { who, returned, .. } => {
+                let mut out = vec![Stat::count("jobs_deleted")];
+                if *returned > 0 {
+                    out.push(returned_stat(who, *returned));
+                }
+                (out, -1)
+            }
             _ => return Vec::new(),
         };
         let local = matches!(
@@ -473,7 +484,6 @@ impl Report {
             who,
             completed,
             spend_micros,
-            returned,
         } = self
         else {
             return Vec::new();
@@ -486,10 +496,16 @@ impl Report {
                 ..Stat::count(who.stat("spend_micros"))
             });
         }
-        if *returned > 0 {
-            out.push(Stat::gauge(&who.stat("characters"), -to_i64(*returned)));
-        }
         out
+    }
+}
+
+/// Characters given back (a counter, so that it never goes below zero):
+/// `characters` less `characters_returned` is what the key's jobs kept.
+fn returned_stat(who: &Who, chars: u64) -> Stat {
+    Stat {
+        value: to_i64(chars),
+        ..Stat::count(who.stat("characters_returned"))
     }
 }
 
@@ -527,13 +543,28 @@ mod tests {
 
     #[test]
     fn key_stats_name_the_key_and_the_model_and_nobody_else() {
-        let who = Who::of("vk:team-a", "openai/tts-1.5");
+        let config = Config::parse(
+            br#"{"providers":{"openai":{"cluster":"openai","api_key":"sk"}},
+                 "virtual_keys":[{"name":"team-a","value":"sk-bf-a","allowed_models":["openai/tts-1.5","openai/gpt*"]}]}"#,
+            &|_| None,
+        )
+        .unwrap();
+        let who = Who::of(&config, "vk:team-a", "openai/tts-1.5");
         assert_eq!(
             (who.key.as_str(), who.model.as_str()),
             ("team-a", "openai/tts-1_5")
         );
-        let jwt = Who::of("jwt:\"alice\"", "");
+        let jwt = Who::of(&config, "jwt:\"alice\"", "");
         assert_eq!((jwt.key.as_str(), jwt.model.as_str()), ("none", "none"));
+        // Models the configuration does not name exactly are one stat per
+        // provider: a client cannot make Envoy hold a stat per name it invents.
+        for (model, named) in [
+            ("openai/gpt-4o-mini-tts", "openai/other"),
+            ("openai/anything-at-all", "openai/other"),
+            ("nobody/tts", "other"),
+        ] {
+            assert_eq!(Who::of(&config, "vk:team-a", model).model, named);
+        }
         let submitted = Report::Submitted {
             id: "j".into(),
             model: "openai/tts-1.5".into(),
@@ -558,15 +589,24 @@ mod tests {
             who: who.clone(),
             completed: false,
             spend_micros: 0,
-            returned: 5,
+        };
+        assert_eq!(names(&failed), vec![(format!("{key}.failed"), 1)]);
+        let returned = Report::Returned {
+            who: who.clone(),
+            chars: 5,
         };
         assert_eq!(
-            names(&failed),
-            vec![
-                (format!("{key}.failed"), 1),
-                (format!("{key}.characters"), -5)
-            ]
+            names(&returned),
+            vec![(format!("{key}.characters_returned"), 5)]
         );
+        // Characters only ever add up: both are counters, never a gauge below zero.
+        for report in [&submitted, &returned] {
+            assert!(report
+                .stats()
+                .iter()
+                .filter(|s| s.name.contains("characters"))
+                .all(|s| s.kind == StatKind::Counter));
+        }
         let refused = Report::Rejected {
             status: 429,
             kind: "request_limit_exceeded".into(),

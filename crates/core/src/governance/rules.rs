@@ -30,6 +30,11 @@ impl Pattern {
         }
     }
 
+    /// Whether the pattern is this very model (not a prefix of it).
+    pub fn names(&self, model: &str) -> bool {
+        self.0 == model && !model.ends_with('*')
+    }
+
     /// How much of a model a match pins down: an exact pattern beats any
     /// prefix, a longer prefix a shorter one.
     fn precision(&self) -> usize {
@@ -89,6 +94,11 @@ impl Rules {
 pub struct Pricing(Vec<(Pattern, f64)>);
 
 impl Pricing {
+    /// Whether an entry prices exactly this model.
+    pub fn names(&self, model: &str) -> bool {
+        self.0.iter().any(|(p, _)| p.names(model))
+    }
+
     /// What `chars` characters cost on `model`, in micro-dollars (a
     /// dollar per million characters is a micro-dollar per character). The
     /// most precise pattern prices it; an unpriced model costs nothing.
