@@ -1,6 +1,6 @@
 //! The engine's side of the etcd store. Each engine (one per root context)
-//! holds an etcd lease, kept alive, under which it registers as a replica, claims jobs and counts
-//! their running keys. A scan finds work in three indexes at once: the queue
+//! holds an etcd lease, kept alive, under which it registers as a replica,
+//! claims jobs and counts their running keys. A scan finds work in three indexes at once: the queue
 //! (in fair-dispatch order), the webhook deliveries due, and the jobs past
 //! their deadline. A claim is a transaction that puts `claims/<id>` under the
 //! lease only if nobody holds the job (and, for a key that caps its running
