@@ -26,11 +26,6 @@ ST_CONFIG = ROOT / "tests" / "openapi" / "schemathesis.toml"
 SEED = 20261206
 # Test cases per operation and phase: about a minute in all on two cores.
 MAX_EXAMPLES = 300
-# Operations the document describes that this build does not serve yet. When the filter answers
-# GET /v1/async/usage, delete its line and schemathesis tests it with the rest.
-NOT_SERVED_YET = [
-    "/v1/async/usage",
-]
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +100,55 @@ def test_every_example_fits_the_schema_it_is_given_for(doc):
     assert seen == set(doc["components"]["examples"]), "every captured example is shown somewhere, and only those"
 
 
+def answers_with_headers(doc):
+    """(where, response, example name, example) of every answer's example that shows its headers."""
+    def resolve(node):
+        while "$ref" in node:
+            target = doc
+            for part in node["$ref"].removeprefix("#/").split("/"):
+                target = target[part]
+            node = target
+        return node
+
+    responses = [(f"{method} {path} {status}", response)
+                 for path, item in doc["paths"].items() for method, op in item.items()
+                 if isinstance(op, dict) and "responses" in op for status, response in op["responses"].items()]
+    responses += [(f"responses {name}", response) for name, response in doc["components"]["responses"].items()]
+    for where, response in responses:
+        response = resolve(response)
+        response = dict(response, headers={n: resolve(h) for n, h in response.get("headers", {}).items()})
+        for content in response.get("content", {}).values():
+            for example in content.get("examples", {}).values():
+                name = example.get("$ref", "").rsplit("/", 1)[-1]
+                example = resolve(example)
+                if "x-headers" in example:
+                    yield where, response, name, example
+
+
+def test_each_answer_came_with_the_headers_the_document_gives_it(doc):
+    """Every header an example shows is declared for its answer and fits its schema, and every
+    header declared required is there: the live answers' headers, held to the document."""
+    validator = validators(doc)
+    wrong, seen = [], set()
+    for where, response, name, example in answers_with_headers(doc):
+        seen.add(name)
+        declared = {header.lower(): h for header, h in response["headers"].items()}
+        sent = example["x-headers"]
+        wrong += [f"{where}: {name}: {header} is required, not sent"
+                  for header, h in declared.items() if h.get("required") and header not in sent]
+        for header, value in sent.items():
+            if header not in declared:
+                wrong.append(f"{where}: {name}: {header} is sent, not declared")
+                continue
+            schema_ = declared[header]["schema"]
+            typed = int(value) if value.isdigit() and "integer" in str(schema_.get("type")) else value
+            wrong += [f"{where}: {name}: {header}: {e.message}" for e in validator(schema_).iter_errors(typed)]
+    assert wrong == []
+    # Among them, the answers that carry the RateLimit fields: a 202 and every refusal by a limit.
+    assert {"submit-accepted", "error-429-held", "error-429-requests", "error-429-characters",
+            "error-402-budget", "error-503-full"} <= seen, seen
+
+
 def test_the_documents_examples_are_what_the_filter_answers(doc):
     diff = examples.differences(examples.capture(), doc["components"]["examples"])
     assert diff == [], "docs/openapi.yaml no longer shows what the filter answers; if the change is meant, " \
@@ -112,22 +156,25 @@ def test_the_documents_examples_are_what_the_filter_answers(doc):
 
 
 def test_schemathesis_finds_nothing_against_the_live_filter(doc, tmp_path):
-    """Every phase (examples, coverage, fuzzing, stateful sequences through the document's links
-    from a submit's id to poll, content and delete) and every check schemathesis has."""
+    """Every operation, every phase (examples, coverage, fuzzing, stateful sequences through the
+    document's links from a submit's id to poll, content and delete) and every check schemathesis
+    has, as team-a: a key with every limit, whose windows of seconds let submits through and
+    refuse them in turn."""
     path = tmp_path / "openapi.json"
     path.write_text(json.dumps(schema.for_deployment(doc)))
-    excluded = [arg for p in NOT_SERVED_YET for arg in ("--exclude-path", p)]
     with deployment.running(provider_rules=deployment.add_failing_provider_rules) as live:
         started = time.monotonic()
         run = subprocess.run(
             [str(ST), "--config-file", str(ST_CONFIG), "run", str(path), "--url", live.url,
-             "--seed", str(SEED), "--max-examples", str(MAX_EXAMPLES), *excluded,
+             "--seed", str(SEED), "--max-examples", str(MAX_EXAMPLES),
              "--header", f"Authorization: Bearer {deployment.KEY}",
              "--report", "junit", "--report-junit-path", str(tmp_path / "junit.xml"), "--no-color"],
             capture_output=True, text=True, timeout=600, cwd=tmp_path,
             env=dict(os.environ, SCHEMATHESIS_HOOKS=""))
         took = time.monotonic() - started
         calls = live.mock.recorded()
+        submitted = live.envoy.counter("wasmcustom.async_speech.jobs_submitted")
+        limited = live.envoy.counter("wasmcustom.async_speech.jobs_rejected.limit")
     # Generated bodies can be megabytes long: every line is cut short.
     report = "\n".join(line[:500] for line in (run.stdout + run.stderr).splitlines())[-30_000:]
     assert run.returncode == 0, report
@@ -136,7 +183,10 @@ def test_schemathesis_finds_nothing_against_the_live_filter(doc, tmp_path):
     for prefix in ("/v1/audio/speech", "/azure/", "/el/", "/gem/"):
         assert any(c["path_only"].startswith(prefix) for c in calls), f"no call reached {prefix}"
     assert any(deployment.is_refused(c["json"]) for c in calls), "no job failed"
-    print(f"schemathesis: {took:.0f} s\n" + run.stdout[-3000:])
+    # team-a's submits were accepted, and refused by its limits (with RateLimit fields), both.
+    assert submitted > 100 and limited > 0, (submitted, limited)
+    print(f"schemathesis: {took:.0f} s, {submitted} submits accepted, {limited} refused by a limit\n"
+          + run.stdout[-3000:])
 
 
 BASE = {"model": "openai/tts-1", "input": "Hello.", "voice": "alloy"}
@@ -211,7 +261,7 @@ def test_the_document_and_the_filter_agree_on_every_rule(doc):
 
     disagree, statuses = [], []
     with deployment.running() as live:
-        client = examples.Client(live.url)
+        client = examples.Client(live.url, deployment.OTHER_KEY)
         for body in BODIES:
             status, _, answer = client.call("POST", deployment.SPEECH, json.dumps(body),
                                             headers={"content-type": "application/json"})

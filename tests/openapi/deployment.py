@@ -7,7 +7,9 @@ tests/e2e/test_openapi.py (which holds the filter to the document with schemathe
 
 The configuration keeps every default the document states (`max_input_chars`, TTLs,
 `max_fallbacks`, `max_jobs`, each provider's `max_input_chars`) and names each provider after
-its type, so that the document's per-provider rules apply to it as written.
+its type, so that the document's per-provider rules apply to it as written. Its virtual keys
+and prices give every governance answer: a key with limits (team-a), one without (team-b), an
+expired one and one kept to some models.
 """
 
 import base64
@@ -32,14 +34,29 @@ from webhook_receiver import Receiver  # noqa: E402
 
 DOC = ROOT / "docs" / "openapi.yaml"
 SPEECH = "/v1/async/audio/speech"
+# team-a has every limit a key can have; team-b none; team-gone expired in 2020; team-openai may
+# use OpenAI's models only. Each answer the document describes comes from one of them.
 KEY = "sk-bf-docs-team-a"
 OTHER_KEY = "sk-bf-docs-team-b"
+EXPIRED_KEY = "sk-bf-docs-team-gone"
+OPENAI_ONLY_KEY = "sk-bf-docs-team-openai"
+# team-a's limits unless a deployment gives others. Windows of seconds, so that a schemathesis run
+# of a minute sees its submits accepted, and refused by the requests and budget limits, in turn;
+# held jobs are many (a finished job is held for an hour), so that the run goes on accepting.
+TEAM_A_LIMITS = {
+    "max_held_jobs": 5000, "max_running_jobs": 4,
+    "requests": {"max": 30, "per": "1s"},
+    "characters": {"max": 2000, "per": "1s"},
+    "budget": {"max_usd": 0.02, "per": "2s"},
+}
+# US dollars per million input characters; Gemini's models are left unpriced (they cost 0).
+PRICING = {"openai/*": 15.0, "openai/tts-1-hd": 30.0, "azure/*": 15.0, "elevenlabs/*": 180.0}
 # A fixed secret, so that a delivery captured here can be checked with it later.
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"openapi-examples-webhook-secret!").decode()
 PROVIDER_KEYS = {"openai": "sk-openai-mock", "azure": "azure-mock", "elevenlabs": "xi-mock", "gemini": "goog-mock"}
 
 
-def plugin_config(**overrides):
+def plugin_config(team_a_limits=TEAM_A_LIMITS, **overrides):
     config = {
         "providers": {
             "openai": {"cluster": "mock", "authority": "api.openai.com", "base_path": "/v1",
@@ -51,7 +68,13 @@ def plugin_config(**overrides):
             "gemini": {"cluster": "mock", "authority": "generativelanguage.googleapis.com", "base_path": "/gem",
                        "api_key": PROVIDER_KEYS["gemini"], "timeout_ms": 10000},
         },
-        "virtual_keys": [{"name": "team-a", "value": KEY}, {"name": "team-b", "value": OTHER_KEY}],
+        "virtual_keys": [
+            {"name": "team-a", "value": KEY, "expires_at": "2100-01-01T00:00:00Z", "limits": team_a_limits},
+            {"name": "team-b", "value": OTHER_KEY},
+            {"name": "team-gone", "value": EXPIRED_KEY, "expires_at": "2020-01-01T00:00:00Z"},
+            {"name": "team-openai", "value": OPENAI_ONLY_KEY, "allowed_models": ["openai/*"]},
+        ],
+        "pricing": PRICING,
         "webhooks": {
             "billing": {"cluster": "hooks", "authority": "hooks.internal", "path": "/speech-events",
                         "secret": WEBHOOK_SECRET, "retry_backoff_initial_seconds": 1,

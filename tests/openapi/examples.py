@@ -1,12 +1,18 @@
-"""The examples of docs/openapi.yaml, taken from a live Envoy with the filter.
+"""The examples of docs/openapi.yaml, taken from live Envoys with the filter.
 
     .venv/bin/python tests/openapi/examples.py           # rewrite the examples in docs/openapi.yaml
     .venv/bin/python tests/openapi/examples.py --check   # exit 1 if they no longer hold
 
 Every example is a request the filter accepted or an answer it gave (or a webhook delivery it
 sent) in this run, against the mock providers of deployment.py; nothing is written by hand but
-the summaries. tests/e2e/test_openapi.py runs `capture()` again and compares its answers with
-the document's, with ids, timestamps, latencies and signatures normalized (`normalized`).
+the summaries. An answer's example shows the headers it came with (`x-headers`).
+tests/e2e/test_openapi.py runs `capture()` again and compares its answers with the document's,
+with ids, timestamps, latencies, signatures and the seconds to a window's end normalized
+(`normalized_example`).
+
+Jobs are team-b's (a key without limits); team-a's limits (`LIMITS`: a few submits a day)
+give each refusal by a limit, in an order that reaches every one: a limit checked earlier
+answers first, so that the budget is spent in an Envoy of its own.
 """
 
 import argparse
@@ -14,6 +20,7 @@ import http.client
 import json
 import re
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -21,10 +28,29 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deployment import DOC, KEY, SPEECH, add_provider_rules, running  # noqa: E402
+from deployment import (DOC, EXPIRED_KEY, KEY, OPENAI_ONLY_KEY, OTHER_KEY, SPEECH,  # noqa: E402
+                        add_provider_rules, running)
 from waiting import eventually  # noqa: E402  (tests/e2e, put on the path by deployment)
 
 MARKER = "  # GENERATED EXAMPLES BELOW\n"
+USAGE = "/v1/async/usage"
+# The answer headers an example shows beside its body (the others are Envoy's: date, server, …).
+SHOWN_HEADERS = ("location", "retry-after", "allow", "ratelimit-policy", "ratelimit")
+
+# team-a's limits in the examples' Envoys: a few submits reach each one, and the windows are a
+# day and a week, so that the counts are the same in every run (see `clear_of_midnight`).
+LIMITS = {"max_held_jobs": 2, "max_running_jobs": 1,
+          "requests": {"max": 4, "per": "1d"},
+          "characters": {"max": 1000, "per": "1d"},
+          "budget": {"max_usd": 0.05, "per": "1w"}}
+# 17 characters, at OpenAI's 15 dollars per million.
+HELLO = {"model": "openai/gpt-4o-mini-tts", "input": "Hello from Envoy.", "voice": "alloy"}
+# 300 characters at ElevenLabs' 180 dollars per million: 5.4 cents, past team-a's 5.
+COSTLY = {"model": "elevenlabs/eleven_multilingual_v2", "input": ("Every word is paid for. " * 13)[:300],
+          "voice": "JBFqnCBsd6RMkjVDRZzb"}
+# Refusals whose Retry-After (and RateLimit `t`) count the seconds to the end of their window.
+UNTIL_WINDOW_ENDS = {"request_limit_exceeded": "requests", "character_limit_exceeded": "characters",
+                     "budget_exceeded": "budget"}
 
 OPENAI = {"model": "openai/gpt-4o-mini-tts", "input": "Hello from Envoy.", "voice": "alloy",
           "instructions": "Speak warmly.", "response_format": "mp3", "fallbacks": ["azure/tts-deployment"]}
@@ -65,12 +91,15 @@ def example_rules(mock):
 
 
 class Client:
-    def __init__(self, url):
+    """Requests to one Envoy with one key (`None`: no key)."""
+
+    def __init__(self, url, key):
         self.host, port = url.removeprefix("http://").split(":")
         self.port = int(port)
+        self.key = key
 
-    def call(self, method, path, body=None, headers=None, key=KEY):
-        h = {} if key is None else {"authorization": f"Bearer {key}"}
+    def call(self, method, path, body=None, headers=None):
+        h = {} if self.key is None else {"authorization": f"Bearer {self.key}"}
         if body is not None and not isinstance(body, (bytes, str)):
             body = json.dumps(body)
             h["content-type"] = "application/json"
@@ -97,28 +126,56 @@ class Client:
         return eventually(lambda: (job := self.poll(job_id)[1]) and until(job) and job, timeout,
                           what=f"job {job_id} to reach the state wanted")
 
+    def delete(self, job_id):
+        status, _, data = self.call("DELETE", f"{SPEECH}/{job_id}")
+        assert status == 204, (status, data)
+
+    def answer(self, status, method="POST", path=SPEECH, body=None, **kw):
+        """The body and headers of an answer that must have `status`."""
+        got, headers, data = self.call(method, path, body, **kw)
+        assert got == status, (got, data)
+        return json.loads(data), headers
+
 
 def refused(client, status, method="POST", path=SPEECH, body=None, **kw):
-    got, headers, data = client.call(method, path, body, **kw)
-    assert got == status, (got, data)
-    return json.loads(data)
+    return client.answer(status, method, path, body, **kw)
+
+
+def ratelimit(headers):
+    """The RateLimit field of an answer: {limit: (remaining, seconds to its window's end)}."""
+    out = {}
+    for item in headers["ratelimit"].split(", "):
+        name, r, t = item.split(";")
+        out[name.strip('"')] = (int(r.removeprefix("r=")), int(t.removeprefix("t=")))
+    return out
+
+
+def clear_of_midnight(margin_s=90):
+    """Waits, if it is that close, until UTC midnight (where day and week windows end) has
+    passed, so that the next `margin_s` seconds of counting happen in one window."""
+    eventually(lambda: 86400 - time.time() % 86400 > margin_s, margin_s + 5,
+               what="UTC midnight to pass, so that the day's windows start afresh")
 
 
 def capture():
-    """Runs every example against live Envoys; returns {name: Example Object}, in document order."""
+    """Runs every example against live Envoys; returns {name: Example Object}, in document order.
+
+    An answer's example shows its `SHOWN_HEADERS` as `x-headers`, as they came (lower case)."""
     out = {}
 
-    def add(name, summary, value):
+    def add(name, summary, value, headers=None):
         out[name] = {"summary": summary, "value": value}
+        shown = {h: headers[h] for h in SHOWN_HEADERS if h in (headers or {})}
+        if shown:
+            out[name]["x-headers"] = shown
 
-    with running(provider_rules=example_rules) as live, \
-            running(provider_rules=example_rules, concurrency=1, max_in_flight=1, max_jobs=2) as narrow:
-        c = Client(live.url)
+    with running(provider_rules=example_rules, team_a_limits=LIMITS) as live:
+        # Jobs of team-b, a key without limits.
+        c = Client(live.url, OTHER_KEY)
 
         # Requests the filter accepted, and what became of them.
         openai = c.submit(OPENAI)
         add("request-openai", "OpenAI, with a fallback on Azure", OPENAI)
-        add("submit-accepted", "The answer to an accepted submit", openai)
         add("job-completed", "A completed job", c.wait(openai["id"]))
         add("request-elevenlabs", "ElevenLabs, with character timestamps", ELEVENLABS)
         add("job-completed-elevenlabs-timestamps", "A completed ElevenLabs job with timestamps",
@@ -127,6 +184,7 @@ def capture():
         assert c.wait(c.submit(GEMINI)["id"])["status"] == "completed"
         add("request-nulls", "Every optional field null, as Bifrost's clients send it", NULLS)
         assert c.wait(c.submit(NULLS)["id"])["status"] == "completed"
+        add("usage-no-limits", "A key without limits, holding four finished jobs", *c.answer(200, "GET", USAGE))
 
         failed = c.wait(c.submit(FAILING)["id"])
         add("job-failed", "A failed job: both attempts, the last one's error", failed)
@@ -160,39 +218,109 @@ def capture():
 
         # Refusals.
         add("error-400-input", "input missing",
-            refused(c, 400, body={"model": "openai/gpt-4o-mini-tts", "voice": "alloy"}))
+            *refused(c, 400, body={"model": "openai/gpt-4o-mini-tts", "voice": "alloy"}))
         add("error-400-format", "A format the provider does not make",
-            refused(c, 400, body={**GEMINI, "voice": "Kore", "response_format": "mp3"}))
+            *refused(c, 400, body={**GEMINI, "voice": "Kore", "response_format": "mp3"}))
         add("error-400-speakers", "A speaker list for a provider without multi-speaker speech",
-            refused(c, 400, body={**OPENAI, "voice": GEMINI["voice"], "fallbacks": None}))
+            *refused(c, 400, body={**OPENAI, "voice": GEMINI["voice"], "fallbacks": None}))
         add("error-400-ttl", "A bad x-bf-async-job-result-ttl",
-            refused(c, 400, body=OPENAI, headers={"x-bf-async-job-result-ttl": "-5"}))
+            *refused(c, 400, body=OPENAI, headers={"x-bf-async-job-result-ttl": "-5"}))
         add("error-400-webhook", "An unknown webhook endpoint",
-            refused(c, 400, body=OPENAI, headers={"x-bf-async-webhook": "nope"}))
+            *refused(c, 400, body=OPENAI, headers={"x-bf-async-webhook": "nope"}))
         add("error-400-not-json", "A body that is not JSON",
-            refused(c, 400, body='{"model": "openai/tts-1",', headers={"content-type": "application/json"}))
-        add("error-400-sse", "Streaming asked for", refused(c, 400, body={**OPENAI, "stream_format": "sse"}))
-        add("error-401-missing-key", "No virtual key", refused(c, 401, body=OPENAI, key=None))
+            *refused(c, 400, body='{"model": "openai/tts-1",', headers={"content-type": "application/json"}))
+        add("error-400-sse", "Streaming asked for", *refused(c, 400, body={**OPENAI, "stream_format": "sse"}))
+        add("error-401-missing-key", "No virtual key", *refused(Client(live.url, None), 401, body=OPENAI))
         add("error-401-unknown-key", "A key that is not configured",
-            refused(c, 401, body=OPENAI, key="sk-bf-not-configured"))
+            *refused(Client(live.url, "sk-bf-not-configured"), 401, body=OPENAI))
         add("error-404", "Unknown, expired, or another key's job",
-            refused(c, 404, method="GET", path=f"{SPEECH}/{uuid.uuid4()}"))
-        status, headers, data = c.call("PUT", f"{SPEECH}/{openai['id']}", OPENAI)
-        assert (status, headers.get("allow")) == (405, "GET, DELETE"), (status, headers)
-        add("error-405", "A method the path does not take (Allow: GET, DELETE)", json.loads(data))
+            *refused(c, 404, method="GET", path=f"{SPEECH}/{uuid.uuid4()}"))
+        error_405 = refused(c, 405, method="PUT", path=f"{SPEECH}/{openai['id']}", body=OPENAI)
+        assert error_405[1].get("allow") == "GET, DELETE", error_405
+        add("error-405", "A method the path does not take", *error_405)
         add("error-413", "A body above max_body_bytes",
-            refused(c, 413, body=json.dumps({**OPENAI, "input": "x" * 700_000})))
-        add("error-415", "Not JSON", refused(c, 415, body="hello", headers={"content-type": "text/plain"}))
+            *refused(c, 413, body=json.dumps({**OPENAI, "input": "x" * 700_000})))
+        add("error-415", "Not JSON", *refused(c, 415, body="hello", headers={"content-type": "text/plain"}))
 
-        # A small Envoy: one call in flight, two jobs at most.
-        n = Client(narrow.url)
+        # Governance: a key past its expiry, one kept to OpenAI's models, and team-a's limits.
+        gone = Client(live.url, EXPIRED_KEY)
+        expired = refused(gone, 403, body=OPENAI)
+        add("error-403-expired", "A key past its expires_at (every request with it)", *expired)
+        assert refused(gone, 403, method="GET", path=USAGE)[0] == expired[0]
+        openai_only = Client(live.url, OPENAI_ONLY_KEY)
+        add("error-403-model", "A model the key may not use",
+            *refused(openai_only, 403, body=ELEVENLABS))
+        add("error-403-fallback", "A fallback the key may not use",
+            *refused(openai_only, 403, body=OPENAI))
+        team_a_examples(Client(live.url, KEY), add)
+
+    # A small Envoy: one call in flight, two jobs at most, and requests without a key let in.
+    with running(provider_rules=example_rules, concurrency=1, max_in_flight=1, max_jobs=2,
+                 allow_unauthenticated=True, team_a_limits=LIMITS) as narrow:
+        n = Client(narrow.url, OTHER_KEY)
         slow = n.submit({**OPENAI, "input": SLOW, "fallbacks": None})["id"]
         add("job-processing", "A job with its provider",
             n.wait(slow, until=lambda j: j["status"] == "processing"))
         waiting = n.submit(OPENAI)["id"]
         add("job-pending", "A job waiting for a free call", n.wait(waiting, until=lambda j: j["status"] == "pending"))
-        add("error-503-full", "The job store is full (max_jobs 2)", refused(n, 503, body=OPENAI))
+        full = refused(Client(narrow.url, KEY), 503, body=HELLO)
+        assert all(r == limit for r, limit in zip(remaining(full[1]), (4, 1000, 5))), full
+        add("error-503-full", "The job store is full (max_jobs 2); a key with limits: nothing counted", *full)
+        add("usage-no-key", "A request without a virtual key (allow_unauthenticated)",
+            *Client(narrow.url, None).answer(200, "GET", USAGE))
+
+    # team-a's budget, spent by one job.
+    with running(provider_rules=example_rules, team_a_limits=LIMITS) as spent:
+        a = Client(spent.url, KEY)
+        clear_of_midnight()
+        assert a.wait(a.submit(COSTLY)["id"])["status"] == "completed"
+        budget = refused(a, 402, body=HELLO)
+        assert remaining(budget[1]) == [3, 700, 0], budget
+        add("error-402-budget", "The key's budget for the week is spent (5.4 of 5 cents)", *window_refusal(budget))
     return out
+
+
+def remaining(headers):
+    """What the RateLimit field says remains of each limit, in order."""
+    return [r for r, _ in ratelimit(headers).values()]
+
+
+def window_refusal(answer):
+    """A refusal by a window's limit, checked: Retry-After is its RateLimit `t`, and none remains."""
+    body, headers = answer
+    limit = UNTIL_WINDOW_ENDS[body["error"]["type"]]
+    r, t = ratelimit(headers)[limit]
+    assert int(headers["retry-after"]) == t, headers
+    assert limit == "characters" or r == 0, headers
+    return answer
+
+
+def team_a_examples(a, add):
+    """team-a's submits, each refusal in turn: characters, held jobs, requests."""
+    clear_of_midnight()
+    status, headers, data = a.call("POST", SPEECH, HELLO)
+    assert status == 202, (status, data)
+    first = json.loads(data)
+    add("submit-accepted", "The answer to an accepted submit (of a key with limits)", first, headers)
+    assert remaining(headers) == [3, 983, 5], headers
+    add("error-429-characters", "An input longer than what is left of the key's characters for the day",
+        *window_refusal(refused(a, 429, body={**HELLO, "input": "Read this out. " * 66})))
+    # Neither 400 nor 403 tells what remains.
+    assert "ratelimit" not in refused(a, 400, body={**HELLO, "speed": 9})[1]
+    second = a.submit(HELLO)["id"]
+    held = refused(a, 429, body=HELLO)
+    assert held[1]["retry-after"] == "1", held
+    add("error-429-held", "The key holds max_held_jobs jobs", *held)
+    for job in (first["id"], second):
+        a.wait(job)
+        a.delete(job)
+    third = a.submit(HELLO)["id"]
+    a.wait(third)
+    a.delete(third)
+    a.wait(a.submit(HELLO)["id"])
+    add("error-429-requests", "The key's requests for the day are used up",
+        *window_refusal(refused(a, 429, body=HELLO)))
+    add("usage", "A key with every limit, holding one finished job", *a.answer(200, "GET", USAGE))
 
 
 def delivery_for(receiver, job_id, attempt=1, timeout=20):
@@ -210,6 +338,8 @@ PATTERNS = [
     (re.compile(r"^msg_[0-9a-f]{32}$"), "<webhook-id>"),
     (re.compile(r"^v1,[A-Za-z0-9+/=]+( v1,[A-Za-z0-9+/=]+)*$"), "<signature>"),
     (re.compile(r"^\d{10}$"), "<unix-time>"),
+    # RateLimit: the seconds to a window's end.
+    (re.compile(r";t=\d+"), ";t=<s>"),
 ]
 
 
@@ -221,10 +351,22 @@ def normalized(value, key=None):
         return [normalized(v) for v in value]
     if key == "latency" and isinstance(value, int):
         return "<ms>"
+    if key == "resets_at":
+        return "<window end>"
     if isinstance(value, str):
         for pattern, marker in PATTERNS:
             value = pattern.sub(marker, value)
     return value
+
+
+def normalized_example(example):
+    """`normalized`, and the Retry-After of a refusal by a window's limit (seconds to its end)."""
+    out = normalized(example)
+    value = example.get("value")
+    kind = (value.get("error") or {}).get("type") if isinstance(value, dict) else None
+    if kind in UNTIL_WINDOW_ENDS and "retry-after" in out.get("x-headers", {}):
+        out["x-headers"]["retry-after"] = "<s>"
+    return out
 
 
 def document_examples(path=DOC):
@@ -254,9 +396,9 @@ def differences(live, documented):
             out.append(f"{name}: answered live, missing from the document")
         elif name not in live:
             out.append(f"{name}: in the document, no longer captured")
-        elif normalized(live[name]) != normalized(documented[name]):
-            out.append(f"{name}: the document has {json.dumps(normalized(documented[name]))[:800]}\n"
-                       f"    the filter answers {json.dumps(normalized(live[name]))[:800]}")
+        elif normalized_example(live[name]) != normalized_example(documented[name]):
+            out.append(f"{name}: the document has {json.dumps(normalized_example(documented[name]))[:800]}\n"
+                       f"    the filter answers {json.dumps(normalized_example(live[name]))[:800]}")
     return out
 
 
