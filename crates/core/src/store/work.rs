@@ -166,6 +166,7 @@ impl WorkStore {
                     generation,
                     by: u64::from_le_bytes(by),
                     audit_lane: 0,
+                    drained_s: None,
                 })
             }
             super::etcd::StoreConfig::Etcd(etcd) => {

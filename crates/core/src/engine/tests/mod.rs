@@ -2,6 +2,7 @@
 //! shared data (one Envoy, two workers) and on etcd (two replicas, one etcd),
 //! unless it is about one store's own machinery.
 
+mod costs;
 mod governance;
 mod races;
 mod world;

@@ -66,6 +66,8 @@ pub struct World {
     pub provider_calls: RefCell<Vec<Callout>>,
     /// The most provider calls in flight at once.
     pub most_at_once: Cell<usize>,
+    /// Store round trips of requests (the filter's callouts to etcd).
+    pub request_rounds: Cell<u64>,
     outs: RefCell<Vec<Out>>,
     config_json: String,
 }
@@ -117,6 +119,7 @@ impl World {
             reports: RefCell::new(Vec::new()),
             provider_calls: RefCell::new(Vec::new()),
             most_at_once: Cell::new(0),
+            request_rounds: Cell::new(0),
             outs: RefCell::new(Vec::new()),
             config_json: config(store, extra),
         };
@@ -436,6 +439,7 @@ impl World {
                         between();
                     }
                     calls += 1;
+                    self.request_rounds.set(self.request_rounds.get() + 1);
                     let answer = (!self.etcd_down.get())
                         .then(|| self.etcd.answer(&call.callout, self.now()));
                     api.on_store_answer(call.paused, answer)

@@ -43,7 +43,7 @@ impl SharedApi<'_> {
         let lane = lane_of(owner);
         let now_s = self.now_ms / 1000;
         let busy = StoreError::Busy;
-        let (state, _) = lanes::read(self.host, self.keys, &lane).map_err(busy)?;
+        let (state, cas) = lanes::read(self.host, self.keys, &lane).map_err(busy)?;
         if let Some(refused) = check(limits, &state, state.held, chars, now_s) {
             return Err(StoreError::Refused(refused, Box::new(state)));
         }
@@ -62,7 +62,8 @@ impl SharedApi<'_> {
             })?;
         // Counted only if the limits still allow it as the count now stands.
         let mut refused = None;
-        let counted = lanes::update(self.host, self.keys, &lane, limits, |s| {
+        let before = Some((state.clone(), cas));
+        let counted = lanes::update_from(self.host, self.keys, &lane, limits, before, |s| {
             refused = check(limits, s, s.held, chars, now_s);
             if refused.is_some() {
                 return false;

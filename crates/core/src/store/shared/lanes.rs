@@ -88,10 +88,26 @@ pub fn update(
     keys: &Keys,
     lane: &str,
     limits: &Limits,
+    change: impl FnMut(&mut KeyState) -> bool,
+) -> Result<Option<KeyState>, String> {
+    update_from(host, keys, lane, limits, None, change)
+}
+
+/// As [`update`], its first try from a state the caller has just read (one
+/// read fewer when nobody changed the lane since).
+pub fn update_from(
+    host: &dyn Host,
+    keys: &Keys,
+    lane: &str,
+    limits: &Limits,
+    mut read_before: Option<(KeyState, Option<u32>)>,
     mut change: impl FnMut(&mut KeyState) -> bool,
 ) -> Result<Option<KeyState>, String> {
     for _ in 0..RETRIES {
-        let (mut state, cas) = read(host, keys, lane)?;
+        let (mut state, cas) = match read_before.take() {
+            Some(before) => before,
+            None => read(host, keys, lane)?,
+        };
         if !change(&mut state) {
             return Ok(None);
         }

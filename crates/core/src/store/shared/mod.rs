@@ -402,9 +402,10 @@ impl<'h> Store<'h> {
         let _ = wheel::schedule(self.host, timer, now_ms / 1000);
     }
 
-    /// Up to `cap` timers that are due.
-    pub fn due_timers(&self, now_ms: u64, cap: usize) -> Vec<Timer> {
-        wheel::take_due(self.host, now_ms / 1000, cap)
+    /// Up to `cap` timers that are due, from the buckets due since `since_s`
+    /// (the second of the last complete drain); and whether this one was.
+    pub fn due_timers(&self, now_ms: u64, since_s: Option<u64>, cap: usize) -> (Vec<Timer>, bool) {
+        wheel::take_due(self.host, now_ms / 1000, since_s, cap)
     }
 
     /// The slot a timer names, if it is still held in the timer's epoch.
@@ -415,17 +416,21 @@ impl<'h> Store<'h> {
     /// One step of the audit walk: the next `n` slots (round-robin over the
     /// slots made). Free slots of an older VM generation are queued again
     /// (in a new epoch, so any old entry for them goes stale); held slots come
-    /// back as timers for the caller to look at as if they were due.
-    pub fn audit_step(&self, n: u32) -> Vec<Timer> {
+    /// back, as read, for the caller to look at as if they were due.
+    /// Also the newest generation, for the caller's own free markers: a
+    /// worker that marks with an older one than it knows would have every
+    /// slot it frees queued twice.
+    pub fn audit_step(&self, n: u32) -> (Vec<Loaded>, u32) {
+        let Ok((current_gen, _)) = read_u32(self.host, &self.keys.generation()) else {
+            return (Vec::new(), self.gen);
+        };
+        let nothing = (Vec::new(), current_gen.max(self.gen));
         let slots = self.slots().min(self.max_jobs);
         if slots == 0 {
-            return Vec::new();
+            return nothing;
         }
-        let Ok((current_gen, _)) = read_u32(self.host, &self.keys.generation()) else {
-            return Vec::new();
-        };
         let Ok((start, cas)) = read_u32(self.host, &self.keys.audit()) else {
-            return Vec::new();
+            return nothing;
         };
         let start = start % slots;
         let end = start.saturating_add(n.min(slots));
@@ -435,7 +440,7 @@ impl<'h> Store<'h> {
             .set(&self.keys.audit(), &(end % slots).to_le_bytes(), cas)
             .is_err()
         {
-            return Vec::new();
+            return nothing;
         }
         let mut out = Vec::new();
         for i in start..end {
@@ -459,15 +464,11 @@ impl<'h> Store<'h> {
                         self.enqueue_free(slot, next);
                     }
                 }
-                SlotView::Held(v) => out.push(Timer {
-                    slot,
-                    epoch: v.epoch,
-                    due_s: 0,
-                }),
+                SlotView::Held(_) => out.push(Loaded { slot, value, cas }),
                 _ => {}
             }
         }
-        out
+        (out, nothing.1)
     }
 }
 

@@ -227,7 +227,7 @@ fn a_vm_dying_between_two_writes_loses_no_slot() {
     // Its replacement starts a new generation; the audit puts the slots back.
     let gen2 = Store::start_generation(&host, &keys);
     let store2 = Store::new(&host, &keys, 2, gen2);
-    assert!(store2.audit_step(64).is_empty());
+    assert!(store2.audit_step(64).0.is_empty());
     insert(&store2, &host).unwrap();
     insert(&store2, &host).unwrap();
     assert_eq!(insert(&store2, &host).unwrap_err(), StoreError::Full(None));

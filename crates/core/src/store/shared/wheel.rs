@@ -76,16 +76,22 @@ pub fn bucket_for(due_s: u64, now_s: u64) -> Queue {
     Queue::Wheel(2, ((now_s / SPAN[2] + ROOM[2] - 1) % BUCKETS[2]) as u8)
 }
 
-/// The buckets a tick at `now_s` drains: the current one of each level and a
-/// few before it, so that a late tick catches up.
-pub fn due_buckets(now_s: u64) -> Vec<Queue> {
+/// The buckets a tick at `now_s` drains: of each level, those from the one
+/// that was current at the last complete drain (`since_s`) to the current
+/// one, at most the level's window (so a late tick catches up, and a first
+/// tick looks back as far). Timers only ever go into the current bucket or
+/// later ones, so a tick within the same second drains one bucket a level.
+pub fn due_buckets(now_s: u64, since_s: Option<u64>) -> Vec<Queue> {
     let mut out = Vec::with_capacity(14);
     for (level, buckets, span, window, _, lead) in levels() {
         let current = now_s.saturating_add(lead) / span;
-        for back in 0..window {
-            if let Some(b) = current.checked_sub(back) {
-                out.push(Queue::Wheel(level, (b % buckets) as u8));
-            }
+        let back = since_s
+            .map_or(window - 1, |s| {
+                current.saturating_sub(s.saturating_add(lead) / span)
+            })
+            .min(window - 1);
+        for b in current.saturating_sub(back)..=current {
+            out.push(Queue::Wheel(level, (b % buckets) as u8));
         }
     }
     out
@@ -101,12 +107,22 @@ pub fn schedule(host: &dyn Host, timer: Timer, now_s: u64) -> Result<(), String>
     host.enqueue(&bucket_for(timer.due_s, now_s), &timer.encode())
 }
 
-/// Takes up to `cap` due timers; timers found early are placed again.
-pub fn take_due(host: &dyn Host, now_s: u64, cap: usize) -> Vec<Timer> {
+/// Takes up to `cap` due timers from the buckets due since `since_s`;
+/// timers found early are placed again. Also whether every due bucket was
+/// emptied (else the next tick starts from the same place).
+pub fn take_due(
+    host: &dyn Host,
+    now_s: u64,
+    since_s: Option<u64>,
+    cap: usize,
+) -> (Vec<Timer>, bool) {
     let mut due = Vec::new();
     let mut moved = 0usize;
-    for bucket in due_buckets(now_s) {
-        while due.len() < cap && moved < cap {
+    for bucket in due_buckets(now_s, since_s) {
+        loop {
+            if due.len() >= cap || moved >= cap {
+                return (due, false);
+            }
             let item = match host.dequeue(&bucket) {
                 Ok(Some(item)) => item,
                 _ => break,
@@ -122,7 +138,7 @@ pub fn take_due(host: &dyn Host, now_s: u64, cap: usize) -> Vec<Timer> {
             }
         }
     }
-    due
+    (due, true)
 }
 
 #[cfg(test)]
@@ -155,10 +171,14 @@ mod tests {
         }
         let mut fired = vec![None; dues.len()];
         let mut ops_max = 0;
+        let mut since = None;
         // Tick every second for a bit over the farthest timer.
         for now in start..=start + 300_010 {
             let before = host.calls();
-            for t in take_due(&host, now, 1_000) {
+            let (due, all) = take_due(&host, now, since, 1_000);
+            assert!(all);
+            since = Some(now);
+            for t in due {
                 assert!(fired[t.slot as usize].is_none(), "fired twice");
                 fired[t.slot as usize] = Some(now);
             }
@@ -178,6 +198,10 @@ mod tests {
             ops_max < 40,
             "a tick costs a bounded number of queue operations ({ops_max})"
         );
+        assert!(
+            ops_max_idle(&host, start + 400_000) <= 3,
+            "a tick in the same second as the last drains one bucket a level"
+        );
         assert_eq!(shared.queued_total(), 0);
     }
 
@@ -195,8 +219,35 @@ mod tests {
             100,
         )
         .unwrap();
-        assert!(take_due(&host, 104, 10).is_empty());
+        assert!(take_due(&host, 104, None, 10).0.is_empty());
         // No tick for 6 seconds past the due time.
-        assert_eq!(take_due(&host, 111, 10).len(), 1);
+        assert_eq!(take_due(&host, 111, Some(104), 10).0.len(), 1);
+    }
+
+    #[test]
+    fn a_drain_cut_short_by_its_cap_starts_there_next_time() {
+        let shared = SimShared::new(0);
+        let host = SimHost::new(&shared, 1);
+        for slot in 0..5 {
+            let timer = Timer {
+                slot,
+                epoch: 0,
+                due_s: 100,
+            };
+            schedule(&host, timer, 99).unwrap();
+        }
+        let (first, all) = take_due(&host, 100, Some(99), 3);
+        assert_eq!((first.len(), all), (3, false));
+        // Seconds later, from the same place: the rest, though their bucket is past.
+        let (rest, all) = take_due(&host, 103, Some(99), 3);
+        assert_eq!((rest.len(), all), (2, true));
+    }
+
+    /// Queue operations of a tick in the same second as the one before.
+    fn ops_max_idle(host: &SimHost, now: u64) -> u64 {
+        take_due(host, now, None, 10);
+        let before = host.calls();
+        take_due(host, now, Some(now), 10);
+        host.calls() - before
     }
 }

@@ -16,8 +16,10 @@ use crate::store::work::{Claimed, Ending, Leave, LetGo, Ticket, WorkDone, WorkOp
 
 /// Due timers one upkeep handles at most; the rest wait for the next.
 const TIMERS_PER_UPKEEP: usize = 2_000;
-/// Slots the audit looks at per upkeep.
-const AUDIT_PER_UPKEEP: u32 = 64;
+/// Slots the audit looks at per upkeep: with 10,000 slots and one worker,
+/// every slot once in about two minutes. Each is a read of the whole value
+/// (its audio too), so more would cost every tick what only a crash needs.
+const AUDIT_PER_UPKEEP: u32 = 16;
 /// A job still pending this long after its submit, its queue entry perhaps
 /// lost with a VM, is queued again by the audit.
 pub const PENDING_REQUEUE_MS: u64 = 30_000;
@@ -32,6 +34,8 @@ pub struct SharedWork {
     pub by: u64,
     /// The next lane the audit looks at.
     pub audit_lane: usize,
+    /// The second of the last complete drain of the timer wheel.
+    pub drained_s: Option<u64>,
 }
 
 impl SharedWork {
@@ -44,6 +48,7 @@ impl SharedWork {
             generation: 1,
             by,
             audit_lane: 0,
+            drained_s: None,
         }
     }
 
@@ -56,7 +61,12 @@ impl SharedWork {
         match op {
             WorkOp::Upkeep => {
                 self.audit_lane(host, config, now_ms);
-                upkeep(&self.store(host), &limits, now_ms)
+                let upkept = upkeep(&self.store(host), &limits, self.drained_s, now_ms);
+                if upkept.drained {
+                    self.drained_s = Some(now_ms / 1000);
+                }
+                self.generation = upkept.generation;
+                upkept.done
             }
             WorkOp::Find { room } => WorkDone::Found {
                 tickets: self.next_jobs(host, &limits, room, now_ms),
@@ -155,7 +165,7 @@ impl SharedWork {
             until_ms: now_ms.saturating_add(hold_ms),
         };
         let from_lane = matches!(ticket, Ticket::Shared { lane: Some(_), .. });
-        let (record, body) = change(store, ticket.id(), now_ms, |r, body| {
+        let (record, body) = change(store, ticket.id(), None, now_ms, |r, body| {
             let wanted = if r.status.is_finished() {
                 r.pending_delivery().is_some_and(|d| d.due(now_ms))
             } else {
@@ -184,7 +194,7 @@ impl SharedWork {
             until_ms: now_ms.saturating_add(hold_ms),
         };
         let id = record.id.clone();
-        change(store, &id, now_ms, |r, _| {
+        change(store, &id, None, now_ms, |r, _| {
             if r.claim.map(|c| c.by) != Some(self.by) {
                 return None;
             }
@@ -231,7 +241,7 @@ impl SharedWork {
         let let_go = if leave == Leave::Forget {
             free(store, loaded, &limits)
         } else {
-            self.write_end(store, &record, &rendered, leave, now_ms)
+            self.write_end(store, loaded, &record, &rendered, leave, now_ms)
         };
         if let_go {
             settled(store.host(), store.keys(), &lane, &limits, &owed, now_ms);
@@ -246,12 +256,13 @@ impl SharedWork {
     fn write_end(
         &self,
         store: &Store,
+        loaded: Loaded,
         record: &JobRecord,
         rendered: &Rendered,
         leave: Leave,
         now_ms: u64,
     ) -> bool {
-        let written = change(store, &record.id, now_ms, |r, _| {
+        let written = change(store, &record.id, Some(loaded), now_ms, |r, _| {
             if r.claim.map(|c| c.by) != Some(self.by) {
                 return None;
             }
@@ -288,18 +299,25 @@ fn kept(record: &JobRecord, body: &Rendered) -> Rendered {
 
 /// Applies `f` to the job's record under compare-and-swap, retrying on
 /// contention; `f` gives the poll answer to store, or `None` to leave the
-/// job alone. Schedules the job's next timer after the write. Returns the
-/// record and answer as written.
+/// job alone. Schedules the job's next timer after the write, unless one at
+/// or before it is still to come. Returns the
+/// record and answer as written. The first try may start from a value the
+/// caller has just read (`read_before`).
 fn change(
     store: &Store,
     id: &str,
+    mut read_before: Option<Loaded>,
     now_ms: u64,
     mut f: impl FnMut(&mut JobRecord, &Rendered) -> Option<Rendered>,
 ) -> Option<(JobRecord, Rendered)> {
     for _ in 0..RETRIES {
-        let loaded = store.load(id).ok()??;
+        let loaded = match read_before.take() {
+            Some(loaded) => loaded,
+            None => store.load(id).ok()??,
+        };
         let view = loaded.view()?;
         let mut record = view.record()?;
+        let due_before = record.next_timer_ms();
         let body = Rendered {
             body: view.body.to_vec(),
             audio: view.audio,
@@ -312,7 +330,12 @@ fn change(
             .set(&store.keys().slot(loaded.slot), &value, Some(loaded.cas))
         {
             Ok(()) => {
-                store.schedule(loaded.slot, view.epoch, record.next_timer_ms(), now_ms);
+                // A timer still to come at or before the new one looks at the
+                // job then and places it again: no second timer.
+                let due = record.next_timer_ms();
+                if due_before <= now_ms || due < due_before {
+                    store.schedule(loaded.slot, view.epoch, due, now_ms);
+                }
                 return Some((record, rendered));
             }
             Err(SetError::CasMismatch) => continue,
@@ -377,20 +400,34 @@ fn requeue(store: &Store, owner: &str, id: &str, is_lane: bool) {
 /// Due timers and a few slots of the audit: expired jobs are freed here;
 /// jobs that need a worker (deadline passed, claim lapsed, webhook attempt
 /// due) are offered to the engine.
-fn upkeep(store: &Store, limits: &dyn Fn(&str) -> Limits, now_ms: u64) -> WorkDone {
-    let mut timers = store.due_timers(now_ms, TIMERS_PER_UPKEEP);
-    timers.extend(store.audit_step(AUDIT_PER_UPKEEP));
+/// What an upkeep did, and learnt.
+struct Upkept {
+    done: WorkDone,
+    /// Every due bucket of the wheel was emptied.
+    drained: bool,
+    /// The newest generation of the Envoy's VMs.
+    generation: u32,
+}
+
+fn upkeep(
+    store: &Store,
+    limits: &dyn Fn(&str) -> Limits,
+    since_s: Option<u64>,
+    now_ms: u64,
+) -> Upkept {
+    let (timers, drained) = store.due_timers(now_ms, since_s, TIMERS_PER_UPKEEP);
+    let due = timers.into_iter().filter_map(|timer| {
+        let loaded = store.load_for_timer(timer).ok()??;
+        Some((Some(timer), loaded))
+    });
+    let (audited, generation) = store.audit_step(AUDIT_PER_UPKEEP);
     let mut tickets = Vec::new();
     let mut expired = 0;
-    for timer in timers {
-        let from_audit = timer.due_s == 0;
-        let Ok(Some(loaded)) = store.load_for_timer(timer) else {
-            continue;
-        };
+    for (timer, loaded) in due.chain(audited.into_iter().map(|loaded| (None, loaded))) {
         let Some(record) = loaded.view().and_then(|v| v.record()) else {
             continue;
         };
-        match look(&record, from_audit, now_ms) {
+        match look(&record, timer.is_none(), now_ms) {
             Look::Offer => tickets.push(Ticket::Shared {
                 id: record.id,
                 lane: None,
@@ -400,13 +437,18 @@ fn upkeep(store: &Store, limits: &dyn Fn(&str) -> Limits, now_ms: u64) -> WorkDo
             }
             Look::DropResult => drop_result(store, &record.id, now_ms),
             Look::Requeue => requeue_lost(store, &record),
-            Look::Later if !from_audit => {
-                store.schedule(timer.slot, timer.epoch, record.next_timer_ms(), now_ms)
+            Look::Later => {
+                if let Some(timer) = timer {
+                    store.schedule(timer.slot, timer.epoch, record.next_timer_ms(), now_ms)
+                }
             }
-            Look::Later => {}
         }
     }
-    WorkDone::Found { tickets, expired }
+    Upkept {
+        done: WorkDone::Found { tickets, expired },
+        drained,
+        generation,
+    }
 }
 
 /// What a timer means for the job in its slot.
@@ -459,7 +501,7 @@ fn requeue_lost(store: &Store, record: &JobRecord) {
 }
 
 fn drop_result(store: &Store, id: &str, now_ms: u64) {
-    change(store, id, now_ms, |r, _| {
+    change(store, id, None, now_ms, |r, _| {
         if r.result_dropped {
             return None;
         }
