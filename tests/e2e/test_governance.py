@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import SPEECH, Client, eventually, stays, stats
-from envoy_harness import cluster, shipped_stats_config
+from conftest import SPEECH, Client, clusters_for, eventually, plugin_config, stays, stats
+from envoy_harness import Envoy, bootstrap, cluster, shipped_stats_config, validate
 from etcd_harness import Etcd
 
 USAGE = "/v1/async/usage"
@@ -263,8 +263,9 @@ def test_each_refusal_has_its_status_type_and_headers_and_counts_nothing(make_en
 
 def test_an_expired_key_is_refused_every_request_even_for_its_own_jobs(make_envoy, mock):
     mock.add_rule("/v1/audio/speech", body=b"AUDIO")
-    # Expires a few seconds from now: time for one job, then every request is a 403.
-    expires = int(time.time()) + 3
+    # Expires a few seconds from now: time for Envoy to start and one job to
+    # run (on a busy machine too), then every request is a 403.
+    expires = int(time.time()) + 6
     expires_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
     _, client = make_envoy(virtual_keys=[
         vk("soon", expires_at=expires_at, limits={"requests": {"max": 5, "per": "1h"}}),
@@ -272,7 +273,7 @@ def test_an_expired_key_is_refused_every_request_even_for_its_own_jobs(make_envo
     job = accept(client, "soon", speech()).json()["id"]
     assert client.wait(job, key=secret("soon")).status == 200
     assert usage(client, "soon")["expires_at"] == expires_at
-    eventually(lambda: time.time() >= expires + 0.05, 5, what="the key's expiry")
+    eventually(lambda: time.time() >= expires + 0.05, 8, interval=0.1, what="the key's expiry")
     calls = [("POST", SPEECH, speech()), ("GET", f"{SPEECH}/{job}", None), ("GET", f"{SPEECH}/{job}/content", None),
              ("DELETE", f"{SPEECH}/{job}", None), ("GET", USAGE, None)]
     for name in ("soon", "past"):
@@ -280,8 +281,7 @@ def test_an_expired_key_is_refused_every_request_even_for_its_own_jobs(make_envo
             r = client.call(method, path, body, key=secret(name))
             refusal(r, 403, "virtual_key_blocked")
             assert ratelimit(r) is None and "retry-after" not in r.headers, (method, path, r.headers)
-    # Still there, untouched: the 403 DELETE deleted nothing.
-    assert len(mock.recorded()) == 1
+    assert len(mock.recorded()) == 1, "the refused submits sent nothing upstream"
 
 
 def test_the_first_check_that_applies_answers(make_envoy, mock):
@@ -609,7 +609,11 @@ def test_stats_per_key_and_model_after_known_traffic_with_prometheus_labels(make
     mock.add_rule("/backup/v1/audio/speech", body=b"AUDIO")
     keys = [vk("stat", allowed_models=["openai/*", "backup/*"], limits={"requests": {"max": 4, "per": "1h"}}),
             vk("other")]
-    envoy, client = make_envoy(virtual_keys=keys, pricing=PRICING, stats_config=shipped_stats_config())
+    envoy, client = make_envoy(virtual_keys=keys, pricing=PRICING, stats_config=shipped_stats_config(),
+                               allow_unauthenticated=True)
+    anonymous = client.submit(speech("anon"), key=None)
+    assert anonymous.status == 202, anonymous
+    client.wait(anonymous.json()["id"], key=None)                              # no key: "none", 4 chars, 4,000 µ$
     jobs = [
         accept(client, "stat", speech("hello")),                                 # openai: 5 chars, 5,000 µ$
         accept(client, "stat", speech("fb-4567", fallbacks=["backup/tts-1"])),   # backup: 7 chars, 21,000 µ$
@@ -634,6 +638,10 @@ def test_stats_per_key_and_model_after_known_traffic_with_prometheus_labels(make
         "key.other.model.backup/tts-1.completed": 1,
         "key.other.model.backup/tts-1.characters": 3,
         "key.other.model.backup/tts-1.spend_micros": 9_000,
+        "key.none.model.openai/tts-1.submits": 1,
+        "key.none.model.openai/tts-1.completed": 1,
+        "key.none.model.openai/tts-1.characters": 4,
+        "key.none.model.openai/tts-1.spend_micros": 4_000,
     }
 
     def per_key():
@@ -692,9 +700,6 @@ def replicas(etcd, mock):
 
     def make(n, **overrides):
         store = {"type": "etcd", "cluster": "etcd", "prefix": f"/gov-{uuid.uuid4().hex[:8]}/", "timeout_ms": 2000}
-        from conftest import clusters_for, plugin_config
-        from envoy_harness import Envoy
-
         config = plugin_config(store=store, **overrides)
         out = []
         for _ in range(n):
@@ -782,3 +787,32 @@ def test_fair_dispatch_holds_across_replicas(replicas, mock):
     late, since = submit_late(ca, cb)
     assert_started_promptly(mock, since, 20)
     assert all(j["status"] == "completed" for j in wait_all(ca, "late", late, timeout=15))
+
+
+# --- settings refused at load -------------------------------------------------
+
+@pytest.mark.parametrize("change,message", [
+    # A key's name is part of stat names: a dot would split them.
+    ({"virtual_keys": [vk("team.a")]}, "virtual_keys[0].name must be 1 to 64"),
+    ({"virtual_keys": [{"name": "k" * 65, "value": secret("long")}]}, "virtual_keys[0].name must be 1 to 64"),
+    ({"virtual_keys": [vk("a", expires_at="2027-06-30")]}, "virtual_keys[0].expires_at"),
+    ({"virtual_keys": [vk("a", allowed_models=["open*ai/x"])]}, "virtual_keys[0].allowed_models[0]"),
+    ({"virtual_keys": [vk("a", limits={"requests": {"max": 5, "per": "1x"}})]}, "virtual_keys[0].limits.requests.per"),
+    ({"virtual_keys": [vk("a", limits={"requests": {"max": 5, "per": "13M"}})]}, "virtual_keys[0].limits.requests.per"),
+    ({"virtual_keys": [vk("a", limits={"characters": {"max": 0, "per": "1d"}})]},
+     "virtual_keys[0].limits.characters.max must be between 1"),
+    ({"virtual_keys": [vk("a", limits={"budget": {"max_usd": 0, "per": "1M"}})]},
+     "virtual_keys[0].limits.budget.max_usd must be above 0"),
+    ({"max_jobs": 10, "virtual_keys": [vk("a", limits={"max_held_jobs": 11})]},
+     "virtual_keys[0].limits.max_held_jobs must be between 1 and 10"),
+    ({"virtual_keys": [vk("a", limits={"max_running_jobs": 65536})]}, "virtual_keys[0].limits.max_running_jobs"),
+    ({"virtual_keys": [vk("a", limits={"rps": 5})]}, "unknown field `rps`"),
+    ({"pricing": {"openai/tts-1": -1}}, 'pricing["openai/tts-1"]'),
+])
+def test_a_bad_governance_setting_is_refused_when_envoy_loads_it(change, message, tmp_path):
+    path = tmp_path / "bad.json"
+    config = bootstrap(plugin_config(**change), [cluster("mock", 1), cluster("down", 2), cluster("app", 3)], 0, 0)
+    path.write_text(json.dumps(config))
+    code, out = validate(path)
+    assert code != 0, out
+    assert "configuration rejected" in out and message in out, out[-2000:]
