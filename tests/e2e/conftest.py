@@ -172,11 +172,13 @@ def audio_of(job):
 
 @pytest.fixture
 def make_envoy(mock):
-    """Starts an Envoy with plugin_config(**overrides); stopped after the test."""
+    """Starts an Envoy with plugin_config(**overrides); stopped after the test.
+    `stats_config` is the bootstrap's (see envoy_harness.shipped_stats_config)."""
     started = []
 
-    def start(extra_clusters=(), **overrides):
-        e = Envoy(plugin_config(**overrides), clusters_for(mock) + list(extra_clusters), concurrency=2).start()
+    def start(extra_clusters=(), stats_config=None, **overrides):
+        e = Envoy(plugin_config(**overrides), clusters_for(mock) + list(extra_clusters), concurrency=2,
+                  stats_config=stats_config).start()
         started.append(e)
         return e, Client(e.url)
 

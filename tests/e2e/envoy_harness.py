@@ -35,6 +35,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 from waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,13 +119,18 @@ def listener(plugin_config, listen_port=0, env_keys=(), pre_filters=()):
     }
 
 
-def bootstrap(plugin_config, clusters, listen_port, admin_port, env_keys=(), pre_filters=(), lds_path=None):
+def bootstrap(plugin_config, clusters, listen_port, admin_port, env_keys=(), pre_filters=(), lds_path=None,
+              stats_config=None):
     """A bootstrap with the "api" listener in it, or, given `lds_path`, one
-    that reads its listeners from that file (which the caller writes)."""
+    that reads its listeners from that file (which the caller writes).
+    `stats_config`: the bootstrap's `stats_config` (e.g. the tags that turn
+    parts of stat names into Prometheus labels), none by default."""
     config = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {"clusters": clusters},
     }
+    if stats_config is not None:
+        config["stats_config"] = stats_config
     if lds_path is None:
         config["static_resources"]["listeners"] = [listener(plugin_config, listen_port, env_keys, pre_filters)]
     else:
@@ -283,8 +290,9 @@ class Envoy(EnvoyProcess):
 
     def __init__(self, plugin_config, clusters, concurrency=2, env=None, env_keys=(), pre_filters=(),
                  listener_from_file=False, drain_time_s=None, hot_restart=False, parent_shutdown_time_s=None,
-                 log_level="warn", _epoch_of=None):
+                 log_level="warn", stats_config=None, _epoch_of=None):
         self.plugin_config = plugin_config
+        self.stats_config = stats_config
         self.clusters = clusters
         self.env_keys, self.pre_filters = env_keys, pre_filters
         self.listener_from_file = listener_from_file
@@ -310,7 +318,8 @@ class Envoy(EnvoyProcess):
         env = _epoch_of.env if _epoch_of is not None else dict(os.environ, **(env or {}))
         super().__init__("", "envoy.json", concurrency, env, args=args, hot_restart=restart)
         self.lds_path = os.path.join(self.dir, "lds", "listeners.json") if listener_from_file else None
-        config = bootstrap(plugin_config, clusters, listen_port, 0, env_keys, pre_filters, self.lds_path)
+        config = bootstrap(plugin_config, clusters, listen_port, 0, env_keys, pre_filters, self.lds_path,
+                           stats_config)
         if self.lds_path:
             os.makedirs(os.path.dirname(self.lds_path))
             write_lds(self.lds_path, [listener(plugin_config, listen_port, env_keys, pre_filters)])
@@ -342,8 +351,15 @@ class Envoy(EnvoyProcess):
         child = Envoy(self.plugin_config, self.clusters, self.concurrency, env_keys=self.env_keys,
                       pre_filters=self.pre_filters, listener_from_file=self.listener_from_file,
                       drain_time_s=self.drain_time_s, parent_shutdown_time_s=self.parent_shutdown_time_s,
-                      log_level=self.log_level, _epoch_of=self)
+                      log_level=self.log_level, stats_config=self.stats_config, _epoch_of=self)
         return child.start(timeout)
+
+
+def shipped_stats_config():
+    """The `stats_config` of the shipped envoy/envoy.yaml (its tags name the
+    key and the model of the per-key stats), for an Envoy started here."""
+    with open(ROOT / "envoy" / "envoy.yaml") as f:
+        return yaml.safe_load(f)["stats_config"]
 
 
 def validate(config_path, env=None):
