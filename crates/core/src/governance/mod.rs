@@ -109,7 +109,8 @@ pub struct KeyState {
     /// Ring entries made so far: each entry's epoch (shared data).
     #[serde(rename = "x", default)]
     pub ring_epochs: u32,
-    /// When a job was last taken from the lane, in ms (shared data).
+    /// When a job was last taken from the lane, in ms (shared data); 0 when
+    /// it joined the ring since, until the lane audit sees it.
     #[serde(rename = "t", default)]
     pub served_ms: u64,
     /// Since when its queue has been found empty while `queued` says

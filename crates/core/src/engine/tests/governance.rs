@@ -331,3 +331,38 @@ fn two_replicas_racing_never_let_one_request_too_many_through() {
         (Some(1), Some(1))
     );
 }
+
+#[test]
+fn a_keys_first_job_starts_before_another_key_has_two_more() {
+    for mut w in worlds("", "", r#","max_in_flight":1"#) {
+        // Calls of different lengths, so that slots free one at a time.
+        let n = std::cell::Cell::new(0u64);
+        w.set_provider(move |_| {
+            n.set(n.get() + 1);
+            Reply::After(1_000 + 700 * n.get(), Box::new(Reply::Audio(b"x".to_vec())))
+        });
+        for _ in 0..10 {
+            assert_eq!(w.submit_as(0, KEY, &speech("")).status, 202);
+        }
+        // Long enough for the lane audit to have looked at every lane.
+        w.run_for(8_000);
+        let before = w.provider_calls.borrow().len();
+        let late = w.submit_as(0, KEY_B, &speech(r#","voice":"b""#));
+        assert_eq!(late.status, 202);
+        let took = w.run_until(30_000, |w| {
+            w.provider_calls.borrow()[before..]
+                .iter()
+                .any(|c| json(&c.body)["voice"] == "b")
+        });
+        assert!(took.is_some(), "the late key's call was made");
+        let calls = w.provider_calls.borrow();
+        let others_first = calls[before..]
+            .iter()
+            .take_while(|c| json(&c.body)["voice"] != "b")
+            .count();
+        assert!(
+            others_first <= 1,
+            "{others_first} of the backlog's jobs started first"
+        );
+    }
+}

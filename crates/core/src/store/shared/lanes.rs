@@ -65,6 +65,8 @@ fn ring_if_due(limits: &Limits, state: &mut KeyState, lane: &str) -> Option<Vec<
     state.ring_epochs = state.ring_epochs.wrapping_add(1);
     let epoch = state.ring_epochs;
     state.ring = Some(epoch);
+    // Not served on this turn yet: the lane audit starts the clock.
+    state.served_ms = 0;
     Some(ring_entry(lane, epoch))
 }
 

@@ -146,9 +146,15 @@ impl SharedWork {
         self.audit_lane = self.audit_lane.wrapping_add(1);
         let limits = limits_of(config, lane);
         let _ = lanes::update(host, &self.keys, lane, &limits, |s| {
-            let lost = s.ring.is_some()
-                && s.queued > 0
-                && now_ms.saturating_sub(s.served_ms) > LANE_STUCK_MS;
+            if s.ring.is_none() || s.queued == 0 {
+                return false;
+            }
+            // Joined the ring since the last look: its clock starts now.
+            if s.served_ms == 0 {
+                s.served_ms = now_ms;
+                return true;
+            }
+            let lost = now_ms.saturating_sub(s.served_ms) > LANE_STUCK_MS;
             if lost {
                 s.ring = None;
                 s.served_ms = now_ms;
