@@ -6,7 +6,6 @@ its report and their directories are kept (their paths are in the report).
 
 import base64
 import hashlib
-import http.client
 import json
 import sys
 import time
@@ -18,7 +17,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import envoy_harness  # noqa: E402
 from envoy_harness import Envoy, RefusedPort, cluster  # noqa: E402
+from etcd_harness import Etcd  # noqa: E402
 from mock_provider import MockProvider  # noqa: E402
+from helpers import http_call  # noqa: E402
 from waiting import eventually, stays  # noqa: E402,F401  (the tests import them from here)
 
 KEY_A = "sk-bf-team-a-secret"
@@ -103,6 +104,14 @@ def envoy(mock):
     e.stop()
 
 
+@pytest.fixture(scope="module")
+def etcd():
+    """One etcd member for the module's tests (each test takes a prefix of its own)."""
+    e = Etcd().start()
+    yield e
+    e.stop()
+
+
 @pytest.fixture(autouse=True)
 def fresh_mock(mock):
     mock.clear()
@@ -115,21 +124,7 @@ class Client:
         self.host, self.port = host, int(port)
 
     def call(self, method, path, body=None, headers=None, key=KEY_A):
-        h = {}
-        if key is not None:
-            h["authorization"] = f"Bearer {key}"
-        if body is not None and not isinstance(body, (bytes, str)):
-            body = json.dumps(body)
-            h["content-type"] = "application/json"
-        h.update(headers or {})
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-        try:
-            conn.request(method, path, body=body, headers=h)
-            r = conn.getresponse()
-            data = r.read()
-            return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, data)
-        finally:
-            conn.close()
+        return Response(*http_call(self.host, self.port, method, path, body, headers, key))
 
     def submit(self, body, **kw):
         return self.call("POST", SPEECH, body, **kw)

@@ -2,6 +2,7 @@
 conftest), never from one another."""
 
 import base64
+import http.client
 import json
 import os
 import re
@@ -13,6 +14,25 @@ from envoy_harness import ROOT
 from waiting import eventually
 
 # --- Requests and answers of the speech API -----------------------------------
+
+def http_call(host, port, method, path, body=None, headers=None, key=None):
+    """One request on a connection of its own: (status, headers by lower-case
+    name, body). A `body` that is not bytes or str is sent as JSON; `key`
+    goes in `Authorization: Bearer`."""
+    h = {} if key is None else {"authorization": f"Bearer {key}"}
+    if body is not None and not isinstance(body, (bytes, str)):
+        body = json.dumps(body)
+        h["content-type"] = "application/json"
+    h.update(headers or {})
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=h)
+        r = conn.getresponse()
+        data = r.read()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+    finally:
+        conn.close()
+
 
 NOT_FOUND = {"is_bifrost_error": False, "status_code": 404, "error": {"message": "job not found or expired"}}
 

@@ -7,17 +7,12 @@ a member that dies is taken out and the filter goes on serving from the other
 two. (tests/e2e/test_compose.py runs the compose file itself.)"""
 
 import json
-import os
-import signal
-import subprocess
-import tempfile
-import urllib.request
 
 import pytest
 
 from conftest import Client, eventually
 from envoy_harness import ROOT, EnvoyProcess, cluster, validate
-from etcd_harness import ETCD, free_port
+from etcd_harness import EtcdCluster
 from helpers import ENVOY_DIR, enables_filter, load, plugin_configs, routes, wasm_filters
 from mock_provider import MockProvider
 
@@ -154,69 +149,6 @@ def test_compose_wires_three_etcd_members_two_replicas_a_front_and_the_speech_se
 
 # --- The replica's etcd cluster settings against three real members ----------
 
-class EtcdCluster:
-    """Three etcd members on loopback, each in its own session, stopped by pid."""
-
-    def __init__(self):
-        if not os.path.exists(ETCD):
-            pytest.fail(f"etcd is not installed ({ETCD}); run `make setup` (Debian's etcd-server)")
-        self.dir = tempfile.mkdtemp(prefix="etcd-cluster-e2e-")
-        self.ports = {m: (free_port(), free_port()) for m in MEMBERS}
-        initial = ",".join(f"{m}=http://127.0.0.1:{peer}" for m, (_, peer) in self.ports.items())
-        self.procs = {}
-        for m, (client, peer) in self.ports.items():
-            log = open(os.path.join(self.dir, f"{m}.log"), "wb")
-            self.procs[m] = subprocess.Popen(
-                [ETCD, "--name", m, "--data-dir", os.path.join(self.dir, m),
-                 "--listen-client-urls", f"http://127.0.0.1:{client}",
-                 "--advertise-client-urls", f"http://127.0.0.1:{client}",
-                 "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                 "--initial-cluster", initial, "--initial-cluster-state", "new", "--log-level", "warn"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-            log.close()
-        eventually(lambda: all(self.healthy(m) for m in MEMBERS), 30, what="three etcd members with a leader",
-                   interval=0.1, retry_on=(OSError, AssertionError))
-
-    def client_port(self, member):
-        return self.ports[member][0]
-
-    def healthy(self, member):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.client_port(member)}/health", timeout=1) as r:
-            return json.loads(r.read()).get("health") == "true"
-
-    def leader(self, among=MEMBERS):
-        """The member that leads now, once every member `among` names the same one."""
-        def agreed():
-            ids, leaders = {}, set()
-            for m in among:
-                req = urllib.request.Request(f"http://127.0.0.1:{self.client_port(m)}/v3/maintenance/status",
-                                             data=b"{}", method="POST")
-                with urllib.request.urlopen(req, timeout=2) as r:
-                    status = json.loads(r.read())
-                ids[status["header"]["member_id"]] = m
-                leaders.add(status.get("leader"))
-            return len(leaders) == 1 and ids.get(leaders.pop())
-
-        return eventually(agreed, 15, what="the members to agree on a leader", interval=0.1, retry_on=(OSError,))
-
-    def kill(self, member):
-        p = self.procs[member]
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait()
-
-    def stop(self):
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        subprocess.run(["rm", "-rf", self.dir], check=False)
-
-
 def replica_on(etcd_cluster, provider_port):
     """replica.yaml as shipped, but for loopback: the etcd cluster (its health
     checks and outlier detection untouched) on the three members, every other
@@ -231,9 +163,8 @@ def replica_on(etcd_cluster, provider_port):
             c["type"] = "STATIC"
             c.pop("dns_lookup_family", None)
             c["load_assignment"]["endpoints"] = [{"lb_endpoints": [
-                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                             "port_value": etcd_cluster.client_port(m)}}}}
-                for m in MEMBERS]}]
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+                for port in etcd_cluster.client_ports]}]
             new.append(c)
         else:
             new.append(cluster(c["name"], provider_port))
@@ -249,7 +180,7 @@ def health_flags(envoy, port):
 
 
 def test_a_dead_etcd_member_is_taken_out_and_jobs_go_on():
-    members = EtcdCluster()
+    members = EtcdCluster(size=len(MEMBERS)).start()
     provider = MockProvider()
     provider.start()
     provider.add_rule(path_prefix="/v1/audio/speech", body=b"spoken")
@@ -257,7 +188,7 @@ def test_a_dead_etcd_member_is_taken_out_and_jobs_go_on():
     try:
         envoy = EnvoyProcess(json.dumps(replica_on(members, provider.port)), "envoy.json", concurrency=2, cwd=ROOT,
                              args=["--log-level", "warn", "--component-log-level", "wasm:info"]).start()
-        eventually(lambda: all(health_flags(envoy, members.client_port(m)) == "healthy" for m in MEMBERS), 15,
+        eventually(lambda: all(health_flags(envoy, port) == "healthy" for port in members.client_ports), 15,
                    what=lambda: "Envoy to find all three members healthy: " + envoy.admin("/clusters"))
         client = Client(envoy.url)
         body = {"model": "local/tts-1", "input": "hello", "voice": "alloy"}
@@ -265,15 +196,14 @@ def test_a_dead_etcd_member_is_taken_out_and_jobs_go_on():
         assert first.status == 202, first
 
         dead = members.leader()
-        members.kill(dead)
-        port = members.client_port(dead)
-        survivors = [m for m in MEMBERS if m != dead]
+        dead.kill()
+        survivors = [m for m in members if m is not dead]
         # The other two elect a leader, and Envoy takes the dead member out
         # while it finds the two others healthy.
-        assert members.leader(among=survivors) in survivors
-        eventually(lambda: "failed" in (health_flags(envoy, port) or "") and all(
-            health_flags(envoy, members.client_port(m)) == "healthy" for m in survivors), 15,
-            what=lambda: f"Envoy to take {dead} (the old leader) out: " + envoy.admin("/clusters"))
+        assert members.leader() in survivors
+        eventually(lambda: "failed" in (health_flags(envoy, dead.client_port) or "") and all(
+            health_flags(envoy, m.client_port) == "healthy" for m in survivors), 15,
+            what=lambda: f"Envoy to take {dead.name} (the old leader) out: " + envoy.admin("/clusters"))
 
         # Right after an election a member may still refuse a call or two (the
         # filter answers 503 then); once calls go through, they keep going

@@ -18,13 +18,6 @@ from webhook_receiver import Receiver
 BASIC = {"model": "openai/tts-1", "input": "hello", "voice": "alloy"}
 
 
-@pytest.fixture(scope="module")
-def etcd():
-    e = Etcd().start()
-    yield e
-    e.stop()
-
-
 def keys_under(etcd, prefix):
     status, body = etcd.call("/v3/kv/range", {"key": b64(prefix.encode()), "range_end": b64(prefix.encode()[:-1] + b"0"),
                                               "keys_only": True})

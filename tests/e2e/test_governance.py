@@ -21,7 +21,6 @@ import pytest
 
 from conftest import SPEECH, Client, clusters_for, eventually, plugin_config, stays, stats
 from envoy_harness import Envoy, bootstrap, cluster, shipped_stats_config, validate
-from etcd_harness import Etcd
 
 USAGE = "/v1/async/usage"
 HALF_HOUR, HOUR, DAY = 1800, 3600, 86400
@@ -701,13 +700,6 @@ def test_a_model_the_configuration_does_not_name_counts_as_its_providers_other(m
 
 
 # --- the etcd store: counters shared by replicas ------------------------------
-
-@pytest.fixture(scope="module")
-def etcd():
-    e = Etcd().start()
-    yield e
-    e.stop()
-
 
 @pytest.fixture
 def replicas(etcd, mock):

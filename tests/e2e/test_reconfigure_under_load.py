@@ -29,7 +29,6 @@ import pytest
 
 from conftest import Client, clusters_for, plugin_config
 from envoy_harness import Envoy, cluster
-from etcd_harness import Etcd
 from load import Load, describe, failed_jobs
 
 JOBS = int(os.environ.get("OPS_LDS_JOBS", "2000"))
@@ -89,13 +88,6 @@ class Pusher(threading.Thread):
     def stop(self):
         self.stopping.set()
         self.join(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    e = Etcd().start()
-    yield e
-    e.stop()
 
 
 @pytest.mark.parametrize("store_type", ["shared_data", "etcd"])

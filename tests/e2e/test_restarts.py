@@ -22,7 +22,6 @@ import pytest
 
 from conftest import Client, clusters_for, plugin_config
 from envoy_harness import Envoy, cluster
-from etcd_harness import Etcd
 from load import Load, describe, failed_jobs
 from mock_provider import fake_audio
 
@@ -31,13 +30,6 @@ BODY = {"model": "openai/tts-1", "input": "hello across restarts", "voice": "all
 PROVIDER_DELAY_S = 1.5
 DRAIN_TIME_S = 2
 PARENT_SHUTDOWN_TIME_S = 4
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    e = Etcd().start()
-    yield e
-    e.stop()
 
 
 def etcd_setup(etcd, mock):

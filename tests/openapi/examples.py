@@ -16,7 +16,6 @@ answers first, so that the budget is spent in an Envoy of its own.
 """
 
 import argparse
-import http.client
 import json
 import re
 import sys
@@ -30,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from deployment import (DOC, EXPIRED_KEY, KEY, OPENAI_ONLY_KEY, OTHER_KEY, SPEECH,  # noqa: E402
                         add_provider_rules, running)
-from waiting import eventually  # noqa: E402  (tests/e2e, put on the path by deployment)
+from helpers import http_call  # noqa: E402  (tests/e2e, put on the path by deployment)
+from waiting import eventually  # noqa: E402
 
 MARKER = "  # GENERATED EXAMPLES BELOW\n"
 USAGE = "/v1/async/usage"
@@ -99,19 +99,7 @@ class Client:
         self.key = key
 
     def call(self, method, path, body=None, headers=None):
-        h = {} if self.key is None else {"authorization": f"Bearer {self.key}"}
-        if body is not None and not isinstance(body, (bytes, str)):
-            body = json.dumps(body)
-            h["content-type"] = "application/json"
-        h.update(headers or {})
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-        try:
-            conn.request(method, path, body=body, headers=h)
-            r = conn.getresponse()
-            data = r.read()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, data
-        finally:
-            conn.close()
+        return http_call(self.host, self.port, method, path, body, headers, self.key)
 
     def submit(self, body, **kw):
         status, headers, data = self.call("POST", SPEECH, body, **kw)

@@ -65,62 +65,37 @@ fn two_replicas_claiming_one_job_make_one_claim() {
     assert_eq!(w.count(|r| matches!(r, Report::Started { .. })), 1);
 }
 
-/// A replica stops (SIGSTOP) mid-call; its lease lapses and another replica
-/// takes the job over and completes it. When the first wakes up and its
-/// provider's answer arrives, its ending loses its compare: the job stays as
-/// the second made it.
-#[test]
-fn a_replica_whose_lease_lapsed_cannot_end_a_job_another_took_over() {
-    let mut w = World::etcd("");
-    let mut calls = 0;
-    w.set_provider(move |_| {
-        calls += 1;
-        match calls {
-            1 => Reply::After(15_000, Box::new(Reply::Audio(b"LATE".to_vec()))),
-            _ => Reply::Audio(b"TAKEN".to_vec()),
-        }
-    });
-    let id = w.submit(0, &speech(""));
-    w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1)
-        .unwrap();
-    let stopped = w.holder();
-    w.workers[stopped].paused = true;
-    let other = 1 - stopped;
-    let job = w.wait(&id, 30_000);
-    assert_eq!(super::audio(&job), b"TAKEN");
-    w.workers[stopped].paused = false;
-    w.run_for(20_000);
-    let (_, after) = w.poll(other, &id);
-    assert_eq!(
-        super::audio(&after),
-        b"TAKEN",
-        "the late ending was refused"
-    );
-    assert_eq!(w.count(|r| matches!(r, Report::Completed { .. })), 1);
-}
-
-/// A shared-data worker whose claim lapsed (it stalled) cannot end the job
-/// another worker took over.
+/// A worker (shared data) or a replica (etcd) stops (SIGSTOP) mid-call; its
+/// claim (or lease) lapses and another takes the job over and completes it.
+/// When the first wakes up and its provider's answer arrives, its ending
+/// loses its compare: the job stays as the second made it.
 #[test]
 fn a_worker_whose_claim_lapsed_cannot_end_a_job_another_took_over() {
-    let mut w = World::shared("");
-    let mut calls = 0;
-    w.set_provider(move |_| {
-        calls += 1;
-        match calls {
-            1 => Reply::After(15_000, Box::new(Reply::Audio(b"LATE".to_vec()))),
-            _ => Reply::Audio(b"TAKEN".to_vec()),
-        }
-    });
-    let id = w.submit(0, &speech(""));
-    w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1)
-        .unwrap();
-    let stalled = w.holder();
-    w.workers[stalled].paused = true;
-    let job = w.wait(&id, 30_000);
-    assert_eq!(super::audio(&job), b"TAKEN");
-    w.workers[stalled].paused = false;
-    w.run_for(20_000);
-    assert_eq!(super::audio(&w.poll(0, &id).1), b"TAKEN");
-    assert_eq!(w.count(|r| matches!(r, Report::Completed { .. })), 1);
+    for mut w in super::both("") {
+        let mut calls = 0;
+        w.set_provider(move |_| {
+            calls += 1;
+            match calls {
+                1 => Reply::After(15_000, Box::new(Reply::Audio(b"LATE".to_vec()))),
+                _ => Reply::Audio(b"TAKEN".to_vec()),
+            }
+        });
+        let id = w.submit(0, &speech(""));
+        w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1)
+            .unwrap();
+        let stopped = w.holder();
+        w.workers[stopped].paused = true;
+        let job = w.wait(&id, 30_000);
+        assert_eq!(super::audio(&job), b"TAKEN");
+        w.workers[stopped].paused = false;
+        w.run_for(20_000);
+        let other = 1 - stopped;
+        let (_, after) = w.poll(other, &id);
+        assert_eq!(
+            super::audio(&after),
+            b"TAKEN",
+            "the late ending was refused"
+        );
+        assert_eq!(w.count(|r| matches!(r, Report::Completed { .. })), 1);
+    }
 }

@@ -215,18 +215,7 @@ impl World {
 
     /// The worker is told it goes away now: it hands back.
     pub fn close(&mut self, w: usize) {
-        let now = self.now();
-        let worker = &mut self.workers[w];
-        let Some(engine) = worker.engine.as_mut() else {
-            return;
-        };
-        let cx = Cx {
-            host: worker.host.as_ref(),
-            config: &worker.config,
-            now,
-        };
-        let reports = engine.close(&cx);
-        self.reports.borrow_mut().extend(reports);
+        self.on_worker(w, |engine, cx| engine.close(cx));
         self.settle();
     }
 
