@@ -3,8 +3,11 @@
 -- jobs in submit order and polls the oldest once more than `lag` are waiting
 -- (BENCH_LAG at first); a poll that still finds the job unfinished (202) puts
 -- it back at the end and makes `lag` longer by a quarter of BENCH_LAG (up to
--- BENCH_MAX_LAG), so that the polls settle at about one per job whatever a
--- job takes. A job counts when its poll answers 200 with the job completed.
+-- BENCH_MAX_LAG), and every 16 polls that find their job completed make it
+-- shorter by one (down to BENCH_LAG): `lag` follows how long a job takes, so
+-- that about one poll in a hundred comes early and few finished jobs are
+-- left unpolled when wrk stops. A job counts when its poll answers 200 with
+-- the job completed.
 -- BENCH_PATH (the submit path), BENCH_BODY, BENCH_KEY, BENCH_TTL, BENCH_LAG,
 -- BENCH_MAX_LAG.
 -- Prints "BENCH_E2E {json}": jobs completed, submits and polls sent, 202
@@ -13,6 +16,7 @@
 local path = os.getenv("BENCH_PATH") or "/v1/async/audio/speech"
 local lag = tonumber(os.getenv("BENCH_LAG") or "32")
 local step = math.max(1, math.floor(lag / 4))
+local min_lag = lag
 local max_lag = tonumber(os.getenv("BENCH_MAX_LAG") or "1024")
 local submit_headers = {
   ["authorization"] = "Bearer " .. (os.getenv("BENCH_KEY") or "sk-bf-bench"),
@@ -60,7 +64,7 @@ function response(status, headers, body)
       polled[id] = nil
       unfinished = unfinished + 1
       lag = math.min(max_lag, lag + step)
-      final_lag = lag
+      final_lag = math.max(final_lag, lag)
     end
     tail = tail + 1
     waiting[tail] = id
@@ -68,6 +72,9 @@ function response(status, headers, body)
     if id then polled[id] = nil end
     if string.find(body, '"status":"completed"', 1, true) then
       completed = completed + 1
+      if completed % 16 == 0 and lag > min_lag then
+        lag = lag - 1
+      end
     else
       failed = failed + 1
     end
