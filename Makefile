@@ -2,7 +2,7 @@
 # make test      — the same set-up and build, then unit tests, lints and end-to-end tests on real Envoy
 # make lint      — rustfmt --check, and clippy (-D warnings) natively and for wasm32-wasip1
 # make e2e       — build what the end-to-end tests run (filter and local-tts), then run them
-# make bench     — the soak benchmark (see README)
+# make bench     — the benchmark: every row of docs/benchmark.md's table, the soak included (about 10 minutes)
 # make wasm-sha256 — the sha256 of the built plugin (pins it in envoy/istio-wasmplugin.yaml)
 # make clean     — remove build output; the installed Envoy in .venv stays
 # make distclean — clean, and remove .venv too
@@ -44,11 +44,8 @@ bench: build
 	  SUDO=""; [ "$$(id -u)" -ne 0 ] && SUDO="sudo"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
 	$(VENV)/bin/python bench/bench.py $(BENCH_ARGS)
-
-# The earlier soak alone, with the Python mock provider (concurrency 2).
-.PHONY: bench-soak
-bench-soak: build
-	$(VENV)/bin/python bench/soak.py
+# Parts alone, e.g. the soak: make bench BENCH_ARGS="--parts soak"; the table as Markdown: --markdown;
+# every knob: .venv/bin/python bench/bench.py --help
 
 clean:
 	cargo clean

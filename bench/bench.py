@@ -1,725 +1,983 @@
-"""make bench: the filter against direct_response and a plain route, on one Envoy.
+"""make bench: what the filter costs next to what Envoy does without it.
 
-For each Wasm runtime this Envoy build accepts (V8, WAMR, wasmtime), one run:
+Every Envoy here is started with the end-to-end tests' harness
+(tests/e2e/envoy_harness.py, etcd_harness.py), with one worker
+(`--concurrency 1`), so that a submit and its own dispatch share that worker.
 
-- a mock provider: a second Envoy (own --base-id, --concurrency 1) whose
-  direct_response answers every request at once with 1 KiB of audio;
-- the Envoy under test (--concurrency 1) with two listeners, each with the
-  filter (own root_id and vm_id, so two separate job stores) and the same
-  routes: `/direct/small` and `/direct/poll` (direct_response with bodies as
-  large as a 202 and as a completed poll answer), `/sync` (a plain route to the
-  mock provider, what a user would run without the filter). Listener A's store
-  starts empty; listener B's is filled with 100,000 completed jobs first;
-- wrk (one thread, keep-alive connections) drives each scenario for a few
-  seconds, the scenarios in alternation, for a few rounds; a figure is the
-  median over the rounds, and each ratio is taken within the run;
-- a third listener C whose filter keeps its jobs in a real etcd (Debian's
-  etcd-server, started here on free loopback ports, as the tests do): submit
-  and poll through etcd, p50/p99 and rate, next to the same on shared data;
-- then jobs per second end to end against the plain route's requests per
-  second (and the same through etcd), and the 50,000-job soak (its own
-  Envoy, max_jobs 5,000, 1 s TTL).
+- A provider: an Envoy whose `direct_response` answers every request at once
+  with 1 KiB of audio (behind the buffer filter, so that it reads the request
+  body first and keeps the connection).
+- The Envoy under test, two listeners, each with the filter scoped to the
+  API's routes as the shipped configs scope it (`disabled: true`, turned on by
+  `typed_per_filter_config`), in a VM of its own (so two job stores), beside
+  `direct_response` routes as large as the filter's own answers (a completed
+  job's poll; a 404) and `/sync`, a plain route to the provider: what a user
+  runs without the filter. Listener "a" starts empty; "b" is first filled with
+  100,000 completed jobs (1 KiB of audio each), which gives RSS per held job.
+  Key "bench" has no limits; key "limited" has requests, characters and budget
+  limits far above what the run uses.
+- An Envoy whose filter keeps its jobs in a real etcd (etcd_harness).
+- Each shipped config with the filter (envoy/sidecar.yaml, envoy/envoy.yaml,
+  pointed at loopback) and the same config with the filter taken out: a
+  request that is not the API's, through each.
+- wrk (-t2 -c32 unless told) drives each scenario for a few seconds. The
+  scenarios are grouped with their baselines; each round runs every group,
+  the order within a group reversed every other round, and each ratio is the
+  median over the rounds of that round's ratio. Submits carry a 1 s TTL, and
+  after any scenario that made jobs the runner waits until they all finished
+  and expired, so that no scenario pays for another's jobs.
+- Submit is measured with its dispatch: the jobs accepted while wrk ran,
+  divided by the time from wrk's start until the last of them completed.
+  Jobs end to end: each wrk connection submits, and polls each of its jobs
+  once it had time to finish (bench/wrk/e2e.lua); jobs per second are
+  (jobs accepted and completed + polls that found their job completed) / 2
+  per second, so that the jobs between their call and their poll when wrk
+  starts and stops count half.
+- The soak, twice, each on an Envoy of its own: 50,000 jobs (1 s TTL)
+  through a store of 5,000 (`max_jobs`; a 503 is sent again): RSS after the
+  first 5,000 and after the last expired, and jobs lost.
+- Fair dispatch, on an Envoy of its own in front of a slow mock provider
+  (tests/e2e/mock_provider.py, 0.5 to 1.5 s per call, so that calls end one
+  by one), `max_in_flight` 20: how long 5 jobs of one key take to reach the
+  provider, alone and behind another key's backlog of 200.
+- The runtime: V8 (the one the shipped configs name); `--runtimes all`
+  runs the table on each runtime this Envoy build accepts.
+- Host calls per operation: not measurable from outside Envoy; when
+  target/host-calls.json exists (written by the Rust side, see HOST_CALLS
+  below), its counts are put in the results and the table.
 
-Prints a table, writes bench/results/<time>.json, exits 0. Goals that are
-missed are shown as FAIL in the table, not as an exit status: this is a
-benchmark, not a test.
+With the defaults (3 rounds of 4 s) the whole run takes about 7 minutes on
+2 cores. Prints the table (`--markdown`: as Markdown for docs/benchmark.md, with the
+date and the command), writes bench/results/<time>.json, exits 0: a missed
+goal shows as FAIL in the table, not as an exit status. `--report FILE`
+prints the table of an earlier results file; `--parts` runs some parts only
+(`--parts soak` is the soak alone). A job that never finishes is reported
+(as unfinished, in the log and the results), and the run goes on. To look
+into a run, BENCH_WASM_LOG=info (or trace) sets the filter's log level.
 """
 
 import argparse
 import base64
+import http.client
 import json
 import os
+import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
-ENVOY = ROOT / ".venv" / "bin" / "envoy"
-WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "async_speech.wasm"
-LUA = ROOT / "bench" / "wrk"
-RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
+from envoy_harness import (  # noqa: E402
+    ENVOY, WASM, EnvoyProcess, cluster, enabled_on, http_listener, runnable, validate, wasm_filter)
+from etcd_harness import Etcd  # noqa: E402
+from mock_provider import MockProvider  # noqa: E402
+from waiting import eventually  # noqa: E402
+
+LUA = ROOT / "bench" / "wrk"
+RESULTS = ROOT / "bench" / "results"
+# The hook for the host-call count per operation, which only the Rust side can
+# count (crates/core's simulated host counts every call). The file it writes:
+#   {"source": "<how it was counted>",
+#    "operations": {"submit": 12, "poll_completed": 6, ...}}
+# or, to show a change, each operation as {"before": 31, "after": 12}.
+HOST_CALLS = ROOT / "target" / "host-calls.json"
+
 KEY = "sk-bf-bench"
+KEY_LIMITED = "sk-bf-bench-limited"
+KEY_BACKLOG = "sk-bf-bench-backlog"
+KEY_NEWCOMER = "sk-bf-bench-newcomer"
 SPEECH = "/v1/async/audio/speech"
 BODY = json.dumps({"model": "mock/tts-1", "input": "bench", "voice": "alloy"})
 AUDIO = bytes(range(256)) * 4  # 1 KiB
 UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"
 RUNTIMES = ["envoy.wasm.runtime.v8", "envoy.wasm.runtime.wasmtime", "envoy.wasm.runtime.wamr"]
-HELD = 100_000
 LONG_TTL = "86400"
+SHIPPED = ["sidecar.yaml", "envoy.yaml"]
+# Headers that depend on the moment or the connection, not on the answer.
+TRANSPORT_HEADERS = {"date", "server", "content-length", "connection", "transfer-encoding", "keep-alive",
+                     "x-envoy-upstream-service-time"}
+# Per-key limits no run comes near: what checking and counting them costs, never a refusal.
+HUGE = 2 ** 53
+LIMITS = {"requests": {"max": HUGE, "per": "1d"}, "characters": {"max": HUGE, "per": "1d"},
+          "budget": {"max_usd": 1e9, "per": "1M"}}
+
+
+STARTED = time.monotonic()
 
 
 def log(msg):
-    print(msg, flush=True)
+    """Progress, with the minutes and seconds since the start."""
+    t = time.monotonic() - STARTED
+    print(f"[{int(t // 60):2d}:{int(t % 60):02d}] {msg}", flush=True)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-# --------------------------------------------------------------- bootstraps
-
-
-def cluster(name, port):
-    return {
-        "name": name, "type": "STATIC", "connect_timeout": "5s",
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
-    }
-
-
-def hcm(routes, http_filters):
-    return {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": "bench",
-            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
-            "http_filters": [*http_filters, {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-            }],
-        },
-    }
-
-
-def listener(name, port, routes, http_filters):
-    return {
-        "name": name,
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "filter_chains": [{"filters": [hcm(routes, http_filters)]}],
-    }
-
-
-def admin(port):
-    return {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
-
-
-def direct(prefix, status, body, headers):
-    return {
-        "match": {"path": prefix},
-        "direct_response": {"status": status, "body": {"inline_bytes": base64.b64encode(body).decode()}},
-        "response_headers_to_add": [
-            {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"} for k, v in headers],
-    }
-
-
-def mock_bootstrap(port, admin_port):
-    route = direct("/", 200, AUDIO, [("content-type", "audio/mpeg")])
-    route["match"] = {"prefix": "/"}
-    # Buffered, so that it reads the request body before answering and keeps the connection.
-    return {"admin": admin(admin_port), "static_resources": {"listeners": [listener("mock", port, [route], [BUFFER])]}}
+# ------------------------------------------------------------------ configs
 
 
 def plugin_config(max_jobs, **extra):
     config = {
-        "providers": {"mock": {"type": "openai", "cluster": "mock", "base_path": "/v1", "timeout_ms": 5000}},
-        "virtual_keys": [{"name": "bench", "value": KEY}],
+        "providers": {"mock": {"type": "openai", "cluster": "provider", "base_path": "/v1", "timeout_ms": 5000}},
+        "virtual_keys": [{"name": "bench", "value": KEY},
+                         {"name": "limited", "value": KEY_LIMITED, "limits": LIMITS}],
+        "pricing": {"mock/*": 15.0},
         "max_jobs": max_jobs,
-        "max_in_flight": 256,
         "max_result_ttl_s": 86400,
     }
     config.update(extra)
     return config
 
 
-def wasm_filter(name, runtime, config):
+def direct(path, status, body_len, headers=()):
     return {
-        "name": "envoy.filters.http.wasm",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": name,
-                "root_id": name,
-                "allow_on_headers_stop_iteration": True,
-                "failure_policy": "FAIL_RELOAD",
-                "vm_config": {
-                    "vm_id": name,
-                    "runtime": runtime,
-                    "code": {"local": {"filename": str(WASM)}},
-                },
-                "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": json.dumps(config),
-                },
-            },
-        },
+        "match": {"path": path},
+        "direct_response": {"status": status, "body": {"inline_string": "x" * body_len}},
+        "response_headers_to_add": [
+            {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"} for k, v in headers],
     }
 
 
-def bench_routes(sizes):
-    """The listener's routes beside the filter's own paths (which it answers itself)."""
-    return [
-        # As large as a 202 answer, with its headers.
-        direct("/direct/small", 202, b"x" * sizes["submit"],
-               [("content-type", "application/json"), ("location", SPEECH + "/" + UNKNOWN_ID), ("retry-after", "1")]),
-        # As large as a completed job's poll answer.
-        direct("/direct/poll", 200, b"x" * sizes["poll"], [("content-type", "application/json")]),
-        # What a user would run without the filter: a synchronous call to the provider.
-        {"match": {"path": "/sync"}, "route": {"cluster": "mock", "prefix_rewrite": "/v1/audio/speech"},
-         "typed_per_filter_config": {"envoy.filters.http.buffer": NO_BUFFER}},
-        {"match": {"prefix": "/"}, "route": {"cluster": "mock"},
-         "typed_per_filter_config": {"envoy.filters.http.buffer": NO_BUFFER}},
+def api_route():
+    """The API's routes, the only ones the filter runs on (what it does not answer goes to the provider)."""
+    return enabled_on({"match": {"prefix": "/v1/async/"}, "route": {"cluster": "provider"}})
+
+
+def bench_listener(name, config, runtime, answers):
+    """The filter (in a VM named after the listener) beside direct_responses
+    shaped like its answers, a plain route to the provider, and a small
+    direct_response for everything else."""
+    routes = [
+        api_route(),
+        direct("/direct/poll", 200, answers["poll"]["length"], answers["poll"]["headers"]),
+        direct("/direct/404", 404, answers["poll_404"]["length"], answers["poll_404"]["headers"]),
+        {"match": {"path": "/sync"}, "route": {"cluster": "provider", "prefix_rewrite": "/v1/audio/speech"}},
+        direct("/", 200, 2),
     ]
+    routes[-1]["match"] = {"prefix": "/"}
+    return http_listener(name, routes, [wasm_filter(config, runtime=runtime, vm_id=f"bench_{name}", disabled=True)])
 
 
-# After the filter: a direct_response route answers a POST before its body is
-# read, and Envoy then closes the connection (no keep-alive), which would make
-# the baseline pay a TCP handshake per request. Buffering the body first makes
-# `POST /direct/small` do what a submit must at least do: read the body, answer.
-# The filter answers its own paths before this filter sees them.
-BUFFER = {
-    "name": "envoy.filters.http.buffer",
-    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
-                     "max_request_bytes": 65536},
-}
-NO_BUFFER = {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute", "disabled": True}
+def bootstrap(listeners, clusters):
+    return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "static_resources": {"listeners": listeners, "clusters": clusters}}
 
 
-# ---------------------------------------------------------------- processes
+BUFFER = {"name": "envoy.filters.http.buffer", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": 65536}}
 
 
-class Envoy:
-    def __init__(self, name, bootstrap_fn, workdir):
-        self.name = name
-        self.admin_port = free_port()
-        self.config_path = workdir / f"{name}.json"
-        self.log_path = workdir / f"{name}.log"
-        self.bootstrap = bootstrap_fn(self.admin_port)
-        self.config_path.write_text(json.dumps(self.bootstrap))
-        self.proc = None
+# The filter's log level in every Envoy (BENCH_WASM_LOG=info or trace, to look into a run).
+WASM_LOG = os.environ.get("BENCH_WASM_LOG", "warn")
 
-    def start(self, timeout=60):
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(
-                [str(ENVOY), "-c", str(self.config_path), "--concurrency", "1",
-                 "--base-id", str(self.admin_port), "--log-level", "warn", "--component-log-level", "wasm:warn"],
-                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name}: envoy exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"{self.name}: envoy did not become ready:\n{self.log()[-3000:]}")
 
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def start(doc, concurrency=1, cwd=None, env=None):
+    """An Envoy on `doc`, with one worker unless told."""
+    return EnvoyProcess(json.dumps(doc), "envoy.json", concurrency=concurrency, cwd=cwd, env=env,
+                        args=["--log-level", "warn", "--component-log-level", f"wasm:{WASM_LOG}"]).start(timeout=60)
 
-    def log(self):
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
-    def stats(self):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats?filter=async_speech", timeout=10) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(": ")
-            if name.startswith("wasmcustom.async_speech."):
-                try:
-                    out[name[len("wasmcustom.async_speech."):]] = int(value)
-                except ValueError:
-                    pass
-        return out
+def start_provider():
+    """An Envoy answering every request at once with 1 KiB of audio. The
+    buffer filter reads the request body before the direct_response answers,
+    so that the connection stays open (a direct_response answering a POST
+    before its body closes the connection)."""
+    route = {"match": {"prefix": "/"},
+             "direct_response": {"status": 200, "body": {"inline_bytes": base64.b64encode(AUDIO).decode()}},
+             "response_headers_to_add": [{"header": {"key": "content-type", "value": "audio/mpeg"},
+                                          "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
+    return start(bootstrap([http_listener("provider", [route], [BUFFER])], []))
 
-    def rss_kib(self):
-        return rss_kib(self.proc.pid)
+
+def without_filter(doc):
+    """The same config with the async speech filter and its per-route configs taken out."""
+    doc = json.loads(json.dumps(doc))
+    names = set()
+    for l in doc["static_resources"]["listeners"]:
+        for chain in l["filter_chains"]:
+            for f in chain["filters"]:
+                hcm = f.get("typed_config", {})
+                if "http_filters" not in hcm:
+                    continue
+                kept = []
+                for h in hcm["http_filters"]:
+                    if h.get("typed_config", {}).get("@type", "").endswith("filters.http.wasm.v3.Wasm"):
+                        names.add(h["name"])
+                    else:
+                        kept.append(h)
+                hcm["http_filters"] = kept
+                for vh in hcm.get("route_config", {}).get("virtual_hosts", []):
+                    for r in vh.get("routes", []):
+                        per = r.get("typed_per_filter_config", {})
+                        for n in list(per):
+                            if n in names:
+                                del per[n]
+                        if not per:
+                            r.pop("typed_per_filter_config", None)
+    assert names, "no Wasm filter found"
+    return doc
+
+
+# ------------------------------------------------------------------ clients
+
+
+def call(port, method, path, body=None, key=KEY, ttl=None):
+    """One request on a fresh connection; returns (status, headers, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    if body is not None:
+        headers["content-type"] = "application/json"
+    if ttl:
+        headers["x-bf-async-job-result-ttl"] = ttl
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        data = r.read()
+        return r.status, [(k.lower(), v) for k, v in r.getheaders()], data
+    finally:
+        conn.close()
+
+
+def completed_job(port, ttl=LONG_TTL, timeout=60):
+    """Submits one job and waits until it completed; returns its id and the poll's answer."""
+    status, _, data = call(port, "POST", SPEECH, BODY, ttl=ttl)
+    if status != 202:
+        raise RuntimeError(f"submit answered {status}: {data[:300]!r}")
+    job_id = json.loads(data)["id"]
+
+    def finished():
+        answer = call(port, "GET", f"{SPEECH}/{job_id}")
+        return answer if answer[0] != 202 else None
+
+    status, headers, poll = eventually(finished, timeout, what=f"job {job_id} to finish", retry_on=(OSError,))
+    if json.loads(poll)["status"] != "completed":
+        raise RuntimeError(f"the probe job did not complete: {poll[:500]!r}")
+    return job_id, (status, headers, poll)
+
+
+def shape(answer):
+    status, headers, body = answer
+    return {"status": status, "length": len(body),
+            "headers": [(k, v) for k, v in headers if k not in TRANSPORT_HEADERS]}
+
+
+# -------------------------------------------------------------------- wrk
+
+
+def wrk(port, path, seconds, args, script="static.lua", method="GET", body="", key=KEY, ttl="", env=None,
+        threads=None, marker="BENCH_RESULT"):
+    threads = threads or args.threads
+    e = dict(os.environ, BENCH_METHOD=method, BENCH_BODY=body, BENCH_KEY=key, BENCH_TTL=ttl, BENCH_PATH=path)
+    e.update(env or {})
+    cmd = ["wrk", f"-t{threads}", f"-c{args.connections}", f"-d{seconds}s", "--timeout=5s", "-s", str(LUA / script),
+           f"http://127.0.0.1:{port}{path}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e,
+                            start_new_session=True)
+    done_file = e.get("BENCH_DONE_FILE")
+    if done_file:
+        # count.lua writes done_file once its count is reached; SIGINT makes wrk print and exit.
+        deadline = time.monotonic() + seconds
+        while proc.poll() is None and time.monotonic() < deadline and not os.path.exists(done_file):
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    try:
+        stdout, stderr = proc.communicate(timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    m = re.search(rf"^{marker} (\{{.*\}})$", stdout, re.M)
+    if not m:
+        raise RuntimeError(f"wrk gave no result:\n{stdout}\n{stderr}")
+    out = json.loads(m.group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", stdout)
+    out["non2xx"] = int(non2xx.group(1)) if non2xx else 0
+    out["seconds"] = out["duration_us"] / 1e6
+    return out
+
+
+def submit_count(port, count, ttl, args, key=KEY, max_seconds=900):
+    """Submits until exactly `count` were accepted (refusals are sent again); one wrk thread."""
+    fd, done_file = tempfile.mkstemp(prefix="bench-done-")
+    os.close(fd)
+    os.unlink(done_file)
+    try:
+        return wrk(port, SPEECH, max_seconds, args, script="count.lua", ttl=ttl, key=key, body=BODY, threads=1,
+                   env={"BENCH_COUNT": str(count), "BENCH_FILLER": "/", "BENCH_DONE_FILE": done_file},
+                   marker="BENCH_COUNT")
+    finally:
+        if os.path.exists(done_file):
+            os.unlink(done_file)
 
 
 def finished(s):
     return s.get("jobs_completed", 0) + sum(v for k, v in s.items() if k.startswith("jobs_failed"))
 
 
-def check_accepted(envoy, before, wanted, out):
-    """The filter's own count of 202s (jobs_submitted) against wrk's."""
-    got = envoy.stats().get("jobs_submitted", 0) - before.get("jobs_submitted", 0)
-    if got != wanted or out["accepted"] != wanted:
-        log(f"  warning: {wanted} submits wanted, filter counted {got}, wrk {out['accepted']}: {out}")
-    return got
+def failed(s):
+    return sum(v for k, v in s.items() if k.startswith("jobs_failed"))
 
 
-def wait_until(envoy, predicate, timeout, interval=0.05):
-    deadline = time.monotonic() + timeout
-    s = envoy.stats()
-    while not predicate(s) and time.monotonic() < deadline:
-        time.sleep(interval)
-        s = envoy.stats()
-    return s, predicate(s)
+def wait_stats(envoy, predicate, timeout, what, interval=0.05):
+    return eventually(lambda: (lambda s: predicate(s) and s)(envoy.filter_stats()), timeout, what=what,
+                      interval=interval, retry_on=(OSError,))
 
 
-def http(port, method, path, body=None, ttl=None):
-    import http.client
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    headers = {"authorization": f"Bearer {KEY}"}
-    if body is not None:
-        headers["content-type"] = "application/json"
-    if ttl:
-        headers["x-bf-async-job-result-ttl"] = ttl
-    conn.request(method, path, body=body, headers=headers)
-    r = conn.getresponse()
-    data = r.read()
-    conn.close()
-    return r.status, data
-
-
-def completed_job(port, ttl=LONG_TTL):
-    """Submits one job and waits until it is completed; returns (id, poll body)."""
-    status, data = http(port, "POST", SPEECH, BODY, ttl)
-    if status != 202:
-        raise RuntimeError(f"submit answered {status}: {data[:300]!r}")
-    job_id = json.loads(data)["id"]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        status, poll = http(port, "GET", f"{SPEECH}/{job_id}")
-        if status == 200:
-            if json.loads(poll)["status"] != "completed":
-                raise RuntimeError(f"the probe job did not complete: {poll[:500]!r}")
-            return job_id, data, poll
-        time.sleep(0.05)
-    raise RuntimeError("the probe job did not finish within 30 s")
-
-
-# --------------------------------------------------------------------- wrk
-
-
-def wrk(port, path, seconds, connections, method="GET", body="", ttl="", script="static.lua", extra_env=None,
-        timeout_s="5s"):
-    env = dict(os.environ, BENCH_METHOD=method, BENCH_BODY=body, BENCH_KEY=KEY, BENCH_TTL=ttl)
-    env.update(extra_env or {})
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"--timeout={timeout_s}", "-s", str(LUA / script),
-           f"http://127.0.0.1:{port}{path}"]
-    done_file = env.get("BENCH_DONE_FILE")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    if done_file:
-        # count.lua writes done_file once its count is reached; SIGINT makes wrk print and exit.
-        deadline = time.monotonic() + seconds + 5
-        while proc.poll() is None and time.monotonic() < deadline and not os.path.exists(done_file):
-            time.sleep(0.02)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+def settle(envoy, held_at_most=None, timeout=60):
+    """Until every accepted job finished (and, given `held_at_most`, the
+    short-lived ones expired); after `timeout` s it says what is left and
+    goes on (a job that never ends is the filter's failure, reported, not the
+    benchmark's)."""
+    def done(s):
+        return finished(s) >= s.get("jobs_submitted", 0) and (
+            held_at_most is None or s.get("jobs_held", 0) <= held_at_most)
     try:
-        stdout, stderr = proc.communicate(timeout=seconds + 120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-    m = re.search(r"^BENCH_(RESULT|COUNT) (\{.*\})$", stdout, re.M)
-    if not m:
-        raise RuntimeError(f"wrk gave no result:\n{stdout}\n{stderr}")
-    out = json.loads(m.group(2))
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", stdout)
-    out["non2xx"] = int(non2xx.group(1)) if non2xx else 0
-    if "requests" in out:
-        out["rps"] = out["requests"] / (out["duration_us"] / 1e6)
-    return out
+        return wait_stats(envoy, done, timeout, "every job to finish and expire", interval=0.1)
+    except AssertionError:
+        s = envoy.filter_stats()
+        log(f"  warning: after {timeout} s, {s.get('jobs_submitted', 0) - finished(s)} jobs unfinished, "
+            f"{s.get('jobs_held', 0)} held (at most {held_at_most} wanted); going on")
+        return s
 
 
-def submit_count(port, count, ttl, connections, max_seconds=600, filler="/direct/poll"):
-    """Submits until exactly `count` were accepted; returns wrk's counts and the wall time."""
-    started = time.monotonic()
-    fd, done_file = tempfile.mkstemp(prefix="bench-done-")
-    os.close(fd)
-    os.unlink(done_file)
-    try:
-        out = wrk(port, SPEECH, max_seconds, connections, script="count.lua", ttl=ttl,
-                  extra_env={"BENCH_COUNT": str(count), "BENCH_BODY": BODY, "BENCH_FILLER": filler,
-                             "BENCH_DONE_FILE": done_file})
-    finally:
-        if os.path.exists(done_file):
-            os.unlink(done_file)
-    out["wall_s"] = time.monotonic() - started
-    return out
+# -------------------------------------------------------------- scenarios
 
 
-# --------------------------------------------------------------- the runs
+def rate_of(out):
+    return {"rate": out["requests"] / out["seconds"], "p50_ms": out["p50_us"] / 1000,
+            "p99_ms": out["p99_us"] / 1000, "non2xx": out["non2xx"],
+            "errors": out["connect"] + out["read"] + out["write"] + out["timeout"], "wrk": out}
+
+
+def static(port, path, method="GET", body="", key=KEY):
+    def run(seconds, args):
+        return rate_of(wrk(port, path, seconds, args, method=method, body=body, key=key))
+    return run
+
+
+def submits(envoy, port, key, held_at_most, settle_s=60, drain_s=None):
+    """Submits with their dispatch: the jobs accepted while wrk ran, over the
+    time from wrk's start until the last of them finished (or, when some do
+    not finish within `drain_s`, the jobs that did, over that time)."""
+    def run(seconds, args):
+        before = envoy.filter_stats()
+        out = wrk(port, SPEECH, seconds, args, method="POST", body=BODY, key=key, ttl="1")
+        ended = time.monotonic()
+        after = envoy.filter_stats()
+        accepted = after.get("jobs_submitted", 0) - before.get("jobs_submitted", 0)
+        target = finished(before) + accepted
+        try:
+            s = wait_stats(envoy, lambda s: finished(s) >= target, drain_s or args.drain_s, f"{accepted} jobs to finish",
+                           interval=0.01)
+        except AssertionError:
+            s = envoy.filter_stats()
+        drain = time.monotonic() - ended
+        done = min(accepted, finished(s) - finished(before))
+        res = rate_of(out)
+        res.update({"rate": done / (out["seconds"] + drain), "wrk_rate": res["rate"], "accepted": accepted,
+                    "unfinished_at_end": target - finished(after), "drain_s": drain,
+                    "unfinished_after_drain": accepted - done, "failed": failed(s) - failed(before)})
+        settle(envoy, held_at_most, settle_s)
+        return res
+    return run
+
+
+def end_to_end(envoy, port, held_at_most, ttl="1", settle_s=60):
+    def run(seconds, args):
+        before = envoy.filter_stats()
+        lag = 2 * args.connections // args.threads
+        out = wrk(port, SPEECH, seconds, args, script="e2e.lua", body=BODY, ttl=ttl, env={"BENCH_LAG": str(lag)},
+                  marker="BENCH_E2E")
+        after = envoy.filter_stats()
+        accepted = after.get("jobs_submitted", 0) - before.get("jobs_submitted", 0)
+        called = after.get("jobs_completed", 0) - before.get("jobs_completed", 0)
+        # A job is its submit and call, then its poll: each half counts once done,
+        # so that the jobs between the two when wrk starts and stops count half.
+        res = {"rate": (min(accepted, called) + out["completed"]) / 2 / out["seconds"],
+               "p50_ms": out["p50_us"] / 1000,
+               "p99_ms": out["p99_us"] / 1000, "non2xx": sum(out["other"].values()),
+               "completed": out["completed"], "failed": out["failed"], "accepted": accepted, "called": called,
+               "unfinished_polls": out["unfinished"], "lag": out["lag"], "other": out["other"], "wrk": out}
+        settle(envoy, held_at_most, settle_s)
+        return res
+    return run
+
+
+# ------------------------------------------------------------------- runs
 
 
 class Run:
-    def __init__(self, runtime, args, workdir, mock_port, sizes, etcd_port):
-        self.etcd_port = etcd_port
-        self.port_c = free_port()
-        self.runtime = runtime
-        self.args = args
-        self.workdir = workdir
-        self.mock_port = mock_port
-        self.sizes = sizes
-        self.port_a = free_port()
-        self.port_b = free_port()
-        short = runtime.rsplit(".", 1)[-1]
-        self.envoy = Envoy(f"filter-{short}", self.bootstrap, workdir)
+    """One runtime: the Envoys, the fill, the rounds."""
 
-    def bootstrap(self, admin_port):
-        routes = bench_routes(self.sizes)
-        # B holds HELD jobs plus what the submit rounds add while they run.
-        a = wasm_filter("bench_a", self.runtime, plugin_config(120_000))
-        b = wasm_filter("bench_b", self.runtime, plugin_config(self.args.held + 60_000))
-        store = {"type": "etcd", "cluster": "etcd", "prefix": f"/bench-{os.getpid()}-{time.time_ns()}/", "timeout_ms": 2000}
-        c = wasm_filter("bench_c", self.runtime, plugin_config(1000, store=store))
-        return {
-            "admin": admin(admin_port),
-            "static_resources": {
-                "listeners": [listener("a", self.port_a, routes, [a, BUFFER]), listener("b", self.port_b, routes, [b, BUFFER]),
-                              listener("c", self.port_c, routes, [c, BUFFER])],
-                "clusters": [cluster("mock", self.mock_port), cluster("etcd", self.etcd_port)],
-            },
-        }
+    def __init__(self, runtime, args, provider, etcd):
+        self.runtime, self.args, self.provider, self.etcd = runtime, args, provider, etcd
+        self.envoys = []
+        self.res = {"runtime": runtime}
 
-    def settle(self, held_baseline, timeout=300):
-        """Waits until every accepted job has finished and the short-TTL ones expired."""
-        s, ok = wait_until(self.envoy, lambda s: finished(s) >= s.get("jobs_submitted", 0)
-                           and s.get("jobs_held", 0) <= held_baseline, timeout, interval=0.1)
-        if not ok:
-            log(f"  warning: store did not settle within {timeout} s: {s}")
-        return s
+    def start(self, doc, **kw):
+        e = start(doc, **kw)
+        self.envoys.append(e)
+        return e
 
-    def scenarios(self, poll_id, etcd_poll_id):
-        a, b, c, e = self.port_a, self.port_b, self.args.connections, self.port_c
-        return {
-            "direct_small": lambda d: wrk(a, "/direct/small", d, c),
-            "direct_small_post": lambda d: wrk(a, "/direct/small", d, c, "POST", BODY),
-            "direct_poll": lambda d: wrk(a, "/direct/poll", d, c),
-            "poll_completed": lambda d: wrk(a, f"{SPEECH}/{poll_id}", d, c),
-            "poll_404": lambda d: wrk(a, f"{SPEECH}/{UNKNOWN_ID}", d, c),
-            "submit_empty": lambda d: wrk(a, SPEECH, d, c, "POST", BODY, ttl="1"),
-            "submit_100k": lambda d: wrk(b, SPEECH, d, c, "POST", BODY, ttl="1"),
-            "sync_route": lambda d: wrk(a, "/sync", d, c, "POST", BODY),
-            "etcd_submit": lambda d: wrk(e, SPEECH, d, c, "POST", BODY, ttl="1"),
-            "etcd_poll": lambda d: wrk(e, f"{SPEECH}/{etcd_poll_id}", d, c),
-        }
+    def clusters(self):
+        return [cluster("provider", self.provider.port)]
+
+    def probe_answers(self):
+        """The filter's own answers (status, headers, size), which the direct_responses copy."""
+        placeholder = {"poll": {"length": 1, "headers": []}, "poll_404": {"length": 1, "headers": []}}
+        e = start(bootstrap([bench_listener("a", plugin_config(100), self.runtime, placeholder)], self.clusters()))
+        try:
+            _, poll = completed_job(e.port)
+            answers = {"poll": shape(poll), "poll_404": shape(call(e.port, "GET", f"{SPEECH}/{UNKNOWN_ID}"))}
+        finally:
+            e.stop()
+        return answers
 
     def go(self):
-        res = {"runtime": self.runtime}
-        env = self.envoy.start()
         try:
-            time.sleep(1)
-            env.stats()
-            # Warm up both filters and every route.
-            completed_job(self.port_a, "1")
-            completed_job(self.port_b, "1")
-            for path in ("/direct/small", "/direct/poll", "/sync"):
-                wrk(self.port_a, path, 1, self.args.connections, "POST" if path != "/direct/poll" else "GET", BODY)
-            self.settle(0)
-            time.sleep(1.5)
-            self.settle(0)
-
-            # Fill B with HELD completed jobs (long TTL): RSS per held job, and the submit-at-fill scenario.
-            rss0 = env.rss_kib()
-            t0 = time.monotonic()
-            before = env.stats()
-            fill = submit_count(self.port_b, self.args.held, LONG_TTL, self.args.connections)
-            fill["accepted"] = check_accepted(env, before, self.args.held, fill)
-            s, ok = wait_until(env, lambda s: finished(s) >= s.get("jobs_submitted", 0), 600, interval=0.1)
-            fill_s = time.monotonic() - t0
-            time.sleep(1)
-            s = env.stats()
-            rss1 = env.rss_kib()
-            res["fill"] = {"accepted": fill["accepted"], "refused": fill["refused"], "seconds": fill_s,
-                           "jobs_held": s.get("jobs_held"), "jobs_completed": s.get("jobs_completed"),
-                           "failed": finished(s) - s.get("jobs_completed", 0),
-                           "rss_before_kib": rss0, "rss_after_kib": rss1}
-            res["rss_per_held_job_bytes"] = (rss1 - rss0) * 1024 / self.args.held
-            log(f"  filled {fill['accepted']} jobs in {fill_s:.1f} s; held {s.get('jobs_held')}; "
-                f"RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB ({res['rss_per_held_job_bytes']:.0f} B/job)")
-            held_b = s.get("jobs_held", 0)
-
-            poll_id, submit_body, poll_body = completed_job(self.port_a)
-            etcd_poll_id = completed_job(self.port_c)[0]
-            held_base = held_b + 1
-            res["answer_sizes"] = {"submit": len(submit_body), "poll": len(poll_body),
-                                   "poll_404": len(http(self.port_a, "GET", f"{SPEECH}/{UNKNOWN_ID}")[1])}
-            self.settle(held_base)
-
-            scen = self.scenarios(poll_id, etcd_poll_id)
-            names = list(scen)
-            rounds = {n: [] for n in names}
-            for r in range(self.args.rounds):
-                order = names[r % len(names):] + names[:r % len(names)]
-                for n in order:
-                    before = env.stats()
-                    out = scen[n](self.args.seconds)
-                    if n.startswith("submit"):
-                        after = env.stats()
-                        out["accepted"] = after.get("jobs_submitted", 0) - before.get("jobs_submitted", 0)
-                        out["held_at_end"] = after.get("jobs_held", 0)
-                        self.settle(held_base)
-                    rounds[n].append(out)
-                    log(f"  round {r + 1} {n:15s} {out['rps']:9.0f} req/s  p50 {out['p50_us'] / 1000:6.2f} ms  "
-                        f"p99 {out['p99_us'] / 1000:6.2f} ms  non-2xx {out['non2xx']}")
-            res["scenarios"] = {n: summarize(v) for n, v in rounds.items()}
-
-            # End to end: N jobs submitted as fast as possible until all completed, against /sync.
-            e2e, sync = [], []
-            for r in range(self.args.e2e_rounds):
-                before = env.stats()
-                t0 = time.monotonic()
-                out = submit_count(self.port_a, self.args.e2e_jobs, "1", self.args.connections)
-                check_accepted(env, before, self.args.e2e_jobs, out)
-                target = finished(before) + self.args.e2e_jobs
-                s, ok = wait_until(env, lambda s: finished(s) >= target, 300, interval=0.02)
-                elapsed = time.monotonic() - t0
-                done = s.get("jobs_completed", 0) - before.get("jobs_completed", 0)
-                e2e.append({"jobs": self.args.e2e_jobs, "completed": done, "failed": finished(s) - finished(before) - done,
-                            "seconds": elapsed, "jobs_per_s": done / elapsed, "submit_wall_s": out["wall_s"],
-                            "refused": out["refused"]})
-                log(f"  round {r + 1} end-to-end     {done / elapsed:9.0f} jobs/s ({done} completed in {elapsed:.1f} s)")
-                self.settle(held_base)
-                out = wrk(self.port_a, "/sync", self.args.seconds, self.args.connections, "POST", BODY)
-                sync.append(out)
-                log(f"  round {r + 1} sync_route     {out['rps']:9.0f} req/s")
-            res["e2e"] = {"rounds": e2e, "jobs_per_s": statistics.median(x["jobs_per_s"] for x in e2e)}
-            # The same through etcd (fewer jobs: each takes a few etcd round trips).
-            before = env.stats()
-            t0 = time.monotonic()
-            n = max(1, self.args.e2e_jobs // 4)
-            out = submit_count(self.port_c, n, "1", self.args.connections)
-            target = finished(before) + n
-            s, ok = wait_until(env, lambda s: finished(s) >= target, 300, interval=0.02)
-            elapsed = time.monotonic() - t0
-            done = s.get("jobs_completed", 0) - before.get("jobs_completed", 0)
-            res["e2e_etcd"] = {"jobs": n, "completed": done, "seconds": elapsed, "jobs_per_s": done / elapsed}
-            log(f"  etcd end-to-end        {done / elapsed:9.0f} jobs/s ({done} completed in {elapsed:.1f} s)")
-            res["e2e_sync"] = summarize(sync)
-            res["rss_end_kib"] = env.rss_kib()
-            res["wasm_errors"] = [l for l in env.log().splitlines() if "error" in l.lower()][:20]
+            return self._go()
         finally:
-            env.stop()
-        if self.args.soak_jobs:
-            res["soak"] = soak(self.runtime, self.args, self.workdir, self.mock_port)
+            for e in self.envoys:
+                e.stop()
+
+    def _go(self):
+        a, res = self.args, self.res
+        parts = set(a.parts)
+        answers = self.probe_answers()
+        res["answers"] = answers
+        log(f"  the filter's answers: completed poll {answers['poll']['length']} B, 404 {answers['poll_404']['length']} B")
+        listeners = [bench_listener("a", plugin_config(a.max_jobs), self.runtime, answers)]
+        if "held" in parts:
+            listeners.append(bench_listener("b", plugin_config(a.held + 1000), self.runtime, answers))
+        main = self.start(bootstrap(listeners, self.clusters()))
+        port_a = main.ports["a"]
+        groups = {}
+        if "polls" in parts or "held" in parts or "submits" in parts:
+            poll_id, poll = completed_job(port_a)
+            if shape(poll)["length"] != answers["poll"]["length"]:
+                log(f"  warning: this completed poll is {shape(poll)['length']} B, the direct_response "
+                    f"{answers['poll']['length']} B")
+        held = 1
+        if "held" in parts:
+            held = self.fill(main)
+            poll_id_b, poll_b = completed_job(main.ports["b"])
+            res["answers"]["poll_b_length"] = shape(poll_b)["length"]
+            held += 1
+        settle(main, held)
+        if "polls" in parts or "held" in parts:
+            g = {"direct_poll": static(port_a, "/direct/poll")}
+            if "polls" in parts:
+                g.update({"poll_completed": static(port_a, f"{SPEECH}/{poll_id}"),
+                          "direct_404": static(port_a, "/direct/404"),
+                          "poll_404": static(port_a, f"{SPEECH}/{UNKNOWN_ID}")})
+            if "held" in parts:
+                g["poll_completed_held"] = static(main.ports["b"], f"{SPEECH}/{poll_id_b}")
+            groups["polls"] = g
+        if "submits" in parts:
+            groups["submits"] = {
+                "sync": static(port_a, "/sync", "POST", BODY),
+                "submit": submits(main, port_a, KEY, held),
+                "submit_limited": submits(main, port_a, KEY_LIMITED, held),
+                "e2e": end_to_end(main, port_a, held),
+            }
+        if "etcd" in parts:
+            groups["etcd"] = self.etcd_group()
+        if "shipped" in parts:
+            for name in SHIPPED:
+                groups[name] = self.shipped_group(name)
+        if groups:
+            res["scenarios"] = self.rounds(groups)
+        res["rss_end_kib"] = main.rss_kib()
+        res["errors_in_log"] = [line for e in self.envoys for line in e.log().splitlines()
+                                if "error" in line.lower() or "critical" in line.lower()][:20]
+        for e in self.envoys:
+            e.stop()
+        self.envoys = []
+        if "soak" in parts:
+            res["soak"] = [self.soak(i) for i in range(a.soak_runs)]
+        if "fairness" in parts:
+            res["fairness"] = fairness(self.runtime, a)
         return res
 
-
-def summarize(rounds):
-    return {
-        "rps": statistics.median(x["rps"] for x in rounds),
-        "p50_ms": statistics.median(x["p50_us"] for x in rounds) / 1000,
-        "p99_ms": max(x["p99_us"] for x in rounds) / 1000,
-        "non2xx": sum(x["non2xx"] for x in rounds),
-        "errors": sum(x["connect"] + x["read"] + x["write"] + x["timeout"] for x in rounds),
-        "rounds": rounds,
-    }
-
-
-def soak(runtime, args, workdir, mock_port):
-    """The 50,000-job soak: 1 s TTL through max_jobs 5,000 (503s retried); RSS growth and jobs lost."""
-    port = free_port()
-    sizes = {"submit": 100, "poll": 100}
-
-    def bootstrap(admin_port):
-        f = wasm_filter("soak", runtime, plugin_config(args.soak_max_jobs))
-        return {"admin": admin(admin_port), "static_resources": {
-            "listeners": [listener("soak", port, bench_routes(sizes), [f, BUFFER])], "clusters": [cluster("mock", mock_port)]}}
-
-    env = Envoy(f"soak-{runtime.rsplit('.', 1)[-1]}", bootstrap, workdir).start()
-    try:
-        time.sleep(1)
+    def fill(self, main):
+        """Fills store "b" with completed jobs; RSS per held job."""
+        a = self.args
+        port = main.ports["b"]
+        settle(main, 1)
+        rss0 = main.rss_kib()
+        before = main.filter_stats()
         t0 = time.monotonic()
-        first = submit_count(port, args.soak_first, "1", args.connections)
-        first["accepted"] = check_accepted(env, {}, args.soak_first, first)
-        s, _ = wait_until(env, lambda s: finished(s) >= s.get("jobs_submitted", 0), 120, interval=0.05)
-        rss_first = env.rss_kib()
-        before = env.stats()
-        rest = submit_count(port, args.soak_jobs - args.soak_first, "1", args.connections)
-        rest["accepted"] = check_accepted(env, before, args.soak_jobs - args.soak_first, rest)
-        accepted = first["accepted"] + rest["accepted"]
-        s, _ = wait_until(env, lambda s: finished(s) >= accepted, 300, interval=0.05)
-        elapsed = time.monotonic() - t0
-        s, _ = wait_until(env, lambda s: s.get("jobs_held", 0) == 0
-                          and s.get("jobs_expired", 0) + s.get("jobs_deleted", 0) >= accepted, 120, interval=0.1)
-        rss_last = env.rss_kib()
-    finally:
-        env.stop()
-    failed = finished(s) - s.get("jobs_completed", 0)
-    refused = {}
-    for part in (first, rest):
-        for k, v in part["refused"].items():
-            refused[k] = refused.get(k, 0) + v
-    out = {
-        "accepted": accepted, "submitted_stat": s.get("jobs_submitted"), "refused_retried": refused,
-        "completed": s.get("jobs_completed"), "failed": failed, "lost": accepted - s.get("jobs_completed", 0) - failed,
-        "expired": s.get("jobs_expired"), "rss_first_kib": rss_first, "rss_last_kib": rss_last,
-        "growth_pct": 100.0 * (rss_last - rss_first) / rss_first, "seconds": elapsed,
-        "jobs_per_s": s.get("jobs_completed", 0) / elapsed,
+        out = submit_count(port, a.held, LONG_TTL, a)
+        target = finished(before) + a.held
+        s = wait_stats(main, lambda s: finished(s) >= target, 600, f"{a.held} jobs to complete", interval=0.1)
+        seconds = time.monotonic() - t0
+        # Let what the filling left behind (timers, buffers) be freed before reading RSS.
+        time.sleep(1)
+        rss1 = main.rss_kib()
+        s = main.filter_stats()
+        per_job = (rss1 - rss0) * 1024 / a.held
+        self.res["fill"] = {"jobs": a.held, "accepted": out["accepted"], "refused": out["refused"],
+                            "seconds": seconds, "jobs_held": s.get("jobs_held"), "failed": failed(s) - failed(before),
+                            "rss_before_kib": rss0, "rss_after_kib": rss1, "rss_per_held_job_bytes": per_job}
+        log(f"  filled {a.held:,} jobs in {seconds:.1f} s; RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB "
+            f"({per_job:,.0f} B per held job)")
+        return s.get("jobs_held", 0)
+
+    def etcd_group(self):
+        store = {"type": "etcd", "cluster": "etcd", "prefix": f"/bench-{os.getpid()}-{time.time_ns()}/",
+                 "timeout_ms": 2000}
+        answers = self.res["answers"]
+        e = self.start(bootstrap([bench_listener("c", plugin_config(self.args.max_jobs, store=store), self.runtime,
+                                                 answers)], self.clusters() + [cluster("etcd", self.etcd.client_port)]))
+        port = e.port
+        poll_id, _ = completed_job(port)
+        return {
+            "etcd_submit": submits(e, port, KEY, None, settle_s=5, drain_s=5),
+            "etcd_poll": static(port, f"{SPEECH}/{poll_id}"),
+            # etcd's lease TTLs are whole seconds and a job takes several etcd round trips:
+            # a longer TTL, so that a job is never gone before its poll.
+            "etcd_e2e": end_to_end(e, port, None, ttl="30", settle_s=5),
+        }
+
+    def shipped_group(self, name):
+        """A request that is not the API's, through the shipped config and through it without the filter."""
+        doc = runnable(yaml.safe_load((ROOT / "envoy" / name).read_text()), self.provider.port)
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        short = name.split(".")[0]
+        with_filter = self.start(doc, cwd=ROOT, env=env)
+        bare = self.start(without_filter(doc), cwd=ROOT, env=env)
+        # Not the API's, and not in the filter's VM: the app's own traffic (sidecar) or the fixed reply (envoy).
+        return {f"{short}_bare": static(bare.port, "/app/page"), short: static(with_filter.port, "/app/page")}
+
+    def rounds(self, groups):
+        a = self.args
+        names = [n for g in groups.values() for n in g]
+        out = {n: [] for n in names}
+        log(f"  warm-up: every scenario for {a.warmup} s")
+        for g in groups.values():
+            for n, run in g.items():
+                run(a.warmup, a)
+        for r in range(a.rounds):
+            order = list(groups)
+            order = order[r % len(order):] + order[:r % len(order)]
+            for gname in order:
+                scen = list(groups[gname].items())
+                if r % 2:
+                    scen.reverse()
+                for n, run in scen:
+                    x = run(a.seconds, a)
+                    out[n].append(x)
+                    extra = ""
+                    if "drain_s" in x:
+                        extra = (f"  (wrk {x['wrk_rate']:,.0f}/s; {x['accepted']:,} accepted, "
+                                 f"{x['unfinished_at_end']:,} unfinished when wrk ended, "
+                                 f"{x['unfinished_after_drain']:,} {x['drain_s']:.2f} s later)")
+                    elif "unfinished_polls" in x:
+                        extra = (f"  ({x['accepted']:,} accepted, {x['completed']:,} polled completed, "
+                                 f"{x['unfinished_polls']:,} polls too early, lag {x['lag']})")
+                    log(f"  round {r + 1} {n:20s} {x['rate']:9,.0f}/s  p50 {x['p50_ms']:6.2f} ms  "
+                        f"p99 {x['p99_ms']:6.2f} ms  non-2xx {x.get('non2xx', 0)}{extra}")
+        return out
+
+    def soak(self, i):
+        """50,000 jobs, 1 s TTL, through a store of 5,000: RSS growth and jobs lost."""
+        a = self.args
+        e = self.start(bootstrap([bench_listener("soak", plugin_config(a.soak_max_jobs), self.runtime, {
+            "poll": {"length": 2, "headers": []}, "poll_404": {"length": 2, "headers": []}})], self.clusters()))
+        try:
+            t0 = time.monotonic()
+            first = submit_count(e.port, a.soak_first, "1", a)
+            wait_stats(e, lambda s: finished(s) >= first["accepted"], 120, "the first jobs to finish")
+            rss_first = e.rss_kib()
+            rest = submit_count(e.port, a.soak_jobs - a.soak_first, "1", a)
+            accepted = first["accepted"] + rest["accepted"]
+            s = wait_stats(e, lambda s: finished(s) >= accepted, 300, "every soak job to finish", interval=0.1)
+            seconds = time.monotonic() - t0
+            s = wait_stats(e, lambda s: s.get("jobs_held", 0) == 0
+                           and s.get("jobs_expired", 0) + s.get("jobs_deleted", 0) >= accepted, 120,
+                           "every soak job to expire", interval=0.1)
+            rss_last = e.rss_kib()
+        finally:
+            e.stop()
+            self.envoys.remove(e)
+        refused = {}
+        for part in (first, rest):
+            for k, v in part["refused"].items():
+                refused[k] = refused.get(k, 0) + v
+        out = {"jobs": a.soak_jobs, "store": a.soak_max_jobs, "accepted": accepted, "refused_sent_again": refused,
+               "completed": s.get("jobs_completed"), "failed": failed(s),
+               "lost": accepted - s.get("jobs_completed", 0) - failed(s), "expired": s.get("jobs_expired"),
+               "rss_first_kib": rss_first, "rss_last_kib": rss_last,
+               "growth_pct": 100.0 * (rss_last - rss_first) / rss_first, "seconds": seconds,
+               "jobs_per_s": s.get("jobs_completed", 0) / seconds}
+        log(f"  soak {i + 1}: {accepted:,} accepted, {out['lost']} lost, {out['expired']:,} expired, RSS "
+            f"{rss_first / 1024:.1f} -> {rss_last / 1024:.1f} MiB ({out['growth_pct']:+.1f} %), "
+            f"{out['jobs_per_s']:,.0f} jobs/s")
+        return out
+
+
+def fairness(runtime, a):
+    """Key "backlog" submits a.fair_backlog slow jobs, then key "newcomer" submits
+    a.fair_jobs: how long the newcomer's jobs take to reach the provider, with
+    that backlog and alone."""
+    mock = MockProvider().start()
+    spread = random.Random(7)
+
+    def slow_answer(record):
+        # Between half and one and a half times fair_call_s, so that the slots free one by one.
+        time.sleep(a.fair_call_s * spread.uniform(0.5, 1.5))
+        return 200, {"content-type": "audio/mpeg"}, AUDIO
+
+    mock.add_rule(path_prefix="/v1/audio/speech", body=slow_answer)
+    config = {
+        "providers": {"slow": {"type": "openai", "cluster": "slow", "base_path": "/v1", "timeout_ms": 60000}},
+        "virtual_keys": [{"name": "backlog", "value": KEY_BACKLOG}, {"name": "newcomer", "value": KEY_NEWCOMER}],
+        "max_in_flight": a.fair_in_flight,
+        "max_jobs": 10000,
     }
-    log(f"  soak: {accepted} accepted, {out['lost']} lost, {out['expired']} expired, RSS "
-        f"{rss_first / 1024:.1f} -> {rss_last / 1024:.1f} MiB ({out['growth_pct']:+.1f} %), "
-        f"{out['jobs_per_s']:.0f} jobs/s")
+    routes = [api_route(), {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]
+    routes[0]["route"]["cluster"] = "slow"
+    e = start(bootstrap([http_listener("fair", routes, [wasm_filter(config, runtime=runtime, vm_id="bench_fair",
+                                                                     disabled=True)])], [cluster("slow", mock.port)]))
+    out = {"backlog": a.fair_backlog, "jobs": a.fair_jobs, "call_s": a.fair_call_s, "max_in_flight": a.fair_in_flight,
+           "rounds": []}
+
+    def body(tag):
+        return json.dumps({"model": "slow/tts-1", "input": tag, "voice": "alloy"})
+
+    def submit_all(key, tags):
+        conn = http.client.HTTPConnection("127.0.0.1", e.port, timeout=15)
+        sent = {}
+        try:
+            for tag in tags:
+                sent[tag] = time.monotonic()
+                conn.request("POST", SPEECH, body=body(tag),
+                             headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+                r = conn.getresponse()
+                data = r.read()
+                if r.status != 202:
+                    raise RuntimeError(f"submit answered {r.status}: {data[:300]!r}")
+        finally:
+            conn.close()
+        return sent
+
+    def started(tags):
+        """When the mock had each job's request."""
+        def seen():
+            got = {r["json"]["input"]: r["time"] for r in mock.recorded() if r.get("json") and r["json"].get("input") in tags}
+            return len(got) == len(tags) and got
+        return eventually(seen, 60 + a.fair_backlog * a.fair_call_s / a.fair_in_flight,
+                          what="the newcomer's jobs to reach the provider", interval=0.005)
+
+    def newcomer(tag):
+        in_flight = e.filter_stats().get("jobs_in_flight", 0)
+        tags = [f"{tag}-{i}" for i in range(a.fair_jobs)]
+        sent = submit_all(KEY_NEWCOMER, tags)
+        at = started(tags)
+        waits = [at[t] - sent[t] for t in tags]
+        first_sent = min(sent.values())
+        # The keys of the calls that reached the provider after the first of these submits, in order
+        # (n: this key, b: the backlog's), up to this key's last.
+        after = sorted((r["time"], "n" if r["json"]["input"] in sent else "b") for r in mock.recorded()
+                       if r.get("json") and r["time"] >= first_sent)
+        order = "".join(k for _, k in after)
+        order = order[:order.rfind("n") + 1]
+        timeline = [(k, round((t - first_sent) * 1000, 1)) for t, k in after[:len(order)]]
+        return {"waits_s": waits, "max_s": max(waits), "median_s": statistics.median(waits), "order": order,
+                "in_flight_at_submit": in_flight, "backlog_before_first": order.find("n"),
+                "backlog_between": order[order.find("n"):].count("b"),
+                "timeline_ms": timeline}
+
+    try:
+        for r in range(a.fair_rounds):
+            alone = newcomer(f"r{r}-alone")
+            settle(e)
+            backlog = [f"r{r}-with-backlog-{i}" for i in range(a.fair_backlog)]
+            # The newcomer's submits follow the backlog's at once, as in a client's day.
+            submit_all(KEY_BACKLOG, backlog)
+            behind = newcomer(f"r{r}-with")
+            out["rounds"].append({"alone": alone, "with_backlog": behind})
+            log(f"  fairness round {r + 1}: the newcomer's {a.fair_jobs} jobs reached the provider within "
+                f"{alone['max_s'] * 1000:,.0f} ms alone, {behind['max_s'] * 1000:,.0f} ms behind "
+                f"{a.fair_backlog} jobs of another key ({behind['in_flight_at_submit']} of them with the provider); "
+                f"the calls from its submit on, in the order they came (n newcomer, b backlog): {behind['order']}")
+            settle(e, timeout=120 + a.fair_backlog * a.fair_call_s / a.fair_in_flight)
+    finally:
+        e.stop()
+        mock.stop()
+    out["alone_max_s"] = statistics.median(x["alone"]["max_s"] for x in out["rounds"])
+    out["with_backlog_max_s"] = statistics.median(x["with_backlog"]["max_s"] for x in out["rounds"])
     return out
+
+
+def accepted_runtimes(wanted):
+    """Which runtimes this Envoy build takes: validate a bootstrap with each."""
+    ok = []
+    placeholder = {"poll": {"length": 1, "headers": []}, "poll_404": {"length": 1, "headers": []}}
+    workdir = Path(tempfile.mkdtemp(prefix="bench-validate-"))
+    try:
+        for rt in wanted:
+            path = workdir / f"{rt}.json"
+            path.write_text(json.dumps(bootstrap([bench_listener("p", plugin_config(10), rt, placeholder)],
+                                                 [cluster("provider", 1)])))
+            code, output = validate(path)
+            why = [l for l in output.splitlines() if "Failed to create Wasm VM" in l]
+            if code == 0:
+                ok.append(rt)
+            elif why:
+                log(f"runtime {rt}: not accepted by this Envoy build: {why[0].split('] ')[-1][:200]}")
+            else:
+                raise RuntimeError(f"the benchmark's bootstrap does not validate with {rt}:\n{output[-3000:]}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return ok
+
+
+def envoy_version():
+    out = subprocess.run([str(ENVOY), "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"version: \S+?/(\d+\.\d+\.\d+)/", out)
+    return m.group(1) if m else out.strip()
+
+
+def host_calls(path):
+    """The host-call counts the Rust side wrote (HOST_CALLS), or None."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        return {"error": f"{path}: {e}"}
 
 
 # ------------------------------------------------------------------ table
 
 
-def table(res):
-    sc = res["scenarios"]
+def median_ratio(sc, fig, base):
+    """The median over the rounds of fig/base, each round's own pair."""
+    ratios = [f["rate"] / b["rate"] for f, b in zip(sc[fig], sc[base]) if b["rate"]]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def rows_of(res, args):
+    """(figure, measured, baseline, ratio, goal, verdict) for every row of the table."""
     rows = []
+    sc = res.get("scenarios", {})
 
-    def row(name, fig, base_name, base, goal, ok, p50=None, p99=None, unit="req/s"):
-        ratio = f"{fig / base:.2f} × {base_name}" if base else ""
-        rows.append((name, f"{fig:,.0f} {unit}", "" if p50 is None else f"{p50:.2f}", "" if p99 is None else f"{p99:.2f}",
-                     ratio, goal, "" if ok is None else ("PASS" if ok else "FAIL")))
+    def med(n, key="rate"):
+        return statistics.median(x[key] for x in sc[n])
 
-    def s(n):
-        return sc[n]["rps"]
+    def p(n):
+        return f"p50 {med(n, 'p50_ms'):.2f} ms, p99 {max(x['p99_ms'] for x in sc[n]):.2f} ms"
 
-    row("direct_response, 202-sized, GET", s("direct_small"), "", None, "", None, sc["direct_small"]["p50_ms"], sc["direct_small"]["p99_ms"])
-    row("direct_response, 202-sized, POST", s("direct_small_post"), "", None, "", None, sc["direct_small_post"]["p50_ms"], sc["direct_small_post"]["p99_ms"])
-    row("direct_response, poll-sized", s("direct_poll"), "", None, "", None, sc["direct_poll"]["p50_ms"], sc["direct_poll"]["p99_ms"])
-    row("plain sync route to the mock", s("sync_route"), "", None, "", None, sc["sync_route"]["p50_ms"], sc["sync_route"]["p99_ms"])
-    row("poll completed", s("poll_completed"), "direct poll-sized", s("direct_poll"), "≥ 0.85",
-        s("poll_completed") >= 0.85 * s("direct_poll"), sc["poll_completed"]["p50_ms"], sc["poll_completed"]["p99_ms"])
-    row("poll 404", s("poll_404"), "direct 202-sized GET", s("direct_small"), "≥ 0.9",
-        s("poll_404") >= 0.9 * s("direct_small"), sc["poll_404"]["p50_ms"], sc["poll_404"]["p99_ms"])
-    row("submit, store empty", s("submit_empty"), "direct 202-sized POST", s("direct_small_post"), "≥ 0.7; p99 ≤ 10 ms",
-        s("submit_empty") >= 0.7 * s("direct_small_post") and sc["submit_empty"]["p99_ms"] <= 10,
-        sc["submit_empty"]["p50_ms"], sc["submit_empty"]["p99_ms"])
-    row("submit, 100,000 held", s("submit_100k"), "submit empty", s("submit_empty"), "≥ 0.9; p99 ≤ 10 ms",
-        s("submit_100k") >= 0.9 * s("submit_empty") and sc["submit_100k"]["p99_ms"] <= 10,
-        sc["submit_100k"]["p50_ms"], sc["submit_100k"]["p99_ms"])
-    e2e, sync = res["e2e"]["jobs_per_s"], res["e2e_sync"]["rps"]
-    row("jobs end to end", e2e, "sync route", sync, "≥ 0.8", e2e >= 0.8 * sync, unit="jobs/s")
-    if "etcd_submit" in sc:
-        row("etcd store: submit", s("etcd_submit"), "shared-data submit", s("submit_empty"), "", None,
-            sc["etcd_submit"]["p50_ms"], sc["etcd_submit"]["p99_ms"])
-        row("etcd store: poll completed", s("etcd_poll"), "shared-data poll", s("poll_completed"), "", None,
-            sc["etcd_poll"]["p50_ms"], sc["etcd_poll"]["p99_ms"])
-    if "e2e_etcd" in res:
-        x = res["e2e_etcd"]["jobs_per_s"]
-        row("etcd store: jobs end to end", x, "shared-data jobs", e2e, "", None, unit="jobs/s")
-    per_job = res["rss_per_held_job_bytes"]
-    rows.append(("RSS per held job (1 KiB audio)", f"{per_job:,.0f} B", "", "", f"{per_job / 1024:.2f} × audio", "", ""))
-    if "soak" in res:
-        so = res["soak"]
-        rows.append((f"soak RSS growth ({so['accepted']:,} jobs)", f"{so['growth_pct']:+.1f} %", "", "",
-                     f"{so['lost']} lost", "≤ 5 %, 0 lost",
-                     "PASS" if so["growth_pct"] <= 5 and so["lost"] == 0 else "FAIL"))
-    head = ("scenario", "rate", "p50 ms", "p99 ms", "ratio", "goal", "")
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    lines = [" | ".join(str(c).ljust(w) for c, w in zip(head, widths))]
-    lines.append("-+-".join("-" * w for w in widths))
-    lines += [" | ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    def ratio_row(figure, fig, base, base_label, goal, unit="req/s", base_unit="req/s"):
+        if fig not in sc or base not in sc:
+            return
+        r = median_ratio(sc, fig, base)
+        rows.append((figure, f"{med(fig):,.0f} {unit} ({p(fig)})", f"{base_label}: {med(base):,.0f} {base_unit}",
+                     f"{r:.2f}", f"≥ {goal}", "PASS" if r >= goal else "FAIL"))
+
+    ans = res.get("answers", {})
+    poll_len = ans.get("poll", {}).get("length", "?")
+    ratio_row("poll of a completed job", "poll_completed", "direct_poll",
+              f"`direct_response` of {poll_len} B", 0.9)
+    ratio_row("poll of an unknown id (404)", "poll_404", "direct_404",
+              f"`direct_response` 404 of {ans.get('poll_404', {}).get('length', '?')} B", 0.9)
+    ratio_row("submit, with its own dispatch on the same worker", "submit", "sync",
+              "the synchronous route to the same provider", 0.8, "jobs/s")
+    ratio_row("jobs end to end (submit, provider call, one poll)", "e2e", "sync",
+              "the synchronous route", 0.65, "jobs/s")
+    if "fill" in res:
+        ratio_row(f"poll of a completed job, {res['fill']['jobs']:,} held", "poll_completed_held", "direct_poll",
+                  f"`direct_response` of {poll_len} B", 0.85)
+    for name in SHIPPED:
+        short = name.split(".")[0]
+        ratio_row(f"a request that is not the API's, through `{name}`", short, f"{short}_bare",
+                  f"`{name}` without the filter", 0.97)
+    if "fill" in res:
+        b = res["fill"]["rss_per_held_job_bytes"]
+        rows.append(("RSS per held completed job (1 KiB of audio)", f"{b:,.0f} B",
+                     f"{res['fill']['jobs']:,} jobs held: {res['fill']['rss_before_kib'] / 1024:.1f} → "
+                     f"{res['fill']['rss_after_kib'] / 1024:.1f} MiB", "", "≤ 2,000 B", "PASS" if b <= 2000 else "FAIL"))
+    for i, so in enumerate(res.get("soak", [])):
+        ok = so["growth_pct"] <= 5 and so["lost"] == 0
+        rows.append((f"soak {i + 1}: RSS growth over {so['jobs']:,} jobs through a {so['store']:,}-job store",
+                     f"{so['growth_pct']:+.1f} %",
+                     f"{so['rss_first_kib'] / 1024:.1f} → {so['rss_last_kib'] / 1024:.1f} MiB; {so['lost']} lost",
+                     "", "≤ 5 %, 0 lost", "PASS" if ok else "FAIL"))
+    ratio_row("submit by a key with requests, characters and budget limits", "submit_limited", "submit",
+              "submit by a key without limits", 0.8, "jobs/s", "jobs/s")
+    if "fairness" in res:
+        f = res["fairness"]
+        at_once = max(max(x["with_backlog"]["order"].count("b"), x["with_backlog"]["in_flight_at_submit"])
+                      for x in f["rounds"]) or 1
+        fifo = f["backlog"] / at_once * f["call_s"]
+        rows.append((f"fair dispatch: {f['jobs']} jobs of a key submitted right after {f['backlog']} of another "
+                     f"({f['call_s'] / 2:g} to {f['call_s'] * 1.5:g} s a call, max_in_flight {f['max_in_flight']})",
+                     f"all started within {f['with_backlog_max_s'] * 1000:,.0f} ms; of the backlog's, "
+                     f"{statistics.median(x['with_backlog']['backlog_before_first'] for x in f['rounds']):g} "
+                     f"started after their submits and before the first of them, "
+                     f"{statistics.median(x['with_backlog']['backlog_between'] for x in f['rounds']):g} "
+                     f"between the first and the last",
+                     f"alone: within {f['alone_max_s'] * 1000:,.0f} ms (in turn after the backlog: ~{fifo:,.0f} s)",
+                     "", "report both", ""))
+    for fig, base, label in (("etcd_submit", "submit", "submit"), ("etcd_poll", "poll_completed", "poll"),
+                             ("etcd_e2e", "e2e", "jobs end to end")):
+        if fig in sc and base in sc:
+            unit = "req/s" if fig == "etcd_poll" else "jobs/s"
+            rows.append((f"etcd store: {label}", f"{med(fig):,.0f} {unit} ({p(fig)})",
+                         f"shared data: {med(base):,.0f} {unit}", f"{median_ratio(sc, fig, base):.2f}", "", ""))
+    hc = res.get("host_calls")
+    if hc and "error" not in hc:
+        for op, n in hc.get("operations", hc).items():
+            if isinstance(n, dict):
+                rows.append((f"host calls: {op}", f"{n.get('after', '?')}", f"before: {n.get('before', '?')}", "", "", ""))
+            elif isinstance(n, (int, float)):
+                rows.append((f"host calls: {op}", f"{n}", "", "", "", ""))
+    # What the ratios are taken against, as measured.
+    for n, label in (("direct_poll", "`direct_response`, completed-poll sized"),
+                     ("direct_404", "`direct_response`, 404 sized"), ("sync", "synchronous route to the provider")):
+        if n in sc:
+            rows.append((f"baseline: {label}", f"{med(n):,.0f} req/s ({p(n)})", "", "", "", ""))
+    return rows
+
+
+HEAD = ("figure", "measured", "against", "ratio", "goal", "")
+
+
+def plain_table(rows):
+    widths = [max(len(str(r[i])) for r in rows + [HEAD]) for i in range(len(HEAD))]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(HEAD, widths)).rstrip(),
+             "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
 
 
-def probe_sizes(workdir, mock_port):
-    """The sizes of a real 202 and a real completed poll answer, for the direct_response bodies."""
-    run = Run(RUNTIMES[0], argparse.Namespace(connections=1, held=1), workdir, mock_port, {"submit": 100, "poll": 1600},
-              etcd_port=free_port())
-    run.envoy.start()
-    try:
-        _, submit_body, poll_body = completed_job(run.port_a, "1")
-    finally:
-        run.envoy.stop()
-    return {"submit": len(submit_body), "poll": len(poll_body)}
+def markdown_table(rows):
+    esc = [tuple(str(c).replace("|", "\\|") for c in r) for r in rows]
+    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    lines += ["| " + " | ".join(r) + " |" for r in esc]
+    return "\n".join(lines)
 
 
-def accepted_runtimes(workdir, wanted):
-    """Which runtimes this Envoy build takes: validate a bootstrap with each."""
-    ok = []
-    for rt in wanted:
-        f = wasm_filter("probe", rt, plugin_config(10))
-        cfg = {"static_resources": {"listeners": [listener("p", free_port(), bench_routes({"submit": 1, "poll": 1}), [f])],
-                                    "clusters": [cluster("mock", free_port())]}}
-        path = workdir / f"validate-{rt.rsplit('.', 1)[-1]}.json"
-        path.write_text(json.dumps(cfg))
-        p = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path), "--base-id", str(free_port())],
-                           capture_output=True, text=True, timeout=120)
-        if p.returncode == 0:
-            ok.append(rt)
+def setup_line(results):
+    a = results["args"]
+    return (f"Envoy {results['envoy_version']}, one worker (`--concurrency 1`) per Envoy; "
+            f"wrk -t{a['threads']} -c{a['connections']}, {a['rounds']} rounds of {a['seconds']} s per scenario "
+            f"(medians; each ratio the median of the rounds' own ratios; p99 the worst round's); "
+            f"{results['cpus']} cores, shared with other work while it ran")
+
+
+def report(results, markdown=False):
+    out = []
+    for res in results["runs"]:
+        if "error" in res:
+            out.append(f"{res['runtime']}: failed: {res['error']}")
+            continue
+        rows = rows_of(res, results["args"])
+        if markdown:
+            out.append(f"Measured on {results['started'][:10]} with `{results['command']}` "
+                       f"({res['runtime'].rsplit('.', 1)[-1]}): {setup_line(results)}.\n")
+            out.append(markdown_table(rows))
         else:
-            lines = [l for l in (p.stdout + p.stderr).splitlines() if l.strip()]
-            why = [l.split("] ", 2)[-1] for l in lines if "Failed to create Wasm VM" in l] or lines[-1:]
-            log(f"runtime {rt}: not accepted by this Envoy build: {why[0].split('] ')[-1][:200]}")
-    return ok
+            out.append(f"== {res['runtime']}: {setup_line(results)}")
+            out.append(plain_table(rows))
+        out.append("")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------- main
+
+
+PARTS = ["polls", "held", "submits", "etcd", "shipped", "soak", "fairness"]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated; short names (v8) work too")
+    ap.add_argument("--runtimes", default="v8", help="comma-separated (v8, wasmtime, wamr, or all)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
     ap.add_argument("--seconds", type=int, default=4, help="seconds per scenario per round")
+    ap.add_argument("--warmup", type=int, default=1, help="seconds per scenario before the rounds")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--connections", type=int, default=16)
-    ap.add_argument("--held", type=int, default=HELD, help="jobs held in store B")
-    ap.add_argument("--e2e-jobs", type=int, default=20_000)
-    ap.add_argument("--e2e-rounds", type=int, default=2)
-    ap.add_argument("--soak-jobs", type=int, default=50_000, help="0 skips the soak")
+    ap.add_argument("--threads", type=int, default=2, help="wrk threads")
+    ap.add_argument("--connections", type=int, default=32, help="wrk connections")
+    ap.add_argument("--drain-s", type=float, default=20,
+                    help="how long a submit scenario waits for its jobs to finish")
+    ap.add_argument("--max-jobs", type=int, default=200_000, help="max_jobs of the stores the rounds use")
+    ap.add_argument("--held", type=int, default=100_000, help="completed jobs held in store b")
+    ap.add_argument("--soak-jobs", type=int, default=50_000)
     ap.add_argument("--soak-first", type=int, default=5_000)
     ap.add_argument("--soak-max-jobs", type=int, default=5_000)
+    ap.add_argument("--soak-runs", type=int, default=2)
+    ap.add_argument("--fair-backlog", type=int, default=200)
+    ap.add_argument("--fair-jobs", type=int, default=5)
+    ap.add_argument("--fair-call-s", type=float, default=1.0,
+                    help="seconds the slow provider takes per call, on average (half to one and a half times it)")
+    ap.add_argument("--fair-in-flight", type=int, default=20, help="max_in_flight of the fairness Envoy")
+    ap.add_argument("--fair-rounds", type=int, default=2)
+    ap.add_argument("--host-calls", default=str(HOST_CALLS), help="host-call counts written by the Rust side")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown too")
+    ap.add_argument("--report", metavar="RESULTS_JSON", help="print the table of an earlier run and exit")
     args = ap.parse_args()
 
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        print(report(results, markdown=args.markdown))
+        return 0
+    args.parts = [p for p in args.parts.split(",") if p]
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        sys.exit(f"bench: unknown parts {sorted(unknown)}; known: {PARTS}")
     if not shutil.which("wrk"):
         sys.exit("bench: wrk is missing (make bench installs it from Debian)")
     if not WASM.exists():
         sys.exit(f"bench: {WASM} is missing; make build first")
-    wanted = [r if r.startswith("envoy.") else f"envoy.wasm.runtime.{r}" for r in args.runtimes.split(",") if r]
-    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
-    mock_port = free_port()
-    mock = Envoy("mock", lambda admin_port: mock_bootstrap(mock_port, admin_port), workdir).start()
-    from etcd_harness import Etcd  # tests/e2e: a real etcd on free loopback ports, stopped by pid
-
-    etcd = Etcd().start()
-    results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "envoy": subprocess.run(
-        [str(ENVOY), "--version"], capture_output=True, text=True).stdout.strip(), "args": vars(args),
-        "cpus": os.cpu_count(), "runs": []}
+    wanted = RUNTIMES if args.runtimes == "all" else [
+        r if r.startswith("envoy.") else f"envoy.wasm.runtime.{r}" for r in args.runtimes.split(",") if r]
+    command = "make bench" + (f" BENCH_ARGS=\"{' '.join(sys.argv[1:])}\"" if sys.argv[1:] else "")
+    results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
+               "envoy_version": envoy_version(),
+               "args": vars(args), "cpus": os.cpu_count(), "load_before": os.getloadavg(), "runs": []}
+    results["host_calls"] = host_calls(args.host_calls)
+    t0 = time.monotonic()
+    runtimes = accepted_runtimes(wanted)
+    log(f"runtimes accepted: {', '.join(runtimes) or 'none'}")
+    provider = start_provider()
+    etcd = Etcd().start() if "etcd" in args.parts else None
     try:
-        runtimes = accepted_runtimes(workdir, wanted)
-        log(f"runtimes accepted: {', '.join(runtimes) or 'none'}")
-        sizes = probe_sizes(workdir, mock_port)
-        results["direct_sizes"] = sizes
-        log(f"answer sizes: 202 {sizes['submit']} B, completed poll {sizes['poll']} B")
         for rt in runtimes:
             log(f"== {rt}")
             try:
-                results["runs"].append(Run(rt, args, workdir, mock_port, sizes, etcd.client_port).go())
-            except Exception as e:  # a runtime that fails to run the filter is reported, not fatal
+                res = Run(rt, args, provider, etcd).go()
+                res["host_calls"] = results["host_calls"]
+                results["runs"].append(res)
+            except Exception as e:  # a runtime that fails is reported, not fatal
                 log(f"  {rt} failed: {e}")
                 results["runs"].append({"runtime": rt, "error": str(e)[:3000]})
     finally:
-        mock.stop()
-        etcd.stop()
+        provider.stop()
+        if etcd:
+            etcd.stop()
+    results["seconds"] = time.monotonic() - t0
+    results["load_after"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out_path = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out_path = RESULTS / f"{time.strftime('%Y%m%dT%H%M%S')}.json"
     out_path.write_text(json.dumps(results, indent=1))
-    for res in results["runs"]:
-        log(f"\n== {res['runtime']} (Envoy --concurrency 1, wrk -t1 -c{args.connections}, "
-            f"{args.rounds} × {args.seconds} s per scenario, medians; p99 the worst round)")
-        log(res["error"] if "error" in res else table(res))
-    log(f"\nresults: {out_path.relative_to(ROOT)}")
-    shutil.rmtree(workdir, ignore_errors=True)
+    print("")
+    print(report(results))
+    if args.markdown:
+        print(report(results, markdown=True))
+    if results["host_calls"] is None:
+        log(f"host calls per operation: {args.host_calls} not found (the Rust side writes it); not in the table")
+    log(f"results: {out_path.relative_to(ROOT)} ({results['seconds'] / 60:.1f} min; load average "
+        f"{results['load_before'][0]:.1f} before, {results['load_after'][0]:.1f} after)")
     return 0
 
 

@@ -22,8 +22,13 @@ Two ways to change a running Envoy, as operators do:
 
 The bootstrap is built here as JSON; `envoy/envoy.yaml` itself is checked
 separately with `envoy --mode validate` and started by test_walkthrough.
+`EnvoyProcess` runs any bootstrap given as text (a shipped config made
+`runnable`, or the benchmark's, with several listeners built from
+`http_listener`, `wasm_filter` and `enabled_on`, on a chosen runtime and
+`--concurrency`); `rss_kib()` and `filter_stats()` read the running process.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -75,20 +80,33 @@ def cluster(name, port, host="127.0.0.1"):
     }
 
 
-def listener(plugin_config, listen_port=0, env_keys=(), pre_filters=()):
-    """The listener "api": the filter with `plugin_config`, then the router to "app"."""
-    wasm_filter = {
-        "name": "envoy.filters.http.wasm",
+V8 = "envoy.wasm.runtime.v8"
+WASM_FILTER = "envoy.filters.http.wasm"
+ROUTER = {
+    "name": "envoy.filters.http.router",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+}
+
+
+def wasm_filter(plugin_config, env_keys=(), runtime=V8, vm_id="async_speech", name=WASM_FILTER, disabled=False):
+    """The HTTP filter entry that runs the built filter with `plugin_config`.
+
+    Filters with different `vm_id`s run in VMs of their own and so keep
+    separate job stores (shared data belongs to a VM id). `disabled`: off
+    unless a route turns it on (`enabled_on`), as the shipped configs scope it
+    to the API's routes."""
+    entry = {
+        "name": name,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
             "config": {
-                "name": "async_speech",
-                "root_id": "async_speech",
+                "name": vm_id,
+                "root_id": vm_id,
                 "allow_on_headers_stop_iteration": True,
                 "failure_policy": "FAIL_RELOAD",
                 "vm_config": {
-                    "vm_id": "async_speech",
-                    "runtime": "envoy.wasm.runtime.v8",
+                    "vm_id": vm_id,
+                    "runtime": runtime,
                     "code": {"local": {"filename": str(WASM)}},
                     "environment_variables": {"host_env_keys": list(env_keys)},
                 },
@@ -99,28 +117,56 @@ def listener(plugin_config, listen_port=0, env_keys=(), pre_filters=()):
             },
         },
     }
+    if disabled:
+        entry["disabled"] = True
+    return entry
+
+
+def enabled_on(route, filter_name=WASM_FILTER):
+    """`route` with the (disabled by default) filter named `filter_name` turned on for it."""
+    per_filter = route.setdefault("typed_per_filter_config", {})
+    per_filter[filter_name] = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {}}
+    return route
+
+
+def http_listener(name, routes, http_filters, listen_port=0):
+    """A listener on 127.0.0.1 whose connection manager (stat prefix `name`)
+    runs `http_filters`, then the router, on `routes`."""
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "api",
-        "route_config": {"virtual_hosts": [{
-            "name": "all", "domains": ["*"],
-            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}],
-        }]},
-        "http_filters": [*pre_filters, wasm_filter, {
-            "name": "envoy.filters.http.router",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-        }],
+        "stat_prefix": name,
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
+        "http_filters": [*http_filters, ROUTER],
     }
     return {
-        "name": "api",
+        "name": name,
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
 
 
+def listener(plugin_config, listen_port=0, env_keys=(), pre_filters=(), runtime=V8):
+    """The listener "api": the filter with `plugin_config`, then the router to "app"."""
+    routes = [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]
+    return http_listener("api", routes, [*pre_filters, wasm_filter(plugin_config, env_keys, runtime)], listen_port)
+
+
+def runnable(doc, upstream_port):
+    """A bootstrap document with every listener and the admin on 127.0.0.1:0
+    and every cluster a plain one to `upstream_port`: runs anywhere, reaches
+    nothing else (for the shipped configs)."""
+    doc = copy.deepcopy(doc)
+    doc["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": 0}
+    for l in doc["static_resources"]["listeners"]:
+        l["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": 0}
+    doc["static_resources"]["clusters"] = [cluster(c["name"], upstream_port)
+                                           for c in doc["static_resources"]["clusters"]]
+    return doc
+
+
 def bootstrap(plugin_config, clusters, listen_port, admin_port, env_keys=(), pre_filters=(), lds_path=None,
-              stats_config=None):
+              stats_config=None, runtime=V8):
     """A bootstrap with the "api" listener in it, or, given `lds_path`, one
     that reads its listeners from that file (which the caller writes).
     `stats_config`: the bootstrap's `stats_config` (e.g. the tags that turn
@@ -132,7 +178,7 @@ def bootstrap(plugin_config, clusters, listen_port, admin_port, env_keys=(), pre
     if stats_config is not None:
         config["stats_config"] = stats_config
     if lds_path is None:
-        config["static_resources"]["listeners"] = [listener(plugin_config, listen_port, env_keys, pre_filters)]
+        config["static_resources"]["listeners"] = [listener(plugin_config, listen_port, env_keys, pre_filters, runtime)]
     else:
         # LDS wants a node; the watched directory makes a rename into it an update.
         config["node"] = {"id": "e2e", "cluster": "e2e"}
@@ -278,10 +324,29 @@ class EnvoyProcess:
     def running(self):
         return self.proc is not None and self.proc.poll() is None
 
+    def rss_kib(self):
+        """The process's resident memory (VmRSS), in KiB."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"no VmRSS for pid {self.proc.pid}")
+
+    def filter_stats(self, prefix="wasmcustom.async_speech."):
+        """The filter's counters and gauges (names without `prefix`), as a dict.
+        Every VM of the process adds to the same stats."""
+        out = {}
+        for line in self.admin("/stats?filter=async_speech").splitlines():
+            name, _, value = line.partition(": ")
+            if name.startswith(prefix) and value.strip().lstrip("-").isdigit():
+                out[name[len(prefix):]] = int(value)
+        return out
+
 
 class Envoy(EnvoyProcess):
     """Envoy with the filter built from `plugin_config` in front of `clusters`.
 
+    `runtime`: the Wasm runtime the VM runs on (V8 unless told).
     `listener_from_file`: the listener comes from an LDS file, and
     `reconfigure()` replaces it. `drain_time_s`: how long a replaced listener
     (or, on a hot restart, the old process) drains. `hot_restart`: start as
@@ -290,9 +355,10 @@ class Envoy(EnvoyProcess):
 
     def __init__(self, plugin_config, clusters, concurrency=2, env=None, env_keys=(), pre_filters=(),
                  listener_from_file=False, drain_time_s=None, hot_restart=False, parent_shutdown_time_s=None,
-                 log_level="warn", stats_config=None, _epoch_of=None):
+                 log_level="warn", stats_config=None, runtime=V8, _epoch_of=None):
         self.plugin_config = plugin_config
         self.stats_config = stats_config
+        self.runtime = runtime
         self.clusters = clusters
         self.env_keys, self.pre_filters = env_keys, pre_filters
         self.listener_from_file = listener_from_file
@@ -319,10 +385,10 @@ class Envoy(EnvoyProcess):
         super().__init__("", "envoy.json", concurrency, env, args=args, hot_restart=restart)
         self.lds_path = os.path.join(self.dir, "lds", "listeners.json") if listener_from_file else None
         config = bootstrap(plugin_config, clusters, listen_port, 0, env_keys, pre_filters, self.lds_path,
-                           stats_config)
+                           stats_config, runtime)
         if self.lds_path:
             os.makedirs(os.path.dirname(self.lds_path))
-            write_lds(self.lds_path, [listener(plugin_config, listen_port, env_keys, pre_filters)])
+            write_lds(self.lds_path, [listener(plugin_config, listen_port, env_keys, pre_filters, runtime)])
         with open(self.config_path, "w") as f:
             json.dump(config, f)
 
@@ -333,7 +399,7 @@ class Envoy(EnvoyProcess):
         before = self.counter("listener_manager.lds.update_success")
         rejected = self.counter("listener_manager.lds.update_rejected")
         # The listener keeps the port it is bound to, so the update is made in place.
-        write_lds(self.lds_path, [listener(plugin_config, self.port, self.env_keys, self.pre_filters)])
+        write_lds(self.lds_path, [listener(plugin_config, self.port, self.env_keys, self.pre_filters, self.runtime)])
         self.plugin_config = plugin_config
 
         def taken():
@@ -351,7 +417,8 @@ class Envoy(EnvoyProcess):
         child = Envoy(self.plugin_config, self.clusters, self.concurrency, env_keys=self.env_keys,
                       pre_filters=self.pre_filters, listener_from_file=self.listener_from_file,
                       drain_time_s=self.drain_time_s, parent_shutdown_time_s=self.parent_shutdown_time_s,
-                      log_level=self.log_level, stats_config=self.stats_config, _epoch_of=self)
+                      log_level=self.log_level, stats_config=self.stats_config, runtime=self.runtime,
+                      _epoch_of=self)
         return child.start(timeout)
 
 

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from conftest import Client
-from envoy_harness import ROOT, WASM, EnvoyProcess, bootstrap, cluster, validate
+from envoy_harness import ROOT, WASM, EnvoyProcess, bootstrap, cluster, runnable, validate
 from helpers import ENVOY_DIR, enables_filter, load, nodes, plugin_configs, routes, wasm_filters
 from mock_provider import MockProvider
 
@@ -175,18 +175,6 @@ def test_the_filter_is_off_except_on_the_api_routes(name):
     for r in routes(doc):
         if r not in on:
             assert wasm["name"] not in r.get("typed_per_filter_config", {}), r
-
-
-def runnable(doc, upstream_port):
-    """The document with every listener and the admin on 127.0.0.1:0 and every
-    cluster a plain one to `upstream_port`: runs anywhere, reaches nothing else."""
-    doc = copy.deepcopy(doc)
-    doc["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": 0}
-    for listener in doc["static_resources"]["listeners"]:
-        listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": 0}
-    doc["static_resources"]["clusters"] = [cluster(c["name"], upstream_port)
-                                           for c in doc["static_resources"]["clusters"]]
-    return doc
 
 
 STREAM_CONTEXT = re.compile(r"proxy_on_context_create\(\d+, [1-9]\d*\)")
