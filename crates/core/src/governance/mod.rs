@@ -197,6 +197,14 @@ pub struct Settle {
     pub was_running: bool,
 }
 
+impl Settle {
+    /// Whether settling changes the key's state under these limits (a
+    /// charge counts only against a budget): else there is nothing to write.
+    pub fn changes(&self, limits: &Limits) -> bool {
+        self.give_back.is_some() || (self.charge > 0 && limits.budget.is_some()) || self.was_running
+    }
+}
+
 pub fn settle(limits: &Limits, state: &mut KeyState, settle: &Settle, now_s: u64) {
     if let Some((window_s, chars)) = settle.give_back {
         state.characters.take_back(window_s, chars);

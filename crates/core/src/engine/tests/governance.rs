@@ -366,3 +366,25 @@ fn a_keys_first_job_starts_before_another_key_has_two_more() {
         );
     }
 }
+
+/// Many jobs of one key end at once on every worker, each settling its
+/// charge and characters with the key's counters: contended, but every job
+/// ends, completed, and the counters add up.
+#[test]
+fn jobs_ending_together_all_settle_with_their_key() {
+    let a = r#","limits":{"characters":{"max":100000,"per":"1d"},"budget":{"max_usd":1000,"per":"1d"}}"#;
+    let pricing = r#","pricing":{"a/*":1.0},"max_in_flight":64,"max_jobs":100"#;
+    for mut w in worlds(a, "", pricing) {
+        let ids: Vec<String> = (0..60).map(|i| w.submit(i % 2, &speech(""))).collect();
+        let took = w.run_until(20_000, |w| ids.iter().all(|id| w.status(id) == "completed"));
+        assert!(
+            took.is_some(),
+            "{:?}",
+            ids.iter().map(|id| w.status(id)).collect::<Vec<_>>()
+        );
+        let usage = json(&w.request(0, "GET", "/v1/async/usage", None).body);
+        // 60 inputs of 2 characters at a dollar per million characters.
+        assert_eq!(usage["limits"]["characters"]["used"], 120, "{usage}");
+        assert_eq!(usage["limits"]["budget"]["spent_usd"], 0.00012, "{usage}");
+    }
+}

@@ -36,7 +36,7 @@ const DUE_LIMIT: i64 = 64;
 /// expiry in the record; etcd removes the keys a moment later).
 const TTL_MARGIN_S: u64 = 1;
 /// Tries of a release whose key's counters moved meanwhile.
-const RELEASE_TRIES: u32 = 4;
+const RELEASE_TRIES: u32 = 12;
 
 /// Where a scan found a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -414,8 +414,7 @@ impl EtcdWork {
             let put = jobs::put_part(&keys, &letting.record.id, n, part, letting.ttl_lease);
             return self.call(put, Waiting::Part(Box::new(letting)), now_ms);
         }
-        let changes_lane = letting.settle.give_back.is_some() || letting.settle.charge > 0;
-        if changes_lane && letting.lane.is_none() {
+        if letting.settle.changes(&letting.limits) && letting.lane.is_none() {
             let read = jobs::read_lane(&keys, &lane_of(&letting.record.owner));
             return self.call(read, Waiting::Lane(Box::new(letting)), now_ms);
         }
@@ -737,7 +736,12 @@ impl EtcdWork {
         let still_ours = txn
             .range_kv(1)
             .is_some_and(|c| c.value == self.replica.as_bytes());
-        if still_ours && letting.lane.is_some() && letting.tries < RELEASE_TRIES {
+        if still_ours && letting.lane.is_some() {
+            // The key's counters moved: read again, or, contended for long,
+            // let the engine try the whole release again on a later tick.
+            if letting.tries >= RELEASE_TRIES {
+                return WorkStep::Done(WorkDone::Ended(LetGo::Later));
+            }
             letting.lane = None;
             return self.next_letting(letting, now_ms);
         }

@@ -364,7 +364,7 @@ fn limits_of(config: &Config, lane: &str) -> Limits {
 
 /// Applies what a job's end owes its key.
 fn settled(host: &dyn Host, keys: &Keys, lane: &str, limits: &Limits, owed: &Settle, now_ms: u64) {
-    if *owed == Settle::default() {
+    if !owed.changes(limits) {
         return;
     }
     let _ = lanes::update(host, keys, lane, limits, |s| {
