@@ -100,6 +100,8 @@ SPEECH = "/v1/async/audio/speech"
 BODY = json.dumps({"model": "mock/tts-1", "input": "bench", "voice": "alloy"})
 AUDIO = bytes(range(256)) * 4  # 1 KiB
 UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"
+# Not an id at all: answered 404 (the same answer as UNKNOWN_ID's) from the path alone.
+NOT_AN_ID = "not-a-job"
 RUNTIMES = ["envoy.wasm.runtime.v8", "envoy.wasm.runtime.wasmtime", "envoy.wasm.runtime.wamr"]
 LONG_TTL = "86400"
 SHIPPED = ["sidecar.yaml", "envoy.yaml"]
@@ -477,7 +479,9 @@ class Run:
             if "polls" in parts:
                 g.update({"poll_completed": static(port_a, f"{SPEECH}/{poll_id}"),
                           "direct_404": static(port_a, "/direct/404"),
-                          "poll_404": static(port_a, f"{SPEECH}/{UNKNOWN_ID}")})
+                          "poll_404": static(port_a, f"{SPEECH}/{UNKNOWN_ID}"),
+                          # The cheapest answer the filter gives (no store call): the floor of any.
+                          "floor_404": static(port_a, f"{SPEECH}/{NOT_AN_ID}")})
             if "held" in parts:
                 g["poll_completed_held"] = static(main.ports["b"], f"{SPEECH}/{poll_id_b}")
             groups["polls"] = g
@@ -790,6 +794,11 @@ def rows_of(res, args):
               f"`direct_response` of {poll_len} B", 0.9)
     ratio_row("poll of an unknown id (404)", "poll_404", "direct_404",
               f"`direct_response` 404 of {ans.get('poll_404', {}).get('length', '?')} B", 0.9)
+    if "floor_404" in sc and "direct_404" in sc:
+        r = median_ratio(sc, "floor_404", "direct_404")
+        rows.append(("bound: the filter's cheapest answer (404 from the path alone, no store call)",
+                     f"{med('floor_404'):,.0f} req/s ({p('floor_404')})",
+                     f"`direct_response` 404: {med('direct_404'):,.0f} req/s", f"{r:.2f}", "", ""))
     ratio_row("submit, with its own dispatch on the same worker", "submit", "sync",
               "the synchronous route to the same provider", 0.8, "jobs/s")
     ratio_row("jobs end to end (submit, provider call, one poll)", "e2e", "sync",

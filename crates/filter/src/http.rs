@@ -36,13 +36,6 @@ pub struct SpeechHttp {
     state: State,
 }
 
-/// A request header's raw bytes: a client may send a value that is not UTF-8.
-fn header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
-}
-
 impl SpeechHttp {
     pub fn new(shared: Option<Shared>) -> Self {
         SpeechHttp {
@@ -184,9 +177,16 @@ impl Context for SpeechHttp {
 
 impl HttpContext for SpeechHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        // Other traffic passes at the cost of one header read.
-        let path = header(":path").unwrap_or_default();
-        if route(&path) == Route::PassThrough {
+        // Every header in one host call (names come lower-case from Envoy);
+        // other traffic passes at the cost of that one read.
+        let headers = all_headers(MapType::HttpRequestHeaders);
+        let read = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.as_slice() == name.as_bytes())
+                .map(|(_, v)| v.clone())
+        };
+        if route(&read(":path").unwrap_or_default()) == Route::PassThrough {
             return Action::Continue;
         }
         let Some(shared) = self.shared.clone() else {
@@ -199,14 +199,6 @@ impl HttpContext for SpeechHttp {
             let metadata = hostcalls::get_property(vec!["metadata"]).ok().flatten()?;
             ClaimValue::from_metadata(&metadata, j)
         });
-        // Ours: every header in one host call (names come lower-case from Envoy).
-        let headers = all_headers(MapType::HttpRequestHeaders);
-        let read = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.as_slice() == name.as_bytes())
-                .map(|(_, v)| v.clone())
-        };
         let head = RequestHead {
             header: &read,
             jwt_claim: claim,
