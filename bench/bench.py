@@ -126,6 +126,17 @@ def log(msg):
 # ------------------------------------------------------------------ configs
 
 
+# The module under test: the built one, or another build given with --wasm
+# (to compare with an earlier commit in the same conditions).
+MODULE = WASM
+
+
+def other_build():
+    """Whether the module is another build than this tree's, which may not
+    know the settings added since (governance): the bench leaves them out."""
+    return Path(MODULE).resolve() != WASM.resolve()
+
+
 def plugin_config(max_jobs, **extra):
     config = {
         "providers": {"mock": {"type": "openai", "cluster": "provider", "base_path": "/v1", "timeout_ms": 5000}},
@@ -135,6 +146,9 @@ def plugin_config(max_jobs, **extra):
         "max_jobs": max_jobs,
         "max_result_ttl_s": 86400,
     }
+    if other_build():
+        config["virtual_keys"] = config["virtual_keys"][:1]
+        del config["pricing"]
     config.update(extra)
     return config
 
@@ -165,7 +179,8 @@ def bench_listener(name, config, runtime, answers):
         direct("/", 200, 2),
     ]
     routes[-1]["match"] = {"prefix": "/"}
-    return http_listener(name, routes, [wasm_filter(config, runtime=runtime, vm_id=f"bench_{name}", disabled=True)])
+    return http_listener(name, routes, [wasm_filter(config, runtime=runtime, vm_id=f"bench_{name}", disabled=True,
+                                                    code=MODULE)])
 
 
 def bootstrap(listeners, clusters):
@@ -489,7 +504,7 @@ class Run:
             groups["submits"] = {
                 "sync": static(port_a, "/sync", "POST", BODY),
                 "submit": submits(main, port_a, KEY, held),
-                "submit_limited": submits(main, port_a, KEY_LIMITED, held),
+                **({} if other_build() else {"submit_limited": submits(main, port_a, KEY_LIMITED, held)}),
                 "e2e": end_to_end(main, port_a, held),
             }
         if "etcd" in parts:
@@ -650,7 +665,8 @@ def fairness(runtime, a):
     routes = [api_route(), {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]
     routes[0]["route"]["cluster"] = "slow"
     e = start(bootstrap([http_listener("fair", routes, [wasm_filter(config, runtime=runtime, vm_id="bench_fair",
-                                                                     disabled=True)])], [cluster("slow", mock.port)]))
+                                                                     disabled=True, code=MODULE)])],
+                        [cluster("slow", mock.port)]))
     out = {"backlog": a.fair_backlog, "jobs": a.fair_jobs, "call_s": a.fair_call_s, "max_in_flight": a.fair_in_flight,
            "rounds": []}
 
@@ -911,6 +927,9 @@ PARTS = ["polls", "held", "submits", "etcd", "shipped", "soak", "fairness"]
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtimes", default="v8", help="comma-separated (v8, wasmtime, wamr, or all)")
+    ap.add_argument("--wasm", default=str(WASM),
+                    help="the module to measure (another build, e.g. of an earlier commit, to compare with "
+                         "this one; settings it may not know, governance, are left out)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
     ap.add_argument("--seconds", type=int, default=4, help="seconds per scenario per round")
     ap.add_argument("--warmup", type=int, default=1, help="seconds per scenario before the rounds")
@@ -946,15 +965,18 @@ def main():
         sys.exit(f"bench: unknown parts {sorted(unknown)}; known: {PARTS}")
     if not shutil.which("wrk"):
         sys.exit("bench: wrk is missing (make bench installs it from Debian)")
-    if not WASM.exists():
-        sys.exit(f"bench: {WASM} is missing; make build first")
+    global MODULE
+    MODULE = Path(args.wasm).resolve()
+    if not MODULE.exists():
+        sys.exit(f"bench: {MODULE} is missing; make build first")
     wanted = RUNTIMES if args.runtimes == "all" else [
         r if r.startswith("envoy.") else f"envoy.wasm.runtime.{r}" for r in args.runtimes.split(",") if r]
     command = "make bench" + (f" BENCH_ARGS=\"{' '.join(sys.argv[1:])}\"" if sys.argv[1:] else "")
     results = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
                "envoy_version": envoy_version(),
                "args": vars(args), "cpus": os.cpu_count(), "load_before": os.getloadavg(), "runs": []}
-    results["host_calls"] = host_calls(args.host_calls)
+    # Counted on this tree's code: not another build's.
+    results["host_calls"] = None if other_build() else host_calls(args.host_calls)
     t0 = time.monotonic()
     runtimes = accepted_runtimes(wanted)
     log(f"runtimes accepted: {', '.join(runtimes) or 'none'}")

@@ -88,13 +88,14 @@ ROUTER = {
 }
 
 
-def wasm_filter(plugin_config, env_keys=(), runtime=V8, vm_id="async_speech", name=WASM_FILTER, disabled=False):
+def wasm_filter(plugin_config, env_keys=(), runtime=V8, vm_id="async_speech", name=WASM_FILTER, disabled=False,
+                code=WASM):
     """The HTTP filter entry that runs the built filter with `plugin_config`.
 
     Filters with different `vm_id`s run in VMs of their own and so keep
     separate job stores (shared data belongs to a VM id). `disabled`: off
     unless a route turns it on (`enabled_on`), as the shipped configs scope it
-    to the API's routes."""
+    to the API's routes. `code`: the module (the built one unless told)."""
     entry = {
         "name": name,
         "typed_config": {
@@ -107,7 +108,7 @@ def wasm_filter(plugin_config, env_keys=(), runtime=V8, vm_id="async_speech", na
                 "vm_config": {
                     "vm_id": vm_id,
                     "runtime": runtime,
-                    "code": {"local": {"filename": str(WASM)}},
+                    "code": {"local": {"filename": str(code)}},
                     "environment_variables": {"host_env_keys": list(env_keys)},
                 },
                 "configuration": {
