@@ -42,9 +42,12 @@ Every Envoy here is started with the end-to-end tests' harness
   provider, alone and behind another key's backlog of 200.
 - The runtime: V8 (the one the shipped configs name); `--runtimes all`
   runs the table on each runtime this Envoy build accepts.
-- Host calls per operation: not measurable from outside Envoy; when
-  target/host-calls.json exists (written by the Rust side, see HOST_CALLS
-  below), its counts are put in the results and the table.
+- Host calls per operation: not measurable from outside Envoy. The native
+  test engine::tests::costs counts the store's on the simulated host and
+  writes target/host-calls.json (`cargo test`, or `make test`); when it
+  exists, its counts are put in the results and the table.
+- `--wasm PATH` measures another build (say, of an earlier commit) in the
+  same conditions, leaving out the settings it may not know (governance).
 
 With the defaults (3 rounds of 4 s) the whole run takes about 7 minutes on
 2 cores. Prints the table (`--markdown`: as Markdown for docs/benchmark.md, with the
