@@ -389,6 +389,7 @@ def submits(envoy, port, key, held_at_most, settle_s=60, drain_s=None):
     not finish within `drain_s`, the jobs that did, over that time)."""
     def run(seconds, args):
         before = envoy.filter_stats()
+        cpu0 = envoy.cpu_s()
         out = wrk(port, SPEECH, seconds, args, method="POST", body=BODY, key=key, ttl="1")
         ended = time.monotonic()
         after = envoy.filter_stats()
@@ -401,7 +402,10 @@ def submits(envoy, port, key, held_at_most, settle_s=60, drain_s=None):
             s = envoy.filter_stats()
         drain = time.monotonic() - ended
         done = min(accepted, finished(s) - finished(before))
+        cpu = envoy.cpu_s() - cpu0
         res = rate_of(out)
+        # Envoy's CPU for each job, its submit and its dispatch (the HTTP work included).
+        res["cpu_us_per_job"] = cpu * 1e6 / max(done, 1)
         res.update({"rate": done / (out["seconds"] + drain), "wrk_rate": res["rate"], "accepted": accepted,
                     "unfinished_at_end": target - finished(after), "drain_s": drain,
                     "unfinished_after_drain": accepted - done, "failed": failed(s) - failed(before)})
@@ -601,7 +605,8 @@ class Run:
                     if "drain_s" in x:
                         extra = (f"  (wrk {x['wrk_rate']:,.0f}/s; {x['accepted']:,} accepted, "
                                  f"{x['unfinished_at_end']:,} unfinished when wrk ended, "
-                                 f"{x['unfinished_after_drain']:,} {x['drain_s']:.2f} s later)")
+                                 f"{x['unfinished_after_drain']:,} {x['drain_s']:.2f} s later; "
+                                 f"Envoy CPU {x['cpu_us_per_job']:.0f} µs a job)")
                     elif "unfinished_polls" in x:
                         extra = (f"  ({x['accepted']:,} accepted, {x['completed']:,} polled completed, "
                                  f"{x['unfinished_polls']:,} polls too early, lag {x['lag']})")
@@ -820,6 +825,9 @@ def rows_of(res, args):
                      f"`direct_response` 404: {med('direct_404'):,.0f} req/s", f"{r:.2f}", "", ""))
     ratio_row("submit, with its own dispatch on the same worker", "submit", "sync",
               "the synchronous route to the same provider", 0.8, "jobs/s")
+    if "submit" in sc and all("cpu_us_per_job" in x for x in sc["submit"]):
+        rows.append(("Envoy CPU per submitted job (its submit and dispatch, HTTP included)",
+                     f"{med('submit', 'cpu_us_per_job'):,.0f} µs", "", "", "", ""))
     ratio_row("jobs end to end (submit, provider call, one poll)", "e2e", "sync",
               "the synchronous route", 0.65, "jobs/s")
     if "fill" in res:

@@ -25,7 +25,7 @@ separately with `envoy --mode validate` and started by test_walkthrough.
 `EnvoyProcess` runs any bootstrap given as text (a shipped config made
 `runnable`, or the benchmark's, with several listeners built from
 `http_listener`, `wasm_filter` and `enabled_on`, on a chosen runtime and
-`--concurrency`); `rss_kib()` and `filter_stats()` read the running process.
+`--concurrency`); `rss_kib()`, `cpu_s()` and `filter_stats()` read the running process.
 """
 
 import copy
@@ -332,6 +332,12 @@ class EnvoyProcess:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1])
         raise RuntimeError(f"no VmRSS for pid {self.proc.pid}")
+
+    def cpu_s(self):
+        """CPU time the process has used (user and system), in seconds."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def filter_stats(self, prefix="wasmcustom.async_speech."):
         """The filter's counters and gauges (names without `prefix`), as a dict.

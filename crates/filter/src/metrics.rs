@@ -66,8 +66,9 @@ impl Stats {
     }
 
     pub fn write(&self, reports: Vec<Report>) {
+        let info = log::max_level() >= log::LevelFilter::Info;
         for report in reports {
-            match report.log() {
+            match report.log(info) {
                 Some((Level::Info, line)) => info!("{line}"),
                 Some((Level::Warn, line)) => warn!("{line}"),
                 None => {}

@@ -81,6 +81,9 @@ pub struct CallAnswer {
 #[derive(Debug)]
 struct Run {
     record: JobRecord,
+    /// The job as the store holds it since the claim, until the first show:
+    /// a show that would write the same is left out.
+    stored: Option<JobRecord>,
     /// When the current attempt began (for its latency).
     started_ms: u64,
     /// A finished job's poll answer, kept while its webhook state changes.
@@ -473,11 +476,16 @@ impl Engine {
     // ---- a job's life -------------------------------------------------
 
     fn start_run(&mut self, cx: &Cx, claimed: Claimed) {
-        let Claimed { mut record, body } = claimed;
+        let Claimed {
+            mut record,
+            body,
+            was,
+        } = claimed;
+        let stored = record.clone();
         let id = record.id.clone();
         let finished = record.status.is_finished();
         if !finished {
-            if record.status == JobStatus::Pending {
+            if was == JobStatus::Pending {
                 self.out.push(Report::Started {
                     id: id.clone(),
                     local: self.store.is_local(),
@@ -489,6 +497,7 @@ impl Engine {
         let due = record.pending_delivery().is_some_and(|d| d.due(cx.now));
         let run = Run {
             record,
+            stored: Some(stored),
             started_ms: cx.now,
             body,
             parts: None,
@@ -569,9 +578,13 @@ impl Engine {
     /// Shows the running job to polls and keeps its claim.
     fn show(&mut self, cx: &Cx, id: &str) {
         let hold_ms = self.hold_ms(cx, id);
-        let Some(run) = self.runs.get(id) else {
+        let Some(run) = self.runs.get_mut(id) else {
             return;
         };
+        // The claim's write showed it already (and holds at least as long).
+        if run.stored.take().is_some_and(|s| s == run.record) {
+            return;
+        }
         let op = WorkOp::Show {
             record: Box::new(run.record.clone()),
             hold_ms,

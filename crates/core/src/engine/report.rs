@@ -241,7 +241,22 @@ pub enum Report {
 
 impl Report {
     /// The log line, if any (already escaped where it carries client input).
-    pub fn log(&self) -> Option<(Level, String)> {
+    /// Without `info`, the reports that only ever log at info level are not
+    /// even formatted (most of them come once or more per job).
+    pub fn log(&self, info: bool) -> Option<(Level, String)> {
+        let info_only = matches!(
+            self,
+            Report::Submitted { .. }
+                | Report::Sent { .. }
+                | Report::Completed { .. }
+                | Report::Deleted { .. }
+                | Report::Rejected { .. }
+                | Report::WebhookSent { .. }
+                | Report::Expired { .. }
+        );
+        if info_only && !info {
+            return None;
+        }
         self.call_log()
             .or_else(|| self.job_log())
             .or_else(|| self.webhook_log())
@@ -620,6 +635,21 @@ mod tests {
                 ("async_speech.jobs_rejected.limit".into(), 1),
                 (format!("{key}.refusals.request_limit_exceeded"), 1),
             ]
+        );
+    }
+
+    #[test]
+    fn info_lines_are_not_formatted_when_unwanted_and_warnings_always_are() {
+        let completed = Report::Completed { id: "j".into() };
+        assert_eq!(
+            completed.log(true),
+            Some((Level::Info, "job j completed".to_string()))
+        );
+        assert_eq!(completed.log(false), None);
+        let warning = Report::Warning("careful".into());
+        assert_eq!(
+            warning.log(false),
+            Some((Level::Warn, "careful".to_string()))
         );
     }
 }

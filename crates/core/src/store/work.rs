@@ -14,7 +14,7 @@ use super::etcd::work::{EtcdWait, EtcdWork};
 use super::shared::work::SharedWork;
 use crate::config::Config;
 use crate::governance::Settle;
-use crate::job::{JobRecord, Rendered};
+use crate::job::{JobRecord, JobStatus, Rendered};
 use crate::platform::{Callout, Host};
 
 /// Where a job the store offers can be taken from (opaque to the engine).
@@ -40,8 +40,12 @@ impl Ticket {
 /// poll answer (kept when only its webhook state changes).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Claimed {
+    /// The job as the store now holds it (a store may have marked it
+    /// processing with the claim).
     pub record: JobRecord,
     pub body: Option<Rendered>,
+    /// Its status before this claim.
+    pub was: JobStatus,
 }
 
 /// How the engine lets go of a job.

@@ -137,4 +137,3 @@ fn costs_per_operation_stay_within_their_bounds() {
         assert!(count <= bound, "{name}: {count} host calls, bound {bound}");
     }
 }
-

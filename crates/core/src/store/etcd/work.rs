@@ -764,6 +764,7 @@ fn claimed_job(kv: &Kv) -> Option<Claimed> {
         tail_at: view.tail_at,
     };
     Some(Claimed {
+        was: record.status,
         record,
         body: Some(body),
     })

@@ -171,6 +171,7 @@ impl SharedWork {
             until_ms: now_ms.saturating_add(hold_ms),
         };
         let from_lane = matches!(ticket, Ticket::Shared { lane: Some(_), .. });
+        let mut was = JobStatus::Pending;
         let (record, body) = change(store, ticket.id(), None, now_ms, |r, body| {
             let wanted = if r.status.is_finished() {
                 r.pending_delivery().is_some_and(|d| d.due(now_ms))
@@ -184,11 +185,18 @@ impl SharedWork {
             }
             r.claim = Some(claim);
             r.counted_running |= from_lane;
+            // Shown processing from this very write: the engine's first
+            // show then has nothing to add.
+            was = r.status;
+            if !r.status.is_finished() {
+                r.status = JobStatus::Processing;
+            }
             Some(kept(r, body))
         })?;
         Some(Claimed {
             record,
             body: Some(body),
+            was,
         })
     }
 
