@@ -1,4 +1,4 @@
-//! The `webhooks` object of the plugin configuration (SPEC §5), and which endpoint a submit
+//! The `webhooks` object of the plugin configuration, and which endpoint a submit
 //! asks for.
 
 use std::collections::BTreeMap;
