@@ -322,14 +322,19 @@ fn first_call_hangs() -> impl FnMut(&crate::platform::Callout) -> Reply {
     }
 }
 
+/// A job whose first call never answers, under way: its id and its holder.
+fn one_hanging_call(w: &mut World) -> (String, usize) {
+    w.set_provider(first_call_hangs());
+    let id = w.submit(0, &speech(""));
+    w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1)
+        .unwrap();
+    (id, w.holder())
+}
+
 #[test]
 fn a_worker_dying_mid_job_loses_nothing_and_its_attempt_is_made_again_uncounted() {
     for mut w in both("") {
-        w.set_provider(first_call_hangs());
-        let id = w.submit(0, &speech(""));
-        w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1)
-            .unwrap();
-        let holder = w.holder();
+        let (id, holder) = one_hanging_call(&mut w);
         w.kill(holder);
         let job = w.wait(&id, 30_000);
         assert_eq!(audio(&job), b"AUDIO");
@@ -347,11 +352,7 @@ fn a_worker_dying_mid_job_loses_nothing_and_its_attempt_is_made_again_uncounted(
 #[test]
 fn a_worker_going_away_hands_its_jobs_back_at_once() {
     for mut w in both("") {
-        w.set_provider(first_call_hangs());
-        let id = w.submit(0, &speech(""));
-        w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1)
-            .unwrap();
-        let holder = w.holder();
+        let (id, holder) = one_hanging_call(&mut w);
         w.close(holder);
         let took = w.run_until(3_000, |w| w.status(&id) == "completed");
         assert!(took.is_some(), "taken over at once, not after a lapse");
@@ -409,11 +410,7 @@ fn a_draining_worker_finishes_its_calls_and_takes_nothing_new() {
 #[test]
 fn a_draining_worker_hands_back_what_outlives_its_longest_call() {
     for mut w in both("") {
-        w.set_provider(first_call_hangs());
-        let id = w.submit(0, &speech(""));
-        w.run_until(2_000, |w| w.provider_calls.borrow().len() == 1)
-            .unwrap();
-        let draining = w.holder();
+        let (id, draining) = one_hanging_call(&mut w);
         w.drain(draining);
         let job = w.wait(&id, 20_000);
         assert_eq!(audio(&job), b"AUDIO");
