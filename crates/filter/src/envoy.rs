@@ -6,8 +6,9 @@ use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{MapType, Status};
+use proxy_wasm::types::{BufferType, MapType, Status};
 
+use async_speech_core::engine::CallAnswer;
 use async_speech_core::ids::Drbg;
 use async_speech_core::platform::{header_pairs, Callout, Host, Queue, SetError};
 
@@ -68,6 +69,32 @@ pub fn all_headers(map: MapType) -> Vec<(Vec<u8>, Vec<u8>)> {
         }
     };
     header_pairs(&bytes)
+}
+
+/// A callout's answer: its status (none if it failed) and body (not read
+/// when larger than `limit`).
+pub fn callout_answer(num_headers: usize, body_size: usize, limit: usize) -> CallAnswer {
+    // A failed callout has no headers; asking for ":status" then would panic in the SDK.
+    let status = (num_headers > 0)
+        .then(|| hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status"))
+        .and_then(|v| v.ok().flatten())
+        .and_then(|v| String::from_utf8(v).ok())
+        .and_then(|s| s.parse::<u16>().ok());
+    let too_large = body_size > limit;
+    let body = if body_size > 0 && !too_large {
+        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    CallAnswer {
+        status,
+        body,
+        body_size,
+        too_large,
+    }
 }
 
 impl Host for EnvoyHost {

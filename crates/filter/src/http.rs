@@ -7,7 +7,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 
-use crate::envoy::all_headers;
+use crate::envoy::{all_headers, callout_answer};
 use crate::root::Shared;
 use async_speech_core::api::routes::{route, Route};
 use async_speech_core::api::{Answer, Api, Decision, Paused, PendingSubmit, RequestHead};
@@ -140,26 +140,9 @@ impl Context for SpeechHttp {
         }
         let (paused, started_ms) = (paused.clone(), *started_ms);
         self.state = State::Answered;
-        // A failed callout has no headers; asking for ":status" then would panic in the SDK.
-        let status = (num_headers > 0)
-            .then(|| {
-                hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-                    .ok()
-                    .flatten()
-            })
-            .flatten()
-            .and_then(|v| {
-                std::str::from_utf8(&v)
-                    .ok()
-                    .and_then(|s| s.parse::<u16>().ok())
-            });
-        let answer = status.map(|status| {
-            let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-            (status, body)
-        });
+        // The store's answer in full (a job with its audio can be large).
+        let read = callout_answer(num_headers, body_size, usize::MAX);
+        let answer = read.status.map(|status| (status, read.body));
         let latency = shared
             .clock
             .now_ms(shared.host.as_ref())

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_speech_core::clock::Clock;
 use async_speech_core::config::Config;
-use async_speech_core::engine::{CallAnswer, Cx, Engine};
+use async_speech_core::engine::{Cx, Engine};
 use async_speech_core::log_escape::escape_for_log as escape;
 use async_speech_core::platform::{Host, Queue};
 use async_speech_core::store::work::WorkStore;
@@ -17,9 +17,9 @@ use async_speech_core::store::{Keys, Store};
 use log::{error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType, MapType};
+use proxy_wasm::types::{BufferType, ContextType};
 
-use crate::envoy::{EnvoyHost, QueueIds};
+use crate::envoy::{callout_answer, EnvoyHost, QueueIds};
 use crate::http::SpeechHttp;
 use crate::metrics::Stats;
 
@@ -102,7 +102,7 @@ impl Context for Root {
         _: usize,
     ) {
         let limit = self.shared.as_ref().map_or(0, |s| answer_limit(&s.config));
-        let answer = read_callout_answer(num_headers, body_size, limit);
+        let answer = callout_answer(num_headers, body_size, limit);
         self.run(|engine, cx| engine.answered(cx, token, answer));
     }
 
@@ -124,32 +124,6 @@ impl Context for Root {
 /// The largest callout answer read: base64 in JSON answers takes 4/3 of the audio.
 fn answer_limit(config: &Config) -> usize {
     config.max_audio_bytes.saturating_mul(4) / 3 + 64 * 1024
-}
-
-/// A callout's answer: its status (none if it failed) and body (not read
-/// when larger than `limit`).
-fn read_callout_answer(num_headers: usize, body_size: usize, limit: usize) -> CallAnswer {
-    // A failed callout has no headers; asking for ":status" then would panic in the SDK.
-    let status = (num_headers > 0)
-        .then(|| hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status"))
-        .and_then(|v| v.ok().flatten())
-        .and_then(|v| String::from_utf8(v).ok())
-        .and_then(|s| s.parse::<u16>().ok());
-    let too_large = body_size > limit;
-    let body = if body_size > 0 && !too_large {
-        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    CallAnswer {
-        status,
-        body,
-        body_size,
-        too_large,
-    }
 }
 
 impl RootContext for Root {
