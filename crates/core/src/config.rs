@@ -3,7 +3,7 @@
 //! Every number has a range, listed once in [`RANGES`]; a value outside it
 //! refuses the configuration with an error that names the setting.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Number;
@@ -198,6 +198,9 @@ pub struct Config {
     pub store: StoreConfig,
     /// Dollars per million characters, by model, for budgets.
     pub pricing: Pricing,
+    /// The models the configuration names exactly (in `pricing`, or a key's
+    /// `allowed_models`, without `*`): the only ones stats name.
+    pub stat_models: BTreeSet<String>,
 }
 
 #[derive(Deserialize)]
@@ -274,18 +277,9 @@ impl Config {
     /// `allowed_models`, without `*`), else `<provider>/other`. Clients choose
     /// model names, and every stat name lives as long as Envoy does.
     pub fn stat_model(&self, model: &str) -> String {
-        let named = |m: &str| {
-            self.pricing.names(m)
-                || self.virtual_keys.iter().any(|k| {
-                    k.rules
-                        .allowed_models
-                        .as_ref()
-                        .is_some_and(|list| list.iter().any(|p| p.names(m)))
-                })
-        };
         match model.split_once('/') {
             _ if model.is_empty() => String::new(),
-            _ if named(model) => model.to_string(),
+            _ if self.stat_models.contains(model) => model.to_string(),
             Some((provider, _)) if self.providers.contains_key(provider) => {
                 format!("{provider}/other")
             }
@@ -338,9 +332,11 @@ impl Config {
         let key_names: Vec<&str> = virtual_keys.iter().map(|k| k.name.as_str()).collect();
         check_virtual_keys(&webhooks, &key_names)?;
         let store = parse_store_config(raw.store.as_ref())?;
+        let stat_models = named_models(&pricing, &virtual_keys);
         Ok(Config {
             store,
             pricing,
+            stat_models,
             providers,
             virtual_keys,
             allow_unauthenticated: raw.allow_unauthenticated,
@@ -357,6 +353,20 @@ impl Config {
             webhooks,
         })
     }
+}
+
+/// The models named exactly, by `pricing` or any key's `allowed_models`.
+fn named_models(pricing: &Pricing, keys: &[VirtualKey]) -> BTreeSet<String> {
+    let allowed = keys
+        .iter()
+        .filter_map(|k| k.rules.allowed_models.as_ref())
+        .flatten();
+    pricing
+        .patterns()
+        .chain(allowed)
+        .filter_map(|p| p.exact())
+        .map(str::to_string)
+        .collect()
 }
 
 /// A checked value as `usize`/`u32`; every range above fits both, even on wasm32.

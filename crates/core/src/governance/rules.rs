@@ -30,9 +30,9 @@ impl Pattern {
         }
     }
 
-    /// Whether the pattern is this very model (not a prefix of it).
-    pub fn names(&self, model: &str) -> bool {
-        self.0 == model && !model.ends_with('*')
+    /// The model the pattern names exactly, if it has no `*`.
+    pub fn exact(&self) -> Option<&str> {
+        (!self.0.ends_with('*')).then_some(self.0.as_str())
     }
 
     /// How much of a model a match pins down: an exact pattern beats any
@@ -94,9 +94,9 @@ impl Rules {
 pub struct Pricing(Vec<(Pattern, f64)>);
 
 impl Pricing {
-    /// Whether an entry prices exactly this model.
-    pub fn names(&self, model: &str) -> bool {
-        self.0.iter().any(|(p, _)| p.names(model))
+    /// The patterns priced.
+    pub fn patterns(&self) -> impl Iterator<Item = &Pattern> {
+        self.0.iter().map(|(p, _)| p)
     }
 
     /// What `chars` characters cost on `model`, in micro-dollars (a
