@@ -481,9 +481,10 @@ impl Engine {
             body,
             was,
         } = claimed;
-        let stored = record.clone();
         let id = record.id.clone();
         let finished = record.status.is_finished();
+        // Only a running job is shown.
+        let stored = (!finished).then(|| record.clone());
         if !finished {
             if was == JobStatus::Pending {
                 self.out.push(Report::Started {
@@ -497,7 +498,7 @@ impl Engine {
         let due = record.pending_delivery().is_some_and(|d| d.due(cx.now));
         let run = Run {
             record,
-            stored: Some(stored),
+            stored,
             started_ms: cx.now,
             body,
             parts: None,
