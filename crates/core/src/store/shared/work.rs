@@ -411,9 +411,6 @@ fn requeue(store: &Store, owner: &str, id: &str, is_lane: bool) {
     }
 }
 
-/// Due timers and a few slots of the audit: expired jobs are freed here;
-/// jobs that need a worker (deadline passed, claim lapsed, webhook attempt
-/// due) are offered to the engine.
 /// What an upkeep did, and learnt.
 struct Upkept {
     done: WorkDone,
@@ -423,6 +420,9 @@ struct Upkept {
     generation: u32,
 }
 
+/// Due timers and a few slots of the audit: expired jobs are freed here;
+/// jobs that need a worker (deadline passed, claim lapsed, webhook attempt
+/// due) are offered to the engine.
 fn upkeep(
     store: &Store,
     limits: &dyn Fn(&str) -> Limits,
