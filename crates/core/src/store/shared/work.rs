@@ -249,13 +249,17 @@ impl SharedWork {
             }
             Err(_) => return LetGo::Later,
         };
-        if !self.holds(&loaded) {
+        // Parsed once: for the hold, and as the first try's start.
+        let Some(current) = loaded.view().and_then(|v| v.record()) else {
+            return LetGo::Lost;
+        };
+        if current.claim.map(|c| c.by) != Some(self.by) {
             return LetGo::Lost;
         }
         let let_go = if leave == Leave::Forget {
-            free(store, loaded, &limits)
+            free(store, loaded, &current, &limits)
         } else {
-            self.write_end(store, loaded, &record, &rendered, leave, now_ms)
+            self.write_end(store, (loaded, current), &record, &rendered, leave, now_ms)
         };
         if let_go {
             settled(store.host(), store.keys(), &lane, &limits, &owed, now_ms);
@@ -270,7 +274,7 @@ impl SharedWork {
     fn write_end(
         &self,
         store: &Store,
-        loaded: Loaded,
+        loaded: (Loaded, JobRecord),
         record: &JobRecord,
         rendered: &Rendered,
         leave: Leave,
@@ -293,13 +297,6 @@ impl SharedWork {
         }
         written.is_some()
     }
-
-    fn holds(&self, loaded: &Loaded) -> bool {
-        loaded
-            .view()
-            .and_then(|v| v.record())
-            .is_some_and(|r| r.claim.map(|c| c.by) == Some(self.by))
-    }
 }
 
 /// A finished job's stored answer, or a fresh one for an unfinished job.
@@ -316,21 +313,24 @@ fn kept(record: &JobRecord, body: &Rendered) -> Rendered {
 /// job alone. Schedules the job's next timer after the write, unless one at
 /// or before it is still to come. Returns the
 /// record and answer as written. The first try may start from a value the
-/// caller has just read (`read_before`).
+/// caller has just read and parsed (`read_before`).
 fn change(
     store: &Store,
     id: &str,
-    mut read_before: Option<Loaded>,
+    mut read_before: Option<(Loaded, JobRecord)>,
     now_ms: u64,
     mut f: impl FnMut(&mut JobRecord, &Rendered) -> Option<Rendered>,
 ) -> Option<(JobRecord, Rendered)> {
     for _ in 0..RETRIES {
-        let loaded = match read_before.take() {
-            Some(loaded) => loaded,
-            None => store.load(id).ok()??,
+        let (loaded, mut record) = match read_before.take() {
+            Some(before) => before,
+            None => {
+                let loaded = store.load(id).ok()??;
+                let record = loaded.view()?.record()?;
+                (loaded, record)
+            }
         };
         let view = loaded.view()?;
-        let mut record = view.record()?;
         let due_before = record.next_timer_ms();
         let body = Rendered {
             body: view.body.to_vec(),
@@ -381,15 +381,13 @@ fn settled(host: &dyn Host, keys: &Keys, lane: &str, limits: &Limits, owed: &Set
     });
 }
 
-/// Frees the job's slot, and counts it out of its lane's held jobs.
-fn free(store: &Store, loaded: Loaded, limits: &Limits) -> bool {
-    let Some(record) = loaded.view().and_then(|v| v.record()) else {
-        return false;
-    };
-    let id = record.id.as_bytes().to_vec();
-    let freed = matches!(store.free(loaded, &|v| v.id == id.as_slice()), Ok(true));
+/// Frees the job's slot (`record`: its record as loaded), and counts it
+/// out of its lane's held jobs.
+fn free(store: &Store, loaded: Loaded, record: &JobRecord, limits: &Limits) -> bool {
+    let id = record.id.as_bytes();
+    let freed = matches!(store.free(loaded, &|v| v.id == id), Ok(true));
     if freed {
-        released(store.host(), store.keys(), &record, limits, None);
+        released(store.host(), store.keys(), record, limits, None);
     }
     freed
 }
@@ -447,7 +445,12 @@ fn upkeep(
                 lane: None,
             }),
             Look::Expire => {
-                expired += u32::from(free(store, loaded, &limits(&lane_of(&record.owner))))
+                expired += u32::from(free(
+                    store,
+                    loaded,
+                    &record,
+                    &limits(&lane_of(&record.owner)),
+                ))
             }
             Look::DropResult => drop_result(store, &record.id, now_ms),
             Look::Requeue => requeue_lost(store, &record),
