@@ -9,7 +9,7 @@
 //! change of a lane's state is a compare-and-swap: any number of workers
 //! share them, and a dequeue costs a fixed number of host calls.
 
-use crate::governance::{KeyState, Limits};
+use crate::governance::{KeyState, Limits, Tally};
 use crate::platform::{Host, Queue, SetError};
 
 use super::Keys;
@@ -28,9 +28,86 @@ impl Keys {
 /// A lane's state and the version it was read at.
 pub fn read(host: &dyn Host, keys: &Keys, lane: &str) -> Result<(KeyState, Option<u32>), String> {
     Ok(match host.get(&keys.lane(lane))? {
-        Some((bytes, cas)) => (KeyState::decode(&bytes), Some(cas)),
+        Some((bytes, cas)) => (decode(&bytes), Some(cas)),
         None => (KeyState::default(), None),
     })
+}
+
+/// The first byte of a lane's state in shared data.
+const COMPACT: u8 = b'L';
+
+/// A lane's state as shared data keeps it: fixed-size little-endian fields,
+/// since every submit, dispatch, end and expiry reads and writes it (JSON
+/// costs several times more; etcd keeps JSON, for `etcdctl` readers).
+pub fn encode(s: &KeyState) -> Vec<u8> {
+    let mut out = Vec::with_capacity(100);
+    out.push(COMPACT);
+    for tally in [s.requests, s.characters, s.spend] {
+        out.extend_from_slice(&tally.window_s.to_le_bytes());
+        out.extend_from_slice(&tally.used.to_le_bytes());
+    }
+    for n in [s.held, s.running, s.queued, s.ring_epochs] {
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    out.push(u8::from(s.ring.is_some()));
+    out.extend_from_slice(&s.ring.unwrap_or(0).to_le_bytes());
+    for n in [s.served_ms, s.missed_ms, s.round] {
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    out
+}
+
+/// Reads [`encode`]'s form, or JSON as an older module wrote it; anything
+/// else reads as an empty state.
+pub fn decode(bytes: &[u8]) -> KeyState {
+    match bytes.split_first() {
+        Some((&COMPACT, rest)) => decode_compact(&mut Fields(rest)).unwrap_or_default(),
+        _ => KeyState::decode(bytes),
+    }
+}
+
+/// Fixed-size fields read off the front.
+struct Fields<'a>(&'a [u8]);
+
+impl Fields<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (field, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*field)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take().map(u64::from_le_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn tally(&mut self) -> Option<Tally> {
+        Some(Tally {
+            window_s: self.u64()?,
+            used: self.u64()?,
+        })
+    }
+}
+
+fn decode_compact(f: &mut Fields) -> Option<KeyState> {
+    let (requests, characters, spend) = (f.tally()?, f.tally()?, f.tally()?);
+    let (held, running, queued, ring_epochs) = (f.u32()?, f.u32()?, f.u32()?, f.u32()?);
+    let [on_ring] = f.take()?;
+    let ring = f.u32()?;
+    let state = KeyState {
+        requests,
+        characters,
+        spend,
+        held,
+        running,
+        queued,
+        ring: (on_ring == 1).then_some(ring),
+        ring_epochs,
+        served_ms: f.u64()?,
+        missed_ms: f.u64()?,
+        round: f.u64()?,
+    };
+    f.0.is_empty().then_some(state)
 }
 
 /// Writes `state` if the lane is still at `cas`; false if it moved on.
@@ -41,7 +118,7 @@ pub fn write(
     state: &KeyState,
     cas: Option<u32>,
 ) -> Result<bool, String> {
-    match host.set(&keys.lane(lane), &state.encode(), cas) {
+    match host.set(&keys.lane(lane), &encode(state), cas) {
         Ok(()) => Ok(true),
         Err(SetError::CasMismatch) => Ok(false),
         Err(SetError::Host(e)) => Err(e),
@@ -209,4 +286,49 @@ fn take_from(
         let _ = enqueue_job(host, lane, id);
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_and_an_older_modules_json_still_reads() {
+        let state = KeyState {
+            requests: Tally {
+                window_s: 60,
+                used: 3,
+            },
+            characters: Tally {
+                window_s: 120,
+                used: u64::MAX,
+            },
+            spend: Tally {
+                window_s: 7,
+                used: 9,
+            },
+            held: 4,
+            running: 2,
+            queued: u32::MAX,
+            ring: Some(0),
+            ring_epochs: 11,
+            served_ms: 1_800_000_000_000,
+            missed_ms: 5,
+            round: 6,
+        };
+        let bytes = encode(&state);
+        assert_eq!(decode(&bytes), state);
+        let off_ring = KeyState {
+            ring: None,
+            ..state.clone()
+        };
+        assert_eq!(decode(&encode(&off_ring)), off_ring);
+        assert_eq!(decode(&state.encode()), state, "JSON from an older module");
+        for cut in 0..bytes.len() {
+            assert_eq!(decode(&bytes[..cut]), KeyState::default(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(decode(&longer), KeyState::default());
+    }
 }

@@ -142,7 +142,7 @@ impl<'h> Store<'h> {
         for lane in lanes {
             let key = keys.lane(&lane);
             if missing(&key) {
-                let _ = host.set(&key, &crate::governance::KeyState::default().encode(), None);
+                let _ = host.set(&key, &lanes::encode(&Default::default()), None);
             }
         }
         Store::start_generation(host, keys)
