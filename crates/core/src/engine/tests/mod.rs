@@ -4,6 +4,7 @@
 
 mod costs;
 mod governance;
+mod profile;
 mod races;
 mod world;
 
