@@ -270,17 +270,18 @@ impl SharedWork {
         }
     }
 
-    /// The job's last write by this engine; handed back, it goes back on its lane.
+    /// The job's last write by this engine, from `before` (its slot as just
+    /// loaded, and parsed); handed back, it goes back on its lane.
     fn write_end(
         &self,
         store: &Store,
-        loaded: (Loaded, JobRecord),
+        before: (Loaded, JobRecord),
         record: &JobRecord,
         rendered: &Rendered,
         leave: Leave,
         now_ms: u64,
     ) -> bool {
-        let written = change(store, &record.id, Some(loaded), now_ms, |r, _| {
+        let written = change(store, &record.id, Some(before), now_ms, |r, _| {
             if r.claim.map(|c| c.by) != Some(self.by) {
                 return None;
             }
