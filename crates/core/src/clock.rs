@@ -28,9 +28,11 @@ impl ClockState {
     }
 
     fn decode(bytes: &[u8]) -> Option<ClockState> {
-        let offset_ms = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
-        let high_ms = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
-        Some(ClockState { offset_ms, high_ms })
+        let mut f = crate::bytes::Fields(bytes);
+        Some(ClockState {
+            offset_ms: f.u64()?,
+            high_ms: f.u64()?,
+        })
     }
 
     /// The state after observing `wall_ms`: a wall clock behind the highest

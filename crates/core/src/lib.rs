@@ -8,6 +8,7 @@
 
 pub mod api;
 pub(crate) mod audio;
+pub(crate) mod bytes;
 /// The WAV reader and writer, for tools/local-tts.
 pub use audio::wav;
 pub mod auth;

@@ -61,10 +61,7 @@ pub struct Callout {
 /// value's length, then each key and value followed by a NUL), read without
 /// trusting a byte of it: a malformed map reads as the pairs before the fault.
 pub fn header_pairs(bytes: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let u32_at = |at: usize| -> Option<usize> {
-        let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
-        usize::try_from(u32::from_le_bytes(b)).ok()
-    };
+    let u32_at = |at: usize| usize::try_from(crate::bytes::le_u32(bytes, at)?).ok();
     let Some(count) = u32_at(0) else {
         return Vec::new();
     };

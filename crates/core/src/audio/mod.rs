@@ -185,23 +185,7 @@ pub fn duration_seconds(format: JoinFormat, bytes: &[u8], pcm_sample_rate: u32) 
     }
 }
 
-/// Reads a big-endian u32 at `at`.
-pub(crate) fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
-    let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
-    Some(u32::from_be_bytes(b))
-}
-
-/// Reads a little-endian u32 at `at`.
-pub(crate) fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
-    let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
-    Some(u32::from_le_bytes(b))
-}
-
-/// Reads a little-endian u16 at `at`.
-pub(crate) fn le_u16(bytes: &[u8], at: usize) -> Option<u16> {
-    let b: [u8; 2] = bytes.get(at..at.checked_add(2)?)?.try_into().ok()?;
-    Some(u16::from_le_bytes(b))
-}
+pub(crate) use crate::bytes::{be_u32, le_u16, le_u32};
 
 /// Test helpers: fixtures and checks by ffmpeg/ffprobe when they are installed.
 #[cfg(test)]

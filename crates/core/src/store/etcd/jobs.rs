@@ -69,10 +69,12 @@ pub fn decode_job(value: &[u8]) -> Option<StoredJob<'_>> {
     if *tag != b'E' {
         return None;
     }
-    let parts = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
-    let expires_at_ms = u64::from_le_bytes(rest.get(4..12)?.try_into().ok()?);
-    let owner_len = usize::from(u16::from_le_bytes(rest.get(12..14)?.try_into().ok()?));
-    let (owner, payload) = rest.get(14..)?.split_at_checked(owner_len)?;
+    let mut f = crate::bytes::Fields(rest);
+    let parts = f.u32()?;
+    let expires_at_ms = f.u64()?;
+    let owner_len = usize::from(f.u16()?);
+    let owner = f.bytes(owner_len)?;
+    let payload = f.rest();
     Some(StoredJob {
         expires_at_ms,
         owner,

@@ -9,6 +9,7 @@
 //! change of a lane's state is a compare-and-swap: any number of workers
 //! share them, and a dequeue costs a fixed number of host calls.
 
+use crate::bytes::Fields;
 use crate::governance::{KeyState, Limits, Tally};
 use crate::platform::{Host, Queue, SetError};
 
@@ -66,31 +67,15 @@ pub fn decode(bytes: &[u8]) -> KeyState {
     }
 }
 
-/// Fixed-size fields read off the front.
-struct Fields<'a>(&'a [u8]);
-
-impl Fields<'_> {
-    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let (field, rest) = self.0.split_first_chunk::<N>()?;
-        self.0 = rest;
-        Some(*field)
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.take().map(u64::from_le_bytes)
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take().map(u32::from_le_bytes)
-    }
-    fn tally(&mut self) -> Option<Tally> {
-        Some(Tally {
-            window_s: self.u64()?,
-            used: self.u64()?,
-        })
-    }
+fn tally(f: &mut Fields) -> Option<Tally> {
+    Some(Tally {
+        window_s: f.u64()?,
+        used: f.u64()?,
+    })
 }
 
 fn decode_compact(f: &mut Fields) -> Option<KeyState> {
-    let (requests, characters, spend) = (f.tally()?, f.tally()?, f.tally()?);
+    let (requests, characters, spend) = (tally(f)?, tally(f)?, tally(f)?);
     let (held, running, queued, ring_epochs) = (f.u32()?, f.u32()?, f.u32()?, f.u32()?);
     let [on_ring] = f.take()?;
     let ring = f.u32()?;
@@ -107,7 +92,7 @@ fn decode_compact(f: &mut Fields) -> Option<KeyState> {
         missed_ms: f.u64()?,
         round: f.u64()?,
     };
-    f.0.is_empty().then_some(state)
+    f.rest().is_empty().then_some(state)
 }
 
 /// Writes `state` if the lane is still at `cas`; false if it moved on.
@@ -154,9 +139,9 @@ fn ring_entry(lane: &str, epoch: u32) -> Vec<u8> {
 }
 
 fn read_ring_entry(bytes: &[u8]) -> Option<(String, u32)> {
-    let (epoch, lane) = bytes.split_at_checked(4)?;
-    let epoch = u32::from_le_bytes(epoch.try_into().ok()?);
-    Some((String::from_utf8(lane.to_vec()).ok()?, epoch))
+    let mut f = Fields(bytes);
+    let epoch = f.u32()?;
+    Some((String::from_utf8(f.rest().to_vec()).ok()?, epoch))
 }
 
 /// Applies `change` to the lane's state under compare-and-swap, retrying on

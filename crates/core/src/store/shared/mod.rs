@@ -75,12 +75,7 @@ impl Keys {
 
 fn read_u32(host: &dyn Host, key: &str) -> Result<(u32, Option<u32>), StoreError> {
     match host.get(key).map_err(StoreError::Busy)? {
-        Some((v, cas)) => Ok((
-            v.get(..4)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u32::from_le_bytes),
-            Some(cas),
-        )),
+        Some((v, cas)) => Ok((crate::bytes::le_u32(&v, 0).unwrap_or(0), Some(cas))),
         None => Ok((0, None)),
     }
 }
@@ -480,10 +475,8 @@ fn encode_free_entry(slot: u32, epoch: u32) -> [u8; 8] {
 }
 
 fn decode_free_entry(bytes: &[u8]) -> Option<(u32, u32)> {
-    Some((
-        u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?),
-        u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?),
-    ))
+    let mut f = crate::bytes::Fields(bytes);
+    Some((f.u32()?, f.u32()?))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! All integers little-endian. `epoch` counts how often the slot was freed, so
 //! a free-list entry or timer that names an older epoch is recognised as stale.
 
+use crate::bytes::Fields;
 use crate::job::{JobRecord, JobStatus, Rendered, Span};
 
 pub const ID_LEN: usize = 36;
@@ -74,34 +75,33 @@ pub enum SlotView<'a> {
     Held(HeldView<'a>),
 }
 
-fn u32_at(v: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(v.get(at..at + 4)?.try_into().ok()?))
-}
-
 pub fn decode(value: &[u8]) -> SlotView<'_> {
-    match value.first() {
-        Some(b'F') => match (u32_at(value, 1), u32_at(value, 5)) {
-            (Some(epoch), Some(gen)) => SlotView::Free(Free { epoch, gen }),
-            _ => SlotView::Missing,
-        },
-        Some(b'H') => decode_held(value).map_or(SlotView::Missing, SlotView::Held),
+    match value.split_first() {
+        Some((b'F', rest)) => {
+            let mut f = Fields(rest);
+            match (f.u32(), f.u32()) {
+                (Some(epoch), Some(gen)) => SlotView::Free(Free { epoch, gen }),
+                _ => SlotView::Missing,
+            }
+        }
+        Some((b'H', rest)) => decode_held(rest).map_or(SlotView::Missing, SlotView::Held),
         _ => SlotView::Missing,
     }
 }
 
+/// A held slot's value after its `H`.
 fn decode_held(v: &[u8]) -> Option<HeldView<'_>> {
-    let epoch = u32_at(v, 1)?;
-    let status = JobStatus::from_code(*v.get(5)?)?;
-    let expires_at_ms = u64::from_le_bytes(v.get(6..14)?.try_into().ok()?);
-    let owner_len = usize::from(u16::from_le_bytes(v.get(14..16)?.try_into().ok()?));
-    let id = v.get(16..16 + ID_LEN)?;
-    let record_len = usize::try_from(u32_at(v, 16 + ID_LEN)?).ok()?;
-    let audio_at = u32_at(v, 20 + ID_LEN)?;
-    let audio_len = u32_at(v, 24 + ID_LEN)?;
-    let tail_at = u32_at(v, 28 + ID_LEN)?;
-    let rest = v.get(HEADER..)?;
-    let (owner, rest) = rest.split_at_checked(owner_len)?;
-    let (record, body) = rest.split_at_checked(record_len)?;
+    let mut f = Fields(v);
+    let epoch = f.u32()?;
+    let [status] = f.take()?;
+    let status = JobStatus::from_code(status)?;
+    let expires_at_ms = f.u64()?;
+    let owner_len = usize::from(f.u16()?);
+    let id = f.bytes(ID_LEN)?;
+    let record_len = usize::try_from(f.u32()?).ok()?;
+    let (audio_at, audio_len, tail_at) = (f.u32()?, f.u32()?, f.u32()?);
+    let owner = f.bytes(owner_len)?;
+    let record = f.bytes(record_len)?;
     Some(HeldView {
         epoch,
         status,
@@ -109,7 +109,7 @@ fn decode_held(v: &[u8]) -> Option<HeldView<'_>> {
         id,
         owner,
         record,
-        body,
+        body: f.rest(),
         audio: (audio_len > 0).then_some(Span {
             at: audio_at,
             len: audio_len,

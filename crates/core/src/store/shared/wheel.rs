@@ -44,10 +44,11 @@ impl Timer {
     }
 
     fn decode(bytes: &[u8]) -> Option<Timer> {
+        let mut f = crate::bytes::Fields(bytes);
         Some(Timer {
-            slot: u32::from_le_bytes(bytes.get(0..4)?.try_into().ok()?),
-            epoch: u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?),
-            due_s: u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?),
+            slot: f.u32()?,
+            epoch: f.u32()?,
+            due_s: f.u64()?,
         })
     }
 }
